@@ -1,0 +1,1 @@
+"""Compatibility fixes for the OpenMMLab stack on current torch/numpy (owned by the foundation work)."""

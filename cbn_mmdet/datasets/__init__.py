@@ -1,0 +1,1 @@
+"""Datasets: the bundled, generated demo dataset."""

@@ -1,0 +1,1 @@
+"""Normalization layers (CBN) and their registration."""
