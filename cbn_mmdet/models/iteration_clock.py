@@ -1,0 +1,34 @@
+"""A process-wide training-iteration clock: the number of optimizer steps taken so far.
+
+CBN's history advances once per *iteration*, i.e. once per change of the weights it compensates for.
+An iteration is delimited by ``optimizer.step()``: every torch optimizer calls the global post-step hooks,
+so a plain PyTorch loop (forward, backward, step) needs nothing else, and mmengine's ``OptimWrapper``
+(gradient accumulation included: it steps once per accumulated batch) ticks it exactly when the weights
+change. Forwards between two steps belong to the same iteration (shared heads called per FPN level,
+accumulated micro-batches, a GradScaler step skipped for inf/NaN gradients).
+
+Loops that update weights without a torch optimizer call :func:`next_iteration` after each update.
+"""
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ['current_iteration', 'next_iteration']
+
+_steps = 0
+
+
+def current_iteration() -> int:
+    """Number of optimizer steps (and :func:`next_iteration` calls) seen by this process."""
+    return _steps
+
+
+def next_iteration() -> None:
+    """Advance the clock by hand (for training loops that do not use a torch optimizer)."""
+    global _steps
+    _steps += 1
+
+
+def _on_optimizer_step(optimizer, args, kwargs) -> None:
+    next_iteration()
+
+
+_handle = register_optimizer_step_post_hook(_on_optimizer_step)

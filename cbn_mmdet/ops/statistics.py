@@ -1,0 +1,223 @@
+"""Pure tensor maths of Cross-Iteration Batch Normalization (no module state).
+
+Notation follows the paper (Yao et al., CVPR 2021): a CBN layer ``l`` normalises the output ``x`` of a
+convolution with weights ``θ^l`` applied to ``y^{l-1}``. Per channel ``j`` and iteration ``t``
+
+* ``μ_t = mean(x)``, ``ν_t = mean(x²)``  (Eqs. 2-3) and the biased variance ``var_t = ν_t − μ_t²``;
+* a past iteration's statistics are moved to the current weights by a first-order Taylor step
+  (Eqs. 7-8), clamped so that ``ν ≥ μ²`` (Eq. 10), averaged over the window (Eqs. 9-11) and used to
+  normalise the current batch with ``eps`` inside the square root (Eq. 12).
+
+Numerically we never form ``ν − μ²`` from large ``ν`` and ``μ²``: every quantity is kept centred. This is
+the same function as the paper's, rewritten with exact identities:
+
+* Eq. 8 minus the square of Eq. 7 gives ``ν̃ − μ̃² = var + ∂var/∂θ·Δθ − (∂μ/∂θ·Δθ)²`` with
+  ``∂var/∂θ = ∂ν/∂θ − 2μ ∂μ/∂θ``; so the history keeps ``∂var/∂θ`` instead of ``∂ν/∂θ``.
+* Eq. 10: ``max(ν̃, μ̃²) = μ̃² + max(ν̃ − μ̃², 0)``.
+* Eqs. 9-11: ``ν̄ − μ̄² = mean_τ max(var̃_τ, 0) + mean_τ (μ̃_τ − μ̄)²`` (within plus between iterations).
+
+The first-order terms are evaluated without storing past weights: ``∂μ/∂θ·(θ_t − θ_old) =
+<∂μ/∂θ, θ_t> − <∂μ/∂θ, θ_old>``, and the second inner product (a per-channel scalar, the "reference")
+is stored when the iteration is recorded.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    'batch_moments', 'patch_mean', 'variance_weight_gradient', 'statistic_gradients_autograd',
+    'linear_term_mean', 'linear_term_var', 'compensate_history', 'window_moments', 'merge_moments',
+]
+
+_REDUCE_DIMS = (0, 2, 3)
+
+
+def batch_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean ``μ`` (Eq. 2) and biased variance ``ν − μ²`` (Eq. 3) of an NCHW batch.
+
+    Computed in float32 (or float64 for float64 input) whatever the input precision.
+    """
+    acc = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    var, mean = torch.var_mean(acc, dim=_REDUCE_DIMS, correction=0)
+    return mean, var
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def patch_mean(conv_input: Tensor, kernel_size: Sequence[int], output_size: Sequence[int],
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """``∂μ/∂θ`` of a convolution's output mean: the mean input patch (Appendix B, Eq. 15).
+
+    ``∂μ_j/∂θ_{j,p,η} = 1/m Σ_i y_{i+offset(η),p}`` does not depend on the output channel ``j`` (beyond
+    the group ``j`` belongs to), so it is returned once per *input* channel, shape ``(C_in, kh, kw)``:
+    O(C_in·K) numbers. Because the mean is linear the batch is summed first and the patch sum is one
+    weight-gradient convolution of that single image with an all-ones output gradient.
+    """
+    n = conv_input.shape[0]
+    out_h, out_w = output_size
+    count = n * out_h * out_w
+    dtype = _acc_dtype(conv_input)
+    summed = conv_input.to(dtype).sum(dim=0, keepdim=True)
+    kh, kw = kernel_size
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        return (summed / count).reshape(-1, 1, 1)
+    ones = summed.new_ones((1, 1, out_h, out_w))
+    shape_only = summed.new_empty((1, summed.shape[1], kh, kw))
+    grad = torch.ops.aten.convolution_backward(
+        ones, summed, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+        [False, True, False])[1]
+    return grad[0] / count
+
+
+def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, weight: Tensor,
+                             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                             groups: int) -> Tensor:
+    """``∂var/∂θ = 2/m Σ_i (x_i − μ) y_i`` for the conv ``x = θ * y``: one weight-gradient convolution.
+
+    This is Appendix B's ``∂ν/∂θ`` minus ``2μ ∂μ/∂θ`` (see the module docstring); it has the shape of
+    ``θ``, O(C_out·C_in·K).
+    """
+    dtype = _acc_dtype(x)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    centred = (x.to(dtype) - batch_mean.to(dtype).view(1, -1, 1, 1)) * (2.0 / count)
+    return torch.ops.aten.convolution_backward(
+        centred, conv_input.to(dtype), weight.to(dtype), None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, [False, True, False])[1]
+
+
+def statistic_gradients_autograd(conv_input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                 stride: Sequence[int], padding: Sequence[int],
+                                 dilation: Sequence[int], groups: int) -> Tuple[Tensor, Tensor]:
+    """Reference: ``∂μ/∂θ`` and ``∂ν/∂θ`` in the weight's layout by two autograd passes.
+
+    This is what the authors' code did. ``∂μ_j/∂θ`` is non-zero only in row ``j`` (Eq. 15), and so is
+    ``∂ν_j/∂θ``, so the gradient of ``Σ_j μ_j`` gives every row exactly. Returns
+    ``(dmean_dweight, dsecond_moment_dweight)``, both shaped like ``weight``.
+    """
+    dtype = _acc_dtype(conv_input)
+    with torch.enable_grad():
+        w = weight.detach().to(dtype).requires_grad_(True)
+        b = None if bias is None else bias.detach().to(dtype)
+        x = torch.nn.functional.conv2d(conv_input.detach().to(dtype), w, b, tuple(stride),
+                                       tuple(padding), tuple(dilation), groups)
+        mean = x.mean(dim=_REDUCE_DIMS)
+        second = (x * x).mean(dim=_REDUCE_DIMS)
+        d_mean, = torch.autograd.grad(mean.sum(), w, retain_graph=True)
+        d_second, = torch.autograd.grad(second.sum(), w)
+    return d_mean, d_second
+
+
+def _weight_groups(weight: Tensor, groups: int) -> Tensor:
+    """``θ`` as ``(G, C_out/G, C_in/G·K)``."""
+    c_out = weight.shape[0]
+    return weight.reshape(groups, c_out // groups, -1)
+
+
+def linear_term_mean(patch_means: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     groups: int) -> Tensor:
+    """``<∂μ/∂θ, θ> + b`` per channel for a stack of patch means ``(T, C_in, kh, kw)`` → ``(T, C_out)``.
+
+    The mean of a conv output is linear in ``(θ, b)``, so this is the μ that the recorded inputs would
+    give under ``(θ, b)``; differences of it are the first-order terms of Eq. 7.
+    """
+    t = patch_means.shape[0]
+    w = _weight_groups(weight.to(patch_means.dtype), groups)               # (G, Cg, D)
+    p = patch_means.reshape(t, groups, -1)                                  # (T, G, D)
+    lin = torch.einsum('tgd,gcd->tgc', p, w).reshape(t, -1)
+    if bias is not None:
+        lin = lin + bias.to(lin.dtype)
+    return lin
+
+
+def linear_term_var(var_grads: Tensor, weight: Tensor) -> Tensor:
+    """``<∂var/∂θ, θ>`` per channel for a stack ``(T, C_out, C_in/G, kh, kw)`` → ``(T, C_out)``."""
+    t, c_out = var_grads.shape[:2]
+    w = weight.to(var_grads.dtype).reshape(c_out, -1)
+    return torch.einsum('tcd,cd->tc', var_grads.reshape(t, c_out, -1), w)
+
+
+def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,
+                       patch_means: Tensor, var_grads: Tensor, compensable: Tensor, weight: Tensor,
+                       bias: Optional[Tensor], groups: int) -> Tuple[Tensor, Tensor]:
+    """Eqs. 7, 8 and 10 for all recorded iterations at once.
+
+    Args:
+        mean, var: ``(T, C)`` statistics recorded at ``θ_{t−τ}``.
+        mean_ref, var_ref: ``(T, C)`` the linear terms evaluated at ``θ_{t−τ}`` when recorded.
+        patch_means: ``(T, C_in, kh, kw)`` ``∂μ/∂θ`` per recorded iteration.
+        var_grads: ``(T, C, C_in/G, kh, kw)`` ``∂var/∂θ`` per recorded iteration.
+        compensable: ``(T,)`` 1 where the entry has gradients, 0 where it must be used as recorded.
+        weight, bias: the current ``θ_t`` (and conv bias, if trainable).
+
+    Returns:
+        ``(μ̃, var̃)`` at the current weights, ``var̃ = max(ν̃ − μ̃², 0)`` (Eq. 10), shape ``(T, C)``.
+    """
+    mask = compensable.to(mean.dtype).unsqueeze(1)
+    d_mean = (linear_term_mean(patch_means, weight, bias, groups) - mean_ref) * mask
+    d_var = (linear_term_var(var_grads, weight) - var_ref) * mask
+    mean_t = mean + d_mean
+    var_t = (var + d_var - d_mean * d_mean).clamp_min(0.0)
+    return mean_t, var_t
+
+
+def window_moments(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, past_var: Tensor,
+                   past_valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Eqs. 9-11: window mean ``μ̄`` and variance ``σ̄² = ν̄ − μ̄²`` from the current batch and the past.
+
+    Args:
+        batch_mean, batch_var: ``(C,)`` current iteration (differentiable).
+        past_mean, past_var: ``(T, C)`` compensated past iterations, ``past_var ≥ 0`` (Eq. 10 applied).
+        past_valid: ``(T,)`` 1 for entries inside the window, 0 for empty or excluded ones.
+
+    Every iteration in the window weighs ``1/k`` (Eq. 9), ``k = 1 + Σ past_valid``. Returns
+    ``(μ̄, σ̄², k)``.
+    """
+    valid = past_valid.to(batch_mean.dtype)
+    k = 1.0 + valid.sum()
+    v = valid.unsqueeze(1)
+    mean = (batch_mean + (past_mean * v).sum(0)) / k
+    within = (batch_var + (past_var * v).sum(0)) / k
+    between = ((batch_mean - mean) ** 2 + (((past_mean - mean) ** 2) * v).sum(0)) / k
+    return mean, within + between, k
+
+
+def merge_moments(count_a: Tensor, mean_a: Tensor, var_a: Tensor, count_b: Tensor, mean_b: Tensor,
+                  var_b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pool two sets of per-channel moments (Chan et al.): used to merge several calls of one iteration.
+
+    Returns ``(count, mean, var)`` of the union; a zero count on one side returns the other.
+    """
+    count = count_a + count_b
+    share_b = torch.where(count > 0, count_b / count.clamp_min(1e-12), torch.zeros_like(count))
+    share_a = 1.0 - share_b
+    delta = mean_b - mean_a
+    mean = mean_a + share_b * delta
+    var = share_a * var_a + share_b * var_b + share_a * share_b * delta * delta
+    return count, mean, var
+
+
+def patch_mean_as_weight(patch_mean_: Tensor, out_channels: int, groups: int) -> Tensor:
+    """Expand a ``(C_in, kh, kw)`` patch mean to the weight layout ``(C_out, C_in/G, kh, kw)``."""
+    c_in, kh, kw = patch_mean_.shape
+    per_group = patch_mean_.reshape(groups, 1, c_in // groups, kh, kw)
+    return per_group.expand(groups, out_channels // groups, c_in // groups, kh, kw).reshape(
+        out_channels, c_in // groups, kh, kw)
+
+
+def merge_gradients(share_a: Tensor, mean_a: Tensor, patch_a: Tensor, var_grad_a: Tensor,
+                    mean_b: Tensor, patch_b: Tensor, var_grad_b: Tensor, pooled_mean: Tensor,
+                    groups: int) -> Tuple[Tensor, Tensor]:
+    """``∂μ/∂θ`` and ``∂var/∂θ`` of two pooled sets with the same weights (share of a: ``share_a``).
+
+    ``var_pooled = Σ_s w_s ν_s − μ²`` gives ``∂var_pooled/∂θ = Σ_s w_s (∂var_s/∂θ + 2(μ_s − μ) ∂μ_s/∂θ)``.
+    """
+    share_b = 1.0 - share_a
+    c_out = var_grad_a.shape[0]
+    shape = (c_out, 1, 1, 1)
+    dev_a = (2.0 * (mean_a - pooled_mean)).view(shape) * patch_mean_as_weight(patch_a, c_out, groups)
+    dev_b = (2.0 * (mean_b - pooled_mean)).view(shape) * patch_mean_as_weight(patch_b, c_out, groups)
+    var_grad = share_a * (var_grad_a + dev_a) + share_b * (var_grad_b + dev_b)
+    return share_a * patch_a + share_b * patch_b, var_grad

@@ -1,0 +1,95 @@
+"""Eq. 12 with cross-iteration window statistics, with a closed-form backward.
+
+Gradients flow only through the current iteration's statistics (Section 3.3: "those of the previous
+iterations are fixed and do not receive gradients"). With ``k`` iterations in the window each weighing
+``1/k`` (Eq. 9), the derivative of the window statistics with respect to the current batch is ``1/k``
+times BN's, which gives
+
+    ∂L/∂x_i = γ r [g_i − (1/k)(1/m)(Σ g + x̂_i Σ g x̂)],     r = (σ̄² + ε)^{-1/2},  x̂ = (x − μ̄) r
+
+i.e. ``(1/k)·BN_train_backward + (1 − 1/k)·γ r g`` where BN's training backward is evaluated at the
+window statistics. Both terms come from torch's own batch-norm kernels, so ``k = 1`` is bit-for-bit
+BN's backward formula.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .statistics import batch_moments, window_moments
+
+__all__ = ['WindowBatchNormFunction', 'window_batch_norm', 'window_batch_norm_reference']
+
+
+def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+               eps: float) -> Tensor:
+    """``γ (x − μ̄)/sqrt(σ̄² + ε) + β`` with torch's inference kernel (ε inside the root, Eq. 12)."""
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
+                            torch.backends.cudnn.enabled)
+
+
+class WindowBatchNormFunction(torch.autograd.Function):
+    """Normalise ``x`` with window statistics; returns ``(y, μ_t, var_t, μ̄, σ̄², k)``.
+
+    Only ``y`` is differentiable; the statistics are returned for the history and running stats.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
+                past_var: Tensor, past_valid: Tensor, eps: float):
+        batch_mean, batch_var = batch_moments(x)
+        mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
+        y = _normalize(x, weight, bias, mean, var, eps)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd, k)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(batch_mean, batch_var, mean, var, k)
+        return y, batch_mean, batch_var, mean, var, k
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, *unused):
+        x, weight, mean, invstd, k = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous(memory_format=_memory_format(x))
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
+            [need_x, need_w and weight is not None, need_b])
+        if need_x:
+            share = (1.0 / k).to(invstd.dtype)
+            scale = (1.0 - share) * invstd
+            if weight is not None:
+                scale = scale * weight.to(scale.dtype)
+            grad_x = grad_x * share.to(grad_x.dtype) + grad_y * scale.to(grad_x.dtype).view(1, -1, 1, 1)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
+                      past_var: Tensor, past_valid: Tensor,
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Functional form of :class:`WindowBatchNormFunction`."""
+    return WindowBatchNormFunction.apply(x, weight, bias, past_mean, past_var, past_valid, eps)
+
+
+def window_batch_norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                past_mean: Tensor, past_var: Tensor, past_valid: Tensor,
+                                eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Autograd reference of :func:`window_batch_norm` in plain tensor operations (for tests)."""
+    dims = (0, 2, 3)
+    batch_mean = x.mean(dim=dims)
+    batch_var = ((x - batch_mean.view(1, -1, 1, 1)) ** 2).mean(dim=dims)
+    mean, var, k = window_moments(batch_mean, batch_var, past_mean.detach(), past_var.detach(),
+                                  past_valid)
+    y = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + eps)
+    if weight is not None:
+        y = y * weight.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y, batch_mean, batch_var, mean, var, k
