@@ -63,7 +63,7 @@ def patch_mean(conv_input: Tensor, kernel_size: Sequence[int], output_size: Sequ
     summed = conv_input.to(dtype).sum(dim=0, keepdim=True)
     kh, kw = kernel_size
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-        return (summed / count).reshape(-1, 1, 1)
+        return (summed.sum(dim=(0, 2, 3)) / count).reshape(-1, 1, 1)
     ones = summed.new_ones((1, 1, out_h, out_w))
     shape_only = summed.new_empty((1, summed.shape[1], kh, kw))
     grad = torch.ops.aten.convolution_backward(
