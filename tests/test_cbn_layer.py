@@ -1,0 +1,413 @@
+"""CrossIterationBatchNorm2d as a module: BN equivalence, oracle statistics, state, semantics, errors."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cbn_mmdet.models import BindStatus, CrossIterationBatchNorm2d as CBN, iteration_clock
+
+torch.set_default_dtype(torch.float32)
+
+
+def _batches(n, shape=(2, 3, 6, 5), seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, dtype=dtype, generator=gen) + 0.5 for _ in range(n)]
+
+
+def _window_stats(norm):
+    """μ̄ and biased σ̄² of the last training forward, read back from momentum-1 running stats."""
+    return norm.running_mean.clone(), norm.running_var.clone()
+
+
+# ---------------------------------------------------------------- window=1 and empty history are BN
+@pytest.mark.parametrize('make', [lambda: CBN(6, window=1), lambda: CBN(6, window=4)])
+def test_equals_batchnorm_train_and_eval(make):
+    """window=1, and any window before history exists / during burn-in, is nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+    conv_ref = copy.deepcopy(conv)
+    cbn, bn = make(), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 1.5)
+        cbn.bias.uniform_(-0.5, 0.5)
+    bn.load_state_dict(cbn.state_dict())
+    if cbn.window > 1:
+        cbn.active_window = 1  # burn-in
+    for step, x in enumerate(_batches(3, dtype=torch.float32)):
+        if step == 1 and cbn.window > 1:
+            cbn.active_window = cbn.window
+            cbn.reset_history()  # first CBN iteration: no history yet
+        y, y_ref = cbn(conv(x)), bn(conv_ref(x))
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        torch.testing.assert_close(cbn.weight.grad, bn.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cbn.bias.grad, bn.bias.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv.weight.grad, conv_ref.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cbn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cbn.running_var, bn.running_var, rtol=1e-6, atol=1e-6)
+        for m in (conv, conv_ref, cbn, bn):
+            m.zero_grad()
+        if cbn.window > 1 and step >= 1:
+            cbn.reset_history()
+    cbn.eval(), bn.eval()
+    bn.load_state_dict(cbn.state_dict(), strict=False)  # eval is BN's own kernel: bit-exact
+    x = conv(_batches(1, seed=5, dtype=torch.float32)[0])
+    torch.testing.assert_close(cbn(x), bn(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- oracle tests
+def _run_changing_conv(window, compensate, step_size, iters=6, groups=1, stride=1, seed=0):
+    """Feed fixed batches through a conv whose weights move by step_size each iteration.
+
+    Returns the CBN window statistics at the last iteration and the oracle: the last ``window``
+    batches recomputed with the current weights and pooled.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups, bias=True).double()
+    direction = torch.randn(conv.weight.shape, dtype=torch.float64, generator=gen)
+    norm = CBN(6, window=window, compensate=compensate, momentum=1.0).double()
+    inputs = _batches(iters, shape=(2, 4, 7, 6), seed=seed + 1)
+    for x in inputs:
+        norm(conv(x))
+        with torch.no_grad():
+            conv.weight.add_(step_size * direction)
+            conv.bias.add_(step_size)
+        iteration_clock.next_iteration()
+    with torch.no_grad():
+        conv.weight.sub_(step_size * direction)
+        conv.bias.sub_(step_size)
+    # the last forward ran with the current weights; the oracle recomputes its window with them
+    with torch.no_grad():
+        pooled = torch.cat([conv(x) for x in inputs[-window:]])
+    mean = pooled.mean((0, 2, 3))
+    var = pooled.var((0, 2, 3), correction=0)
+    n = pooled.shape[0] * pooled.shape[2] * pooled.shape[3]
+    got_mean, got_var = _window_stats(norm)
+    return got_mean, got_var * (n - 1) / n, mean, var
+
+
+@pytest.mark.parametrize('groups,stride', [(1, 1), (2, 2)])
+def test_oracle_mean_exact_variance_second_order(groups, stride):
+    """Only the bound conv changes: window μ̄ is exact, σ̄² error O(Δθ²), Naive CBN much worse."""
+    errors = {}
+    for step in (2e-3, 1e-3):
+        m, v, m_ref, v_ref = _run_changing_conv(4, True, step, groups=groups, stride=stride)
+        torch.testing.assert_close(m, m_ref, rtol=1e-9, atol=1e-9)
+        errors[step] = (v - v_ref).abs().max()
+        nm, nv, _, _ = _run_changing_conv(4, False, step, groups=groups, stride=stride)
+        naive_mean_error = (nm - m_ref).abs().max()
+        naive_var_error = (nv - v_ref).abs().max()
+        assert naive_mean_error > 1e3 * (m - m_ref).abs().max().clamp_min(1e-15)
+        assert errors[step] < 0.1 * naive_var_error
+    assert 3.0 < errors[2e-3] / errors[1e-3] < 5.0  # second order
+
+
+def test_frozen_conv_window_equals_bn_over_concatenated_batches():
+    conv = nn.Conv2d(3, 5, 3, padding=1).double().requires_grad_(False)
+    norm = CBN(5, window=3, momentum=1.0).double()
+    inputs = _batches(5, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for x in inputs:
+            y = norm(conv(x).requires_grad_())
+            iteration_clock.next_iteration()
+    assert norm.last_bind_status == BindStatus.NOT_CONV or norm.last_bind_status == \
+        BindStatus.FROZEN_CONV
+    bn = nn.BatchNorm2d(5, momentum=1.0).double()
+    with torch.no_grad():
+        ref = bn(torch.cat([conv(x) for x in inputs[-3:]]))
+    torch.testing.assert_close(norm.running_mean, bn.running_mean)
+    torch.testing.assert_close(norm.running_var, bn.running_var)
+
+
+def test_frozen_conv_weights_are_detected_and_exact():
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    conv.weight.requires_grad_(False)
+    conv.bias.requires_grad_(False)
+    norm = CBN(5, window=3, momentum=1.0).double()
+    inputs = _batches(4, seed=4)
+    with pytest.warns(UserWarning, match='frozen'):
+        for x in inputs:
+            y = norm(conv(x.requires_grad_()))
+            iteration_clock.next_iteration()
+    assert norm.last_bind_status == BindStatus.FROZEN_CONV
+    bn = nn.BatchNorm2d(5, momentum=1.0).double().train()
+    with torch.no_grad():
+        bn(torch.cat([conv(x) for x in inputs[-3:]]))
+    torch.testing.assert_close(norm.running_mean, bn.running_mean)
+    torch.testing.assert_close(norm.running_var, bn.running_var)
+
+
+# ---------------------------------------------------------------- plain PyTorch loop, state dict
+def _model(window=4, **kw):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), CBN(8, window=window, **kw),
+                         nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2, bias=False),
+                         CBN(8, window=window, **kw), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 2))
+
+
+def _train(model, opt, batches):
+    losses = []
+    for x in batches:
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def test_plain_pytorch_loop_binds_every_layer_and_fills_window():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, _batches(6, dtype=torch.float32))
+    norms = [m for m in model.modules() if isinstance(m, CBN)]
+    assert [m.last_bind_status for m in norms] == [BindStatus.CONV] * 2
+    assert [m.history_length for m in norms] == [3, 3]
+    assert all(torch.all(m.history_compensable[m.history_count > 0] == 1) for m in norms)
+
+
+def test_state_dict_round_trip_continues_exactly():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = _batches(8, dtype=torch.float32)
+    _train(model, opt, batches[:4])
+    buf = io.BytesIO()
+    torch.save({'model': model.state_dict(), 'opt': opt.state_dict()}, buf)
+    expected = _train(model, opt, batches[4:])
+
+    resumed = _model()
+    resumed[0].weight.data.mul_(3)  # make sure the load is what matters
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert resumed.load_state_dict(ckpt['model'], strict=True)
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(ckpt['opt'])
+    got = _train(resumed, opt2, batches[4:])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_state_dict_without_history_resumes_differently():
+    """Guard for the test above: dropping the history changes the continuation."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = _batches(8, dtype=torch.float32)
+    _train(model, opt, batches[:4])
+    state = {k: v.clone() for k, v in model.state_dict().items() if 'history' not in k}
+    opt_state = copy.deepcopy(opt.state_dict())
+    expected = _train(model, opt, batches[4:])
+    resumed = _model()
+    resumed.load_state_dict(state, strict=True)
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(opt_state)
+    assert not torch.equal(_train(resumed, opt2, batches[4:]), expected)
+
+
+def test_bn_checkpoint_loads_strictly_without_warnings():
+    bn_model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    bn_model[1].running_mean.uniform_()
+    cbn_model = nn.Sequential(nn.Conv2d(3, 8, 3), CBN(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        result = cbn_model.load_state_dict(bn_model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert cbn_model[1].history_length == 0 and cbn_model[1].history_mean is None
+    torch.testing.assert_close(cbn_model[1].running_mean, bn_model[1].running_mean)
+    assert set(CBN(8).state_dict()) == set(nn.BatchNorm2d(8).state_dict())
+
+
+def test_checkpoint_with_other_window_keeps_newest_history():
+    model = _model(window=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train(model, opt, _batches(5, dtype=torch.float32))
+    small = _model(window=2)
+    small.load_state_dict(model.state_dict())
+    src, dst = model[1], small[1]
+    assert dst.history_length == 1
+    newest_src = (src._head - 1) % src.window
+    newest_dst = (dst._head - 1) % dst.window
+    torch.testing.assert_close(dst.history_mean[newest_dst], src.history_mean[newest_src])
+    torch.testing.assert_close(dst.history_var_grad[newest_dst], src.history_var_grad[newest_src])
+
+
+def test_history_moves_with_to():
+    model = _model()
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(3, dtype=torch.float32))
+    model.double()
+    assert model[1].history_var_grad.dtype == torch.float64
+    assert model[1].history_index.dtype == torch.long
+
+
+# ---------------------------------------------------------------- iteration semantics
+def test_several_calls_in_one_iteration_are_pooled():
+    """A module called on a and b before a step records one entry equal to cat(a, b)."""
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    a, b, c = _batches(3, seed=7)
+
+    def run(split):
+        norm = CBN(5, window=2, momentum=1.0).double()
+        if split:
+            norm(conv(a))
+            norm(conv(b))
+        else:
+            norm(conv(torch.cat([a, b])))
+        assert norm.history_length == 0
+        iteration_clock.next_iteration()
+        with torch.no_grad():
+            conv.weight.mul_(1.01)
+        norm(conv(c))
+        with torch.no_grad():
+            conv.weight.div_(1.01)
+        assert norm.history_length == 1
+        return _window_stats(norm)
+
+    split, whole = run(True), run(False)
+    torch.testing.assert_close(split[0], whole[0])
+    torch.testing.assert_close(split[1], whole[1])
+
+
+def test_gradient_accumulation_advances_once_per_step():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x in _batches(3, dtype=torch.float32):
+        for micro in x.split(1):
+            model(micro).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert model[1].history_length == 2
+
+
+def test_no_history_update_in_eval_or_no_grad():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train(model, opt, _batches(2, dtype=torch.float32))
+    before = {k: v.clone() for k, v in model.state_dict().items() if 'history' in k}
+    model.eval()
+    model(_batches(1, seed=3, dtype=torch.float32)[0])
+    model.train()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model(_batches(1, seed=4, dtype=torch.float32)[0])
+    assert model[1].last_bind_status == BindStatus.NO_GRAPH
+    after = {k: v for k, v in model.state_dict().items() if 'history' in k}
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+# ---------------------------------------------------------------- fallbacks
+def test_input_not_from_conv_falls_back_to_bn_and_warns_once():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    norm, bn = CBN(4, window=4), nn.BatchNorm2d(4)
+    xs = _batches(3, dtype=torch.float32)
+    with pytest.warns(UserWarning, match='not the output of a trainable conv') as record:
+        for x in xs:
+            h = conv(x)
+            y = norm(h + 1.0)  # after an add
+            torch.testing.assert_close(y, bn(h + 1.0))
+            iteration_clock.next_iteration()
+    assert len([w for w in record if 'CBN' in str(w.message)]) == 1
+    assert norm.last_bind_status == BindStatus.NOT_CONV and norm.history_mean is None
+
+
+def test_naive_fallback_uses_window():
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    norm = CBN(4, window=3, fallback='naive', momentum=1.0).double()
+    xs = _batches(3, seed=2)
+    with pytest.warns(UserWarning, match='naive'):
+        for x in xs:
+            norm(F.relu(conv(x)))
+            iteration_clock.next_iteration()
+    with torch.no_grad():
+        pooled = torch.cat([F.relu(conv(x)) for x in xs])
+    torch.testing.assert_close(norm.running_mean, pooled.mean((0, 2, 3)))
+
+
+# ---------------------------------------------------------------- precision and layout
+def test_bfloat16_autocast_keeps_float32_statistics():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x in _batches(3, dtype=torch.float32):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    norm = model[1]
+    assert norm.last_bind_status == BindStatus.CONV
+    assert norm.history_var_grad.dtype == torch.float32 and norm.running_var.dtype == torch.float32
+    assert norm.history_length == 2 and torch.isfinite(norm.history_var_grad).all()
+
+
+def test_channels_last_matches_contiguous():
+    ref, cl = _model(), _model()
+    cl.to(memory_format=torch.channels_last)
+    for x in _batches(3, dtype=torch.float32):
+        a = ref(x)
+        b = cl(x.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        a.sum().backward(), b.sum().backward()
+        iteration_clock.next_iteration()
+    torch.testing.assert_close(cl[0].weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(window=0), 'window'), (dict(window=2.5), 'window'), (dict(window=True), 'window'),
+    (dict(window='4'), 'window'), (dict(momentum=1.5), 'momentum'), (dict(eps=0), 'eps'),
+    (dict(fallback='zero'), 'fallback'), (dict(running_stats='ema'), 'running_stats'),
+    (dict(statistics_gradients='fd'), 'statistics_gradients'), (dict(compensate='yes'), 'compensate'),
+])
+def test_invalid_options_name_the_setting(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        CBN(4, **kwargs)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match='windw'):
+        CBN(4, windw=4)
+
+
+def test_active_window_bounds():
+    norm = CBN(4, window=4)
+    with pytest.raises(ValueError, match='active_window'):
+        norm.active_window = 5
+    with pytest.raises(ValueError, match='active_window'):
+        norm.active_window = 0
+
+
+def test_bad_shapes():
+    norm = CBN(4)
+    with pytest.raises(ValueError, match='4D'):
+        norm(torch.randn(2, 4, 5))
+    conv = nn.Conv2d(3, 4, 1)
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        norm(conv(torch.randn(1, 3, 1, 1)))
+
+
+def test_non_finite_statistics_never_enter_history_or_running_stats():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train(model, opt, _batches(2, dtype=torch.float32))
+    norm = model[1]
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    x = _batches(1, seed=9, dtype=torch.float32)[0]
+    x[0, 0, 0, 0] = float('nan')
+    model(x)
+    for k, v in norm.state_dict().items():
+        assert torch.isfinite(v.float()).all(), k
+    torch.testing.assert_close(norm.running_mean, before['running_mean'])
+
+
+def test_empty_input_does_not_update():
+    norm = CBN(4, window=2)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    y = norm(conv(torch.randn(0, 3, 5, 5)))
+    assert y.shape == (0, 4, 5, 5)
+    assert norm.history_mean is None and int(norm.num_batches_tracked) == 0
