@@ -1,0 +1,22 @@
+"""Shared fixtures."""
+import os.path as osp
+
+import pytest
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+#: Generation arguments of :func:`tiny_demo_data`: 4 train / 2 val images of 64 px.
+TINY_DEMO_ARGS = dict(num_train=4, num_val=2, image_size=64, seed=0, min_objects=1, max_objects=3)
+
+
+@pytest.fixture(scope='session')
+def tiny_demo_data(tmp_path_factory):
+    """A tiny demo-shapes dataset (COCO layout) generated once per session; returns its root.
+
+    Layout: ``root/annotations/instances_{train,val}.json``, ``root/{train,val}/*.png``. Configs
+    use it with ``data_root=root`` and ``generate=False`` (or ``generate=TINY_DEMO_ARGS``).
+    """
+    from cbn_mmdet.datasets.demo_shapes import make_demo_dataset
+    root = str(tmp_path_factory.mktemp('tiny_demo_shapes'))
+    make_demo_dataset(root, **TINY_DEMO_ARGS)
+    return root
