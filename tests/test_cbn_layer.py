@@ -411,3 +411,46 @@ def test_empty_input_does_not_update():
     y = norm(conv(torch.randn(0, 3, 5, 5)))
     assert y.shape == (0, 4, 5, 5)
     assert norm.history_mean is None and int(norm.num_batches_tracked) == 0
+
+
+def _algorithm1_reference(inputs, weights, window, stride=1, padding=1):
+    """Algorithm 1 literally, in float64: ν-form Taylor steps with autograd gradients and stored θ."""
+    records = []  # (μ, ν, dμ/dθ, dν/dθ, θ) per iteration
+    for x_in, w in zip(inputs, weights):
+        w_ = w.clone().requires_grad_(True)
+        out = F.conv2d(x_in, w_, None, stride, padding)
+        mu, nu = out.mean((0, 2, 3)), (out * out).mean((0, 2, 3))
+        d_mu, = torch.autograd.grad(mu.sum(), w_, retain_graph=True)   # row j = dμ_j/dθ_j (Eq. 15)
+        d_nu, = torch.autograd.grad(nu.sum(), w_)
+        records.append((mu.detach(), nu.detach(), d_mu, d_nu, w.clone()))
+    theta_t = weights[-1]
+    mus, nus = [], []
+    for mu, nu, d_mu, d_nu, theta in records[-window:]:
+        delta = theta_t - theta
+        mu_c = mu + (d_mu * delta).flatten(1).sum(1)           # Eq. 7
+        nu_c = nu + (d_nu * delta).flatten(1).sum(1)           # Eq. 8
+        mus.append(mu_c)
+        nus.append(torch.maximum(nu_c, mu_c * mu_c))           # Eq. 10 (the current one unchanged)
+    mean = torch.stack(mus).mean(0)                            # Eq. 9
+    var = torch.stack(nus).mean(0) - mean * mean               # Eq. 11
+    return mean, var
+
+
+@pytest.mark.parametrize('step', [1e-3, 3e-1])
+def test_matches_algorithm_1_literally(step):
+    """The layer's window statistics equal a literal Algorithm 1 (small and clamp-inducing steps)."""
+    gen = torch.Generator().manual_seed(11)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    norm = CBN(6, window=4, momentum=1.0).double()
+    inputs = _batches(6, shape=(2, 4, 5, 5), seed=12)
+    weights = []
+    for x in inputs:
+        weights.append(conv.weight.detach().clone())
+        norm(conv(x))
+        with torch.no_grad():
+            conv.weight.add_(step * torch.randn(conv.weight.shape, dtype=torch.float64, generator=gen))
+        iteration_clock.next_iteration()
+    mean, var = _algorithm1_reference(inputs, weights, 4)
+    n = 4 * 2 * 5 * 5
+    torch.testing.assert_close(norm.running_mean, mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(norm.running_var * (n - 1) / n, var, rtol=1e-8, atol=1e-10)
