@@ -1,0 +1,76 @@
+"""Every config under configs/ parses with mmengine and builds its model with mmdet's registry.
+
+Configs that need GPUs or datasets are only parsed and built (nothing is run or loaded).
+"""
+import glob
+import os.path as osp
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIGS = sorted(
+    osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
+    if '_base_' not in osp.relpath(p, REPO).split(osp.sep))
+
+
+def test_configs_are_found():
+    assert 'configs/demo/faster-rcnn_r18_fpn_demo-shapes.py' in CONFIGS
+    assert 'configs/demo/mask-rcnn_r18_fpn_demo-shapes.py' in CONFIGS
+
+
+def _load(path):
+    from mmengine.config import Config
+    return Config.fromfile(osp.join(REPO, path))
+
+
+@pytest.mark.parametrize('path', CONFIGS)
+def test_config_builds_model(path):
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    cfg = _load(path)
+    assert cfg.custom_imports == dict(imports=['cbn_mmdet'], allow_failed_imports=False)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    model = MODELS.build(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    # No pretrained weights can be downloaded here: nothing may ask for them.
+    assert 'Pretrained' not in repr(cfg.model), f'{path} asks for pretrained weights'
+
+
+def _norm_cfgs(model_cfg):
+    """(where, norm_cfg) for the neck and the RoI heads of a two-stage detector config."""
+    out = [('neck', model_cfg.neck.get('norm_cfg'))]
+    for head in ('bbox_head', 'mask_head'):
+        if head in model_cfg.roi_head:
+            out.append((head, model_cfg.roi_head[head].get('norm_cfg')))
+    return out
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p.startswith('configs/demo/')])
+def test_demo_configs_use_one_head_norm_variable(path):
+    cfg = _load(path)
+    assert 'head_norm_cfg' in cfg
+    for where, norm_cfg in _norm_cfgs(cfg.model):
+        assert norm_cfg == cfg.head_norm_cfg, f'{path}: {where} norm {norm_cfg}'
+    assert cfg.model.roi_head.bbox_head.type == 'Shared4Conv1FCBBoxHead'
+    assert cfg.model.backbone.init_cfg is None
+    # Trains from scratch: the backbone norm layers learn and update their statistics.
+    assert cfg.model.backbone.frozen_stages == -1 and cfg.model.backbone.norm_eval is False
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p.startswith('configs/demo/')])
+def test_demo_configs_data_settings(path):
+    cfg = _load(path)
+    for split in ('train', 'val', 'test'):
+        loader = cfg[f'{split}_dataloader']
+        assert loader.dataset.type == 'DemoShapesDataset'
+        # persistent_workers=True with num_workers=0 makes the DataLoader raise.
+        assert loader.num_workers > 0 or not loader.persistent_workers
+        # Train and val must ask for the same generated data.
+        assert loader.dataset.generate == cfg.train_dataloader.dataset.generate
+    metrics = cfg.val_evaluator.metric
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    assert cfg.val_evaluator.type == 'CocoMetric'
+    assert metrics == (['bbox', 'segm'] if 'mask_head' in cfg.model.roi_head else ['bbox'])
+    assert cfg.val_evaluator.ann_file == (cfg.val_dataloader.dataset.data_root
+                                          + cfg.val_dataloader.dataset.ann_file)
