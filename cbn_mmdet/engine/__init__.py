@@ -1,1 +1,3 @@
-"""Hooks."""
+"""Training-time machinery: hooks that push settings into CBN layers, and runner guards."""
+from . import sync_bn_guard
+from .hooks import *  # noqa: F401,F403

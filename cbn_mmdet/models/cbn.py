@@ -150,6 +150,22 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'CBN active_window must be in [1, window={self.window}], got {value}')
         self._active_window = value
 
+    def set_window(self, window: int) -> None:
+        """Change ``k`` (the history capacity) in place, keeping the newest past iterations."""
+        _check_window('window', window)
+        if window == self.window:
+            return
+        held = {name: self._buffers[name] for name in _HISTORY_BUFFERS
+                if self._buffers[name] is not None}
+        following = self._active_window == self.window
+        self.window = window
+        self._active_window = window if following else min(self._active_window, window)
+        clock = self._pending_clock
+        self.reset_history()
+        if held:
+            self._restore_history(held)
+            self._pending_clock = clock  # same process: the open entry is still this iteration's
+
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, window={self.window}, compensate={self.compensate}, '
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}')
