@@ -74,3 +74,13 @@ def test_demo_configs_data_settings(path):
     assert metrics == (['bbox', 'segm'] if 'mask_head' in cfg.model.roi_head else ['bbox'])
     assert cfg.val_evaluator.ann_file == (cfg.val_dataloader.dataset.data_root
                                           + cfg.val_dataloader.dataset.ann_file)
+
+
+def test_main_demo_config_uses_the_default_generation_arguments():
+    # `make demo` runs tools/make_demo_data.py with its defaults before training this config: the
+    # dataset refuses data generated with other arguments, so the two must agree.
+    from cbn_mmdet.datasets.demo_shapes import default_generation_args, normalize_generation_args
+    cfg = _load('configs/demo/faster-rcnn_r18_fpn_demo-shapes.py')
+    assert cfg.train_dataloader.dataset.data_root.rstrip('/') == 'data/demo_shapes'
+    generate = normalize_generation_args(**cfg.train_dataloader.dataset.generate)
+    assert generate == default_generation_args()

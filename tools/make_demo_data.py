@@ -4,7 +4,7 @@
 The demo configs generate it themselves on first use; this tool makes it ahead of time or with other
 sizes. Example::
 
-    python tools/make_demo_data.py --out data/demo_shapes --num-train 400 --num-val 100 \\
+    python tools/make_demo_data.py --out data/demo_shapes --num-train 800 --num-val 200 \\
         --image-size 128 --seed 0
 """
 import argparse

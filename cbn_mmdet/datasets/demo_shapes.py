@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import os.path as osp
@@ -48,12 +49,6 @@ FORMAT_VERSION = 1
 
 _SPLIT_IDS = {'train': 0, 'val': 1}
 _SUPERSAMPLE = 3  # sub-pixel samples per axis used to anti-alias shape edges
-
-
-def default_generation_args() -> Dict:
-    """The default keyword arguments of :func:`make_demo_dataset` (a fresh dict)."""
-    return dict(num_train=400, num_val=100, image_size=128, seed=0, min_objects=1, max_objects=5,
-                min_size=0.15, max_size=0.6, min_visible_fraction=0.4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +405,7 @@ def read_generation_args(root: str) -> Optional[Dict]:
     return gen
 
 
-def make_demo_dataset(root: str, num_train: int = 400, num_val: int = 100,
+def make_demo_dataset(root: str, num_train: int = 800, num_val: int = 200,
                       image_size: Union[int, Sequence[int]] = 128, seed: int = 0,
                       min_objects: int = 1, max_objects: int = 5, min_size: float = 0.15,
                       max_size: float = 0.6, min_visible_fraction: float = 0.4,
@@ -460,3 +455,9 @@ def make_demo_dataset(root: str, num_train: int = 400, num_val: int = 100,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def default_generation_args() -> Dict:
+    """The default generation arguments of :func:`make_demo_dataset` (a fresh dict)."""
+    params = inspect.signature(make_demo_dataset).parameters
+    return {name: p.default for name, p in params.items() if name not in ('root', 'overwrite')}

@@ -39,7 +39,7 @@ class DemoShapesDataset(CocoDataset):
         >>> dataset = DATASETS.build(dict(
         ...     type='DemoShapesDataset', data_root='data/demo_shapes/',
         ...     ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
-        ...     generate=dict(num_train=400, num_val=100, image_size=128, seed=0), pipeline=[]))
+        ...     generate=dict(num_train=800, num_val=200, image_size=128, seed=0), pipeline=[]))
     """
 
     METAINFO = {'classes': CLASSES, 'palette': PALETTE}
