@@ -77,8 +77,8 @@ def test_demo_configs_data_settings(path):
 
 
 def test_main_demo_config_uses_the_default_generation_arguments():
-    # `make demo` runs tools/make_demo_data.py with its defaults before training this config: the
-    # dataset refuses data generated with other arguments, so the two must agree.
+    # `tools/make_demo_data.py` with no arguments must make the data this config expects: the dataset
+    # refuses data under its data_root that was generated with other arguments.
     from cbn_mmdet.datasets.demo_shapes import default_generation_args, normalize_generation_args
     cfg = _load('configs/demo/faster-rcnn_r18_fpn_demo-shapes.py')
     assert cfg.train_dataloader.dataset.data_root.rstrip('/') == 'data/demo_shapes'
