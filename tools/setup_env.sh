@@ -2,7 +2,7 @@
 # Create (or reuse) the project's virtual environment at $CBN_VENV (default: <repo>/.venv).
 #
 # Idempotent: when the venv already has everything at the pinned versions it exits in about a second.
-# mmcv 2.1.0 has only a source distribution on PyPI; its C++ ops take 16-30 minutes to compile on two
+# mmcv 2.1.0 has only a source distribution on PyPI; its C++ ops take 10-30 minutes to compile on two
 # cores, so the built wheel is kept in $CBN_WHEEL_CACHE (default ~/.cache/cbn_mmdet/wheels, outside the
 # repository so a fresh clone reuses it) and is never rebuilt while it is there.
 #
@@ -33,6 +33,21 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python"
   exit 0
 fi
 
+# Serialise concurrent set-ups (two `make` commands at once, or two clones sharing the wheel cache):
+# the second waits, then finds the environment ready.
+mkdir -p "$wheel_cache"
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$wheel_cache/.setup_env.lock"
+  if ! flock -n 9; then
+    echo "[setup_env] another set-up is running; waiting for it to finish"
+    flock 9
+  fi
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+    exit 0
+  fi
+fi
+trap 'echo "[setup_env] FAILED (exit code $?); rerun tools/setup_env.sh after fixing the error above" >&2' ERR
+start=$SECONDS
 echo "[setup_env] creating environment in $venv ($want)"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip"
@@ -48,7 +63,7 @@ tagged_cache="$wheel_cache/$device"
 mkdir -p "$tagged_cache"
 mmcv_wheel=$(ls "$tagged_cache"/mmcv-$MMCV_VERSION-cp*-linux_*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$mmcv_wheel" ]; then
-  echo "[setup_env] building mmcv $MMCV_VERSION with ops ($device); this takes 16-30 minutes on 2 cores, once"
+  echo "[setup_env] building mmcv $MMCV_VERSION with ops ($device); this takes 10-30 minutes on 2 cores, once"
   build_dir=$(mktemp -d)
   force_cuda=0; [ "$device" = cuda ] && force_cuda=1
   # --no-build-isolation: with isolation the build has no torch and silently yields a wheel without ops.
@@ -72,6 +87,6 @@ $pip install -q --no-deps "$mmcv_wheel"
 $pip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools pytest \
   "mmcv==$MMCV_VERSION" --find-links "$tagged_cache"
 $pip install -q --no-deps --no-build-isolation -e "$repo"
-"$venv/bin/python" -c "import mmdet, mmcv, mmengine; from mmcv.ops import RoIAlign, nms; import cbn_mmdet" 
+"$venv/bin/python" -c "import mmdet, mmcv, mmengine; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"
 echo "$want" > "$stamp"
-echo "[setup_env] ready: $venv"
+echo "[setup_env] ready: $venv ($((SECONDS - start)) s)"
