@@ -135,3 +135,65 @@ def test_sync_bn_conversion_refuses_cbn():
         runner_module.convert_sync_batchnorm(model, 'torch')
     plain = runner_module.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 'torch')
     assert isinstance(plain[0], nn.SyncBatchNorm)
+
+
+class BNToyModel(ToyModel):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(4)
+
+
+def test_norm_switch_hook_bn_to_cbn_hands_over_parameters(tmp_path):
+    """BN → CBN at epoch 1: same parameter objects, optimizer state kept, CBN then trains."""
+    seen = {}
+
+    class Watch(Hook):
+        priority = 'LOW'
+
+        def before_train_epoch(self, runner):
+            seen[runner.epoch] = (type(runner.model.norm), runner.model.norm.weight,
+                                  runner.model.norm.running_mean)
+
+    runner = Runner(
+        model=BNToyModel(), work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=True, max_epochs=2),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
+        custom_hooks=[dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=2)),
+                      Watch()],
+        default_hooks=dict(logger=None, checkpoint=None), default_scope='mmdet')
+    runner.train()
+    assert seen[0][0] is nn.BatchNorm2d and seen[1][0] is CBN
+    assert seen[1][1] is seen[0][1] and seen[1][2] is seen[0][2]  # the same tensors
+    opt = runner.optim_wrapper.optimizer
+    assert any(p is runner.model.norm.weight for g in opt.param_groups for p in g['params'])
+    assert 'momentum_buffer' in opt.state[runner.model.norm.weight]
+    assert runner.model.norm.history_length == 1
+    assert runner.model.norm.last_bind_status == 'conv'
+
+
+def test_norm_switch_hook_to_syncbn_refuses_single_process(tmp_path):
+    runner = Runner(
+        model=BNToyModel(), work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=True, max_epochs=1),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        custom_hooks=[dict(type='NormSwitchHook', switch_epoch=0)],
+        default_hooks=dict(logger=None, checkpoint=None), default_scope='mmdet')
+    with pytest.raises(RuntimeError, match='distributed'):
+        runner.train()
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(), 'exactly one'), (dict(switch_epoch=1, switch_iter=3), 'exactly one'),
+    (dict(switch_epoch=-1), 'switch_epoch'), (dict(switch_epoch=1, to='GN'), 'to='),
+    (dict(switch_epoch=1, from_types=('Nope', )), 'from_types'),
+])
+def test_norm_switch_hook_rejects_bad_settings(kwargs, match):
+    from cbn_mmdet.engine.hooks import NormSwitchHook
+    with pytest.raises(ValueError, match=match):
+        NormSwitchHook(**kwargs)
