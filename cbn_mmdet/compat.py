@@ -19,11 +19,15 @@ no separate, weaker code path. The allow-list is what a runner checkpoint actual
 (``meta``, ``state_dict``, ``message_hub``, ``optimizer``, ``param_schedulers``):
 
 * ``mmengine.logging.HistoryBuffer`` — the message hub's scalar logs. Rebuilt with ``__new__`` +
-  its own ``__setstate__`` (which stores plain attributes), never ``__init__`` or arbitrary calls.
+  its own ``__setstate__``, never ``__init__`` or arbitrary calls. (``__setstate__`` merges the
+  pickled ``statistics_methods`` into the class-wide method table: a crafted file can put other
+  allow-listed objects there, which makes ``HistoryBuffer.statistics`` fail later, but it cannot
+  introduce anything the allow-list does not already contain.)
 * numpy arrays, scalars and dtypes inside the HistoryBuffers (``_reconstruct``, ``ndarray``,
   ``dtype``, ``scalar`` and the concrete ``numpy.dtypes.*DType`` classes), under both the numpy 1.x
-  (``numpy.core``) and numpy 2.x (``numpy._core``) module names, so old checkpoints load too. These
-  are the globals torch's own documentation lists as safe for numpy data.
+  (``numpy.core``) and numpy 2.x (``numpy._core``) module names, so old checkpoints load too. They
+  only rebuild arrays and scalars from a dtype, a shape and raw bytes; object arrays get their
+  elements from the same restricted unpickler.
 * ``builtins.getattr`` — pickle protocol 2 writes the bound HistoryBuffer statistics methods that
   ``HistoryBuffer.__getstate__`` includes as ``getattr(HistoryBuffer, 'mean')``. Allow-listing the
   real ``getattr`` would defeat the restricted unpickler (it reaches any attribute of any allowed
