@@ -6,10 +6,12 @@
 from mmengine.registry import MODELS
 
 from . import iteration_clock
+from .brn import BatchRenorm2d
 from .cbn import CrossIterationBatchNorm2d
 from .conv_binding import BindStatus, ConvBinding, find_conv_producer
 
 MODELS.register_module('CBN', module=CrossIterationBatchNorm2d)
+MODELS.register_module('BRN', module=BatchRenorm2d)
 
-__all__ = ['CrossIterationBatchNorm2d', 'BindStatus', 'ConvBinding', 'find_conv_producer',
-           'iteration_clock']
+__all__ = ['CrossIterationBatchNorm2d', 'BatchRenorm2d', 'BindStatus', 'ConvBinding',
+           'find_conv_producer', 'iteration_clock']
