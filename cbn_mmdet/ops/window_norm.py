@@ -7,9 +7,9 @@ times BN's, which gives
 
     ∂L/∂x_i = γ r [g_i − (1/k)(1/m)(Σ g + x̂_i Σ g x̂)],     r = (σ̄² + ε)^{-1/2},  x̂ = (x − μ̄) r
 
-i.e. ``(1/k)·BN_train_backward + (1 − 1/k)·γ r g`` where BN's training backward is evaluated at the
-window statistics. Both terms come from torch's own batch-norm kernels, so ``k = 1`` is bit-for-bit
-BN's backward formula.
+i.e. BN's training backward evaluated at the window statistics with the batch-mean terms divided by
+``k``. On CUDA this is SyncBN's pair of kernels (``batch_norm_backward_reduce`` and ``_elemt`` with a
+count of ``k·m``); on CPU one fused reduction and two fused elementwise passes.
 """
 from typing import Optional, Tuple
 
@@ -53,15 +53,34 @@ class WindowBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd, k = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous(memory_format=_memory_format(x))
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
-            [need_x, need_w and weight is not None, need_b])
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if x.is_cuda:
+            # SyncBN's kernels: the elementwise pass divides the sums by a count we make k·m
+            sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
+                grad_y, x, mean, invstd, weight, need_x, need_w and weight is not None, need_b)
+            grad_x = None
+            if need_x:
+                counts = (k * count).round().to(torch.int32).reshape(1)
+                grad_x = torch.batch_norm_backward_elemt(grad_y, x, mean, invstd, weight, sum_dy,
+                                                         sum_dy_xmu, counts)
+            return grad_x, grad_w, grad_b, None, None, None, None
+        # CPU: one fused reduction (Σg, Σg·x̂), then dx = a·g + b·x + c in two fused passes
+        ones = weight if weight is not None else torch.ones_like(mean)
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, ones, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+        grad_x = None
         if need_x:
-            share = (1.0 / k).to(invstd.dtype)
-            scale = (1.0 - share) * invstd
-            if weight is not None:
-                scale = scale * weight.to(scale.dtype)
-            grad_x = grad_x * share.to(grad_x.dtype) + grad_y * scale.to(grad_x.dtype).view(1, -1, 1, 1)
+            gamma = ones.to(invstd.dtype)
+            a = gamma * invstd
+            scale = a / (k * count)
+            b = -scale * invstd * sum_dy_xhat
+            c = -scale * (sum_dy - mean * invstd * sum_dy_xhat)
+            shape = (1, -1, 1, 1)
+            grad_x = torch.addcmul(c.view(shape), x, b.view(shape))
+            grad_x.addcmul_(grad_y, a.view(shape))
+            grad_x = grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
+        grad_w = sum_dy_xhat if need_w and weight is not None else None
+        grad_b = sum_dy if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
