@@ -1,0 +1,151 @@
+"""tools/collect_table.py and tools/run_table.py on synthetic work dirs (no training; fast)."""
+import csv
+import io
+import json
+import os
+import os.path as osp
+import sys
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'tools'))
+import collect_table  # noqa: E402
+import run_table  # noqa: E402
+
+CFG = 'faster-rcnn_r50_fpn_cbn-head_1x_coco'
+
+
+def _val(ap, step=12, **extra):
+    line = {'coco/bbox_mAP': ap, 'coco/bbox_mAP_50': ap + 0.2, 'coco/bbox_mAP_75': ap + 0.03,
+            'coco/bbox_mAP_s': 0.2, 'coco/bbox_mAP_m': 0.4, 'coco/bbox_mAP_l': 0.5,
+            'data_time': 0.01, 'time': 0.1, 'step': step}
+    line.update(extra)
+    return line
+
+
+def write_run(root, table, config, seed, val_lines, timestamp='20250101_000000', name='scalars.json'):
+    vis = osp.join(root, table, config, f'seed{seed}', timestamp, 'vis_data')
+    os.makedirs(vis, exist_ok=True)
+    train = {'lr': 0.02, 'loss': 1.0, 'coco/bbox_mAP_not': 1, 'epoch': 1, 'iter': 10, 'step': 10}
+    with open(osp.join(vis, name), 'w') as f:
+        f.write(json.dumps(train) + '\n')
+        for line in val_lines:
+            f.write(json.dumps(line) + '\n')
+            f.write(json.dumps(train) + '\n')
+
+
+def test_last_val_line_of_latest_timestamp(tmp_path):
+    root = str(tmp_path)
+    write_run(root, 'table5', CFG, 0, [_val(0.30, 11), _val(0.31, 12)], '20250101_000000')
+    write_run(root, 'table5', CFG, 0, [], '20250102_000000')  # a later, empty attempt
+    metrics = collect_table.read_final_metrics(osp.join(root, 'table5', CFG, 'seed0'))
+    assert metrics['coco/bbox_mAP'] == 0.31 and metrics['step'] == 12
+    write_run(root, 'table5', CFG, 0, [_val(0.35)], '20250103_000000', name='20250103_000000.json')
+    metrics = collect_table.read_final_metrics(osp.join(root, 'table5', CFG, 'seed0'))
+    assert metrics['coco/bbox_mAP'] == 0.35
+    assert collect_table.read_final_metrics(osp.join(root, 'nothing')) is None
+
+
+def test_mean_std_missing_and_outputs(tmp_path, capsys):
+    root = str(tmp_path)
+    for seed, ap in ((0, 0.376), (1, 0.378), (2, 0.377)):
+        write_run(root, 'table5', CFG, seed, [_val(ap)])
+    # seed 3 crashed before validating; seed 4 never ran.
+    os.makedirs(osp.join(root, 'table5', CFG, 'seed3', '20250101_000000', 'vis_data'))
+    out = str(tmp_path / 'out' / 'table5')
+    assert collect_table.main(['table5', '--work-root', root, '--trials', '5', '--out', out]) == 0
+    md = open(out + '.md').read()
+    assert md == capsys.readouterr().out.split('table,row,')[0][:len(md)]
+    line = next(x for x in md.splitlines() if '`' + CFG + '`' in x)
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    assert cells[0] == 'fixed BN / CBN' and cells[2] == '3/5'
+    assert cells[3] == '37.70 ± 0.10' and cells[4] == '37.7'  # AP ours, AP paper
+    assert cells[5] == '57.70 ± 0.10' and cells[6] == '59.0'  # AP50
+    assert 'AP^bbox (paper)' in md and 'AP^bbox (ours)' in md
+    for seed in (3, 4):
+        assert osp.join(root, 'table5', CFG, f'seed{seed}') in md
+    # Rows without runs: a dash, and every seed listed as missing.
+    none_line = next(x for x in md.splitlines() if 'none-head' in x)
+    assert '| 0/5 | — | 36.9 |' in none_line
+
+    rows = list(csv.DictReader(io.StringIO(open(out + '.csv').read())))
+    ap = next(r for r in rows if r['config'] == CFG and r['metric'] == 'AP')
+    assert (ap['runs'], ap['expected'], ap['mean'], ap['std'], ap['paper']) == (
+        '3', '5', '37.700', '0.100', '37.7')
+    assert ap['missing'].split(';') == [osp.join(root, 'table5', CFG, f'seed{s}') for s in (3, 4)]
+    assert {r['table'] for r in rows} == {'table5'}
+    assert len(rows) == 10 * 6  # 10 rows x 6 box metrics
+
+
+def test_single_run_has_no_std_and_shared_rows_are_found(tmp_path, capsys):
+    root = str(tmp_path)
+    write_run(root, 'table5', CFG, 0, [_val(0.377)])
+    collect_table.main(['table6', '--work-root', root, '--trials', '1', '--format', 'markdown'])
+    md = capsys.readouterr().out
+    line = next(x for x in md.splitlines() if '`' + CFG + '`' in x)
+    assert '| 1/1 | 37.70 | 37.7 |' in line  # Table 6's R50 CBN row reads Table 5's run
+    assert 'AP^mask (paper)' in md  # Mask R-CNN rows add the mask columns
+    mask_line = next(x for x in md.splitlines() if 'mask-rcnn_r50_fpn_cbn-head' in x)
+    assert mask_line.rstrip(' |').endswith('34.6 | — | 56.4 | — | 36.6')
+
+
+def test_final_step_filters_incomplete_runs(tmp_path):
+    root = str(tmp_path)
+    write_run(root, 'table7', 'faster-rcnn_r50_fpn_bn2syncbn-ep8-head_1x_coco', 0, [_val(0.3, 5)])
+    table = collect_table.select_tables(['table7'])[0]
+    rows = collect_table.collect(table, root, [0])
+    assert rows[0]['values']['AP'] == [pytest.approx(30.0)]
+    rows = collect_table.collect(table, root, [0], final_step=12)
+    assert rows[0]['values']['AP'] == [] and len(rows[0]['missing']) == 1
+
+
+def test_segm_metrics_and_unavailable_values(tmp_path):
+    root = str(tmp_path)
+    cfg = 'mask-rcnn_r50_fpn_cbn-head_1x_coco'
+    write_run(root, 'table6', cfg, 0, [_val(0.385, **{'coco/segm_mAP': 0.346,
+                                                      'coco/segm_mAP_50': 0.564,
+                                                      'coco/segm_mAP_75': -1.0})])
+    table = collect_table.select_tables(['table6'])[0]
+    row = next(r for r in collect_table.collect(table, root, [0]) if r['row'].config == cfg)
+    assert row['values']['mAP'] == [pytest.approx(34.6)]
+    assert row['values']['mAP75'] == []  # CocoMetric's -1 means "not available", not -100 %
+    assert 'APs' not in row['values']
+
+
+def test_unknown_table_is_refused():
+    with pytest.raises(SystemExit, match='unknown table'):
+        collect_table.main(['table9'])
+
+
+def test_run_table_dry_run_commands(tmp_path, capsys):
+    root = str(tmp_path)
+    assert run_table.main(['table7', '--gpus', '2', '--trials', '2', '--seed-start', '3',
+                           '--rows', 'bn2syncbn-ep11-head', '--work-root', root, '--dry-run',
+                           '--cfg-options', 'env_cfg.dist_cfg.backend=gloo']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    cfg = 'faster-rcnn_r50_fpn_bn2syncbn-ep11-head_1x_coco'
+    assert lines == [
+        f'tools/dist_train.sh configs/cbn_paper/{cfg}.py 2 --work-dir '
+        f'{root}/table7/{cfg}/seed{s} --cfg-options randomness.seed={s} '
+        'env_cfg.dist_cfg.backend=gloo' for s in (3, 4)]
+    for line in lines:  # every command names a config that exists
+        assert osp.isfile(osp.join(REPO, line.split()[1]))
+
+
+def test_run_table_filters_and_skip_done(tmp_path, capsys):
+    root = str(tmp_path)
+    write_run(root, 'table5', CFG, 0, [_val(0.377)])
+    run_table.main(['table5', 'table6', '--rows', 'cbn-head', 'r101', '--trials', '2',
+                    '--work-root', root, '--dry-run', '--skip-done'])
+    out = capsys.readouterr().out.splitlines()
+    runs = [x for x in out if x.startswith('tools/')]
+    skips = [x for x in out if x.startswith('# skip')]
+    # 'cbn-head' is a whole name field: syncbn-head does not match it.
+    assert not any('syncbn-head' in x and 'r50' in x for x in runs)
+    assert f'# skip (done): table5 {CFG} seed0' in skips  # has a result
+    assert f'# skip (done): table6 {CFG} seed0' in skips  # Table 6 reuses Table 5's run
+    assert f'# skip (done): table6 {CFG} seed1' in skips  # planned under table5 already
+    assert sum('r101' in x for x in runs) == 6 * 2
+    with pytest.raises(SystemExit, match='no row'):
+        run_table.main(['table5', '--rows', 'nothing', '--dry-run'])

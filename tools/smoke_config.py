@@ -1,0 +1,104 @@
+"""Write a CPU smoke-test version of a paper config: same model and hooks, tiny data and run.
+
+    .venv/bin/python tools/smoke_config.py CONFIG OUT.py --data-root DIR [--image-size 64]
+
+The output trains the config's own detector (backbone, normalizers, 4conv1fc/mask heads, hooks) for
+one short epoch on a demo-shapes dataset already generated under DIR (``tools/make_demo_data.py``),
+then validates it with CocoMetric: no pretrained weights (``init_cfg=None``), 2 images per batch,
+small images, few RoIs, 5 classes. Hooks that act on epochs act on iterations instead, so their
+effect is seen in two iterations: ``CBNBurnInHook`` burns in for 1 iteration; ``NormSwitchHook``
+switches at iteration 1 and, where it targets SyncBN (CUDA and several processes only), to CBN.
+Use it to check a config end to end before a COCO run; tests/test_paper_configs.py runs it.
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def _pipelines(image_size: int, with_mask: bool):
+    load = dict(type='LoadAnnotations', with_bbox=True, with_mask=with_mask)
+    resize = dict(type='Resize', scale=(image_size, image_size), keep_ratio=True)
+    train = [dict(type='LoadImageFromFile'), load, resize, dict(type='PackDetInputs')]
+    test = [dict(type='LoadImageFromFile'), resize, load,
+            dict(type='PackDetInputs',
+                 meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
+    return train, test
+
+
+def smoke_cfg(cfg, data_root: str, image_size: int = 64, num_classes: int = 5):
+    """Shrink a loaded mmengine Config in place (see the module docstring); returns it."""
+    from mmengine.config import ConfigDict
+    roi = cfg.model.roi_head
+    with_mask = 'mask_head' in roi
+    train_pipeline, test_pipeline = _pipelines(image_size, with_mask)
+    data_root = data_root.rstrip('/') + '/'
+
+    def loader(split, pipeline, test_mode):
+        return ConfigDict(
+            batch_size=2, num_workers=0, persistent_workers=False, drop_last=False,
+            sampler=dict(type='DefaultSampler', shuffle=not test_mode),
+            dataset=dict(type='DemoShapesDataset', data_root=data_root,
+                         ann_file=f'annotations/instances_{split}.json',
+                         data_prefix=dict(img=f'{split}/'), generate=False, test_mode=test_mode,
+                         filter_cfg=None if test_mode else dict(filter_empty_gt=True),
+                         pipeline=pipeline))
+
+    cfg.train_dataloader = loader('train', train_pipeline, False)
+    cfg.val_dataloader = loader('val', test_pipeline, True)
+    cfg.test_dataloader = cfg.val_dataloader
+    cfg.val_evaluator = ConfigDict(type='CocoMetric',
+                                   ann_file=data_root + 'annotations/instances_val.json',
+                                   metric=['bbox', 'segm'] if with_mask else 'bbox')
+    cfg.test_evaluator = cfg.val_evaluator
+    cfg.model.backbone.init_cfg = None
+    roi.bbox_head.num_classes = num_classes
+    if with_mask:
+        roi.mask_head.num_classes = num_classes
+    cfg.model.rpn_head.anchor_generator.scales = [4]
+    tc = cfg.model.train_cfg
+    tc.rpn.sampler.num = 32
+    tc.rpn_proposal.update(nms_pre=200, max_per_img=50)
+    tc.rcnn.sampler.num = 16
+    cfg.model.test_cfg.rpn.update(nms_pre=200, max_per_img=50)
+    cfg.model.test_cfg.rcnn.max_per_img = 20
+    cfg.train_cfg = ConfigDict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
+    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=1)]
+    cfg.optim_wrapper.optimizer.lr = 0.002
+    cfg.default_hooks.logger = ConfigDict(type='LoggerHook', interval=1)
+    # No checkpoint (an R50 checkpoint is hundreds of MB).
+    cfg.default_hooks.checkpoint = ConfigDict(type='CheckpointHook', interval=-1, save_last=False)
+    hooks = []
+    for hook in cfg.get('custom_hooks', []):
+        hook = ConfigDict(hook)
+        if hook.type == 'CBNBurnInHook':
+            hook.update(burn_in=1, by_epoch=False, ramp=0)
+        elif hook.type == 'NormSwitchHook':
+            hook.pop('switch_epoch', None)
+            hook.switch_iter = 1
+            if hook.get('to') in ('SyncBN', 'MMSyncBN'):
+                hook.to = dict(type='CBN', window=4)
+        hooks.append(hook)
+    cfg.custom_hooks = hooks
+    cfg.randomness = dict(seed=0)
+    return cfg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('out')
+    parser.add_argument('--data-root', required=True)
+    parser.add_argument('--image-size', type=int, default=64)
+    args = parser.parse_args(argv)
+    import cbn_mmdet  # noqa: F401  (registers CBN/BRN/hooks/dataset for the checks below)
+    from mmengine.config import Config
+    cfg = smoke_cfg(Config.fromfile(args.config), args.data_root, args.image_size)
+    cfg.dump(args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
