@@ -53,23 +53,25 @@ def patch_mean(conv_input: Tensor, kernel_size: Sequence[int], output_size: Sequ
 
     ``∂μ_j/∂θ_{j,p,η} = 1/m Σ_i y_{i+offset(η),p}`` does not depend on the output channel ``j`` (beyond
     the group ``j`` belongs to), so it is returned once per *input* channel, shape ``(C_in, kh, kw)``:
-    O(C_in·K) numbers. Because the mean is linear the batch is summed first and the patch sum is one
-    weight-gradient convolution of that single image with an all-ones output gradient.
+    O(C_in·K) numbers. The mean is linear, so the batch is summed first; then kernel offset ``η`` sees
+    the strided lattice of rows (columns) ``η·d + i·s``: ``kh`` strided row sums and ``kw`` strided
+    column sums, O(K·C_in·H·W) additions, far below the conv itself.
     """
-    n = conv_input.shape[0]
     out_h, out_w = output_size
-    count = n * out_h * out_w
+    count = conv_input.shape[0] * out_h * out_w
     dtype = _acc_dtype(conv_input)
-    summed = conv_input.to(dtype).sum(dim=0, keepdim=True)
+    summed = conv_input.to(dtype).sum(dim=0)                                 # (C_in, H, W)
     kh, kw = kernel_size
-    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-        return (summed.sum(dim=(0, 2, 3)) / count).reshape(-1, 1, 1)
-    ones = summed.new_ones((1, 1, out_h, out_w))
-    shape_only = summed.new_empty((1, summed.shape[1], kh, kw))
-    grad = torch.ops.aten.convolution_backward(
-        ones, summed, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-        [False, True, False])[1]
-    return grad[0] / count
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
+        return (summed.sum(dim=(1, 2)) / count).reshape(-1, 1, 1)
+    if ph or pw:
+        summed = torch.nn.functional.pad(summed, (pw, pw, ph, ph))
+    rows = torch.stack([summed[:, a * dh:a * dh + (out_h - 1) * sh + 1:sh].sum(dim=1)
+                        for a in range(kh)], dim=1)                          # (C_in, kh, W)
+    patch = torch.stack([rows[:, :, b * dw:b * dw + (out_w - 1) * sw + 1:sw].sum(dim=2)
+                         for b in range(kw)], dim=2)                         # (C_in, kh, kw)
+    return patch / count
 
 
 def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, weight: Tensor,
