@@ -454,3 +454,15 @@ def test_matches_algorithm_1_literally(step):
     n = 4 * 2 * 5 * 5
     torch.testing.assert_close(norm.running_mean, mean, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(norm.running_var * (n - 1) / n, var, rtol=1e-8, atol=1e-10)
+
+
+def test_history_is_state_but_not_a_buffer():
+    """DDP broadcast_buffers / SyncBuffersHook act on buffers(): the per-GPU history is not one."""
+    model = _model()
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(3, dtype=torch.float32))
+    norm = model[1]
+    buffer_names = {name for name, _ in norm.named_buffers()}
+    assert buffer_names == {'running_mean', 'running_var', 'num_batches_tracked'}
+    assert 'history_var_grad' in norm.state_dict()
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone[1].history_var_grad, norm.history_var_grad)

@@ -72,9 +72,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     the authors' code. Evaluation mode is exactly ``BatchNorm2d`` with the running statistics, so
     ``fuse_conv_bn`` folds it into the conv.
 
-    **State.** The history is made of buffers: moved by ``.to()``, saved in ``state_dict()`` and
-    restored by ``load_state_dict()``. They are created at the first recorded iteration, so a fresh CBN
-    has BN's keys and BN checkpoints load strictly (history empty).
+    **State.** The history is module state: moved by ``.to()``, saved in ``state_dict()`` and restored
+    by ``load_state_dict()``. It is created at the first recorded iteration, so a fresh CBN has BN's
+    keys and BN checkpoints load strictly (history empty). It is not in ``buffers()``, so DDP's
+    ``broadcast_buffers`` and mmengine's ``SyncBuffersHook`` leave each process's history alone (they
+    still broadcast/average the running statistics, as for BN).
 
     Args:
         num_features: ``C`` of an ``(N, C, H, W)`` input.
@@ -130,8 +132,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.running_stats = running_stats
         self.statistics_gradients = statistics_gradients
         self._active_window = window
-        for name in _HISTORY_BUFFERS:
-            self.register_buffer(name, None)
+        # The history is state (saved, loaded, moved by .to()) but deliberately not registered as
+        # buffers: DDP's broadcast_buffers and mmengine's SyncBuffersHook operate on buffers(), and
+        # would overwrite or average the per-GPU history across processes.
+        self._history: Dict[str, Tensor] = {}
         self._reset_history_mirror()
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
         self.last_bind_status: Optional[str] = None
@@ -155,8 +159,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         _check_window('window', window)
         if window == self.window:
             return
-        held = {name: self._buffers[name] for name in _HISTORY_BUFFERS
-                if self._buffers[name] is not None}
+        held = dict(self._history)
         following = self._active_window == self.window
         self.window = window
         self._active_window = window if following else min(self._active_window, window)
@@ -261,8 +264,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ history
     def reset_history(self) -> None:
         """Forget all past iterations (the next forward is BN on its batch)."""
-        for name in _HISTORY_BUFFERS:
-            self._buffers[name] = None
+        self._history = {}
         self._reset_history_mirror()
 
     def _reset_history_mirror(self) -> None:
@@ -319,18 +321,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         if self.history_mean is None:
             for name in _HISTORY_STATS:
-                self._buffers[name] = torch.zeros((k, c) if name not in (
+                self._history[name] = torch.zeros((k, c) if name not in (
                     'history_count', 'history_compensable') else (k, ), dtype=dtype, device=like.device)
-            self._buffers[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=like.device)
+            self._history[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=like.device)
             self._write_index()
         if binding is not None and self._geometry != binding.geometry:
             if self._geometry is not None:
                 self._warn_once('geometry', 'its conv changed shape; past gradients are discarded')
                 self.history_compensable.zero_()
             c_out, c_in, kh, kw, groups = binding.geometry
-            self._buffers['history_patch_mean'] = torch.zeros((k, c_in, kh, kw), dtype=dtype,
+            self._history['history_patch_mean'] = torch.zeros((k, c_in, kh, kw), dtype=dtype,
                                                               device=like.device)
-            self._buffers['history_var_grad'] = torch.zeros((k, c_out, c_in // groups, kh, kw),
+            self._history['history_var_grad'] = torch.zeros((k, c_out, c_in // groups, kh, kw),
                                                             dtype=dtype, device=like.device)
             self._geometry = binding.geometry
 
@@ -396,7 +398,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._pending_open = True
             self._write_index()
 
-    # ------------------------------------------------------------------ state dict
+    # ------------------------------------------------------------------ state dict, device moves
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._history = {name: fn(t) for name, t in self._history.items()}
+        return module
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in _HISTORY_BUFFERS:
+            if name in self._history:
+                t = self._history[name]
+                destination[prefix + name] = t if keep_vars else t.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         keys = {prefix + name for name in _HISTORY_BUFFERS}
@@ -448,8 +462,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             value = value.detach().to(device=device)
             fresh = value.new_zeros((self.window, ) + tuple(value.shape[1:]))
             fresh[dst.to(value.device)] = value[src.to(value.device)]
-            self._buffers[name] = fresh
-        self._buffers[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=device)
+            self._history[name] = fresh
+        self._history[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=device)
         self._head, self._filled, self._pending_open = new_head, keep, bool(pending)
         self._pending_clock = None  # checkpoints are taken between iterations: close it on next use
         if self.history_patch_mean is not None:
@@ -457,6 +471,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             groups = c_in // self.history_var_grad.shape[2]
             self._geometry = (self.num_features, c_in, kh, kw, groups)
         self._write_index()
+
+
+def _history_property(name: str) -> property:
+    return property(lambda self: self._history.get(name),
+                    doc=f'CBN history tensor ``{name}`` (None until the first recorded iteration).')
+
+
+for _name in _HISTORY_BUFFERS:
+    setattr(CrossIterationBatchNorm2d, _name, _history_property(_name))
 
 
 def _check_window(name: str, value) -> None:
