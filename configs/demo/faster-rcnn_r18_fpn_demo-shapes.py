@@ -16,7 +16,7 @@ backbone_norm_cfg = dict(type='BN', requires_grad=True)
 width = 32  # ResNet base width (64 in the standard ResNet-18)
 fpn_channels = 64
 num_classes = 5
-max_iters = 1500
+max_iters = 1200
 
 model = dict(
     backbone=dict(
@@ -47,13 +47,14 @@ model = dict(
     train_cfg=dict(
         rpn=dict(sampler=dict(num=128)),
         rpn_proposal=dict(nms_pre=1000, max_per_img=300),
-        rcnn=dict(sampler=dict(num=64))),
+        rcnn=dict(sampler=dict(num=32))),
     test_cfg=dict(
         rpn=dict(nms_pre=500, max_per_img=100),
         rcnn=dict(max_per_img=50)))
 
-# Iteration-based schedule: linear warm-up, then steps at 75% and 90%.
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+# Iteration-based schedule: linear warm-up, then steps at 75% and 90%; evaluated half way and at the
+# end.
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters // 2)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 train_dataloader = dict(sampler=dict(type='InfiniteSampler', shuffle=True))
