@@ -1,0 +1,160 @@
+"""Model-level cost of CBN (the paper's Table 8 analog): Faster/Mask R-CNN R50-FPN with 4conv1fc heads.
+
+For each normalizer variant, in a fresh subprocess (so peak memory is its own): median training-step
+time (forward + backward + SGD step), peak memory (CUDA allocator peak on a GPU; on CPU the process's
+peak resident set size, which includes the ~0.5 GB of imported libraries common to all variants),
+FLOPs of one training step (torch's FlopCounterMode: convolutions and matmuls, CBN's extra
+weight-gradient convolutions included), and median inference time. Ratios are against BN in the
+same run.
+
+    .venv/bin/python tools/benchmarks/benchmark_model.py [--arch faster|mask] [--size 320 448]
+        [--images 2] [--rois 128] [--repeats 5] [--variants bn gn cbn-head cbn-all naive-all] [--amp]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+VARIANTS = {
+    # name: (norm type, where: 'head' = FPN + box/mask heads over a frozen-BN backbone; 'all' = also
+    #        the backbone's stages 2-4 (frozen_stages=1, norm_eval=False), extra norm kwargs)
+    'bn': ('BN', 'all', {}),
+    'gn': ('GN', 'all', {'num_groups': 32}),
+    'cbn-head': ('CBN', 'head', {'window': 4}),
+    'cbn-all': ('CBN', 'all', {'window': 4}),
+    'naive-all': ('CBN', 'all', {'window': 4, 'compensate': False}),
+}
+
+
+def build_model(arch, variant, rois):
+    import mmdet
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    from mmdet.registry import MODELS
+    name = ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py' if arch == 'faster' else
+            'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py')
+    cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', name))
+    norm_type, where, extra = VARIANTS[variant]
+    norm_cfg = dict(type=norm_type, requires_grad=True, **extra)
+    model = cfg.model
+    model.backbone.init_cfg = None
+    if where == 'all':
+        model.backbone.update(norm_cfg=norm_cfg, norm_eval=False, frozen_stages=1)
+    model.neck.norm_cfg = norm_cfg
+    head = model.roi_head.bbox_head
+    model.roi_head.bbox_head = dict(
+        type='Shared4Conv1FCBBoxHead', in_channels=256, fc_out_channels=1024, roi_feat_size=7,
+        num_classes=80, norm_cfg=norm_cfg, bbox_coder=head.bbox_coder, reg_class_agnostic=False,
+        loss_cls=head.loss_cls, loss_bbox=head.loss_bbox)
+    if arch == 'mask':
+        model.roi_head.mask_head.norm_cfg = norm_cfg
+    model.train_cfg.rcnn.sampler.num = rois
+    return MODELS.build(model)
+
+
+def run_one(args):
+    warnings.simplefilter('ignore')
+    import cbn_mmdet  # noqa: F401
+    from mmdet.testing import demo_mm_inputs
+    from torch.utils.flop_counter import FlopCounterMode
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    torch.manual_seed(0)
+    model = build_model(args.arch, args.variant, args.rois).to(device)
+    packed = demo_mm_inputs(batch_size=args.images, image_shapes=[(3, *args.size)] * args.images,
+                            num_items=[5] * args.images, num_classes=80,
+                            with_mask=args.arch == 'mask')
+    data = model.data_preprocessor(packed, True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_step():
+        with torch.autocast(device, enabled=args.amp,
+                            dtype=torch.float16 if device == 'cuda' else torch.bfloat16):
+            losses = model.loss(data['inputs'], data['data_samples'])
+        loss, _ = model.parse_losses(losses)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device == 'cuda':
+            torch.cuda.synchronize()
+
+    model.train()
+    times = []
+    for i in range(2 + args.repeats):
+        sync()
+        start = time.perf_counter()
+        train_step()
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    flops = FlopCounterMode(display=False)
+    with flops:
+        train_step()
+    model.eval()
+    infer = []
+    with torch.no_grad():
+        for i in range(2 + args.repeats):
+            sync()
+            start = time.perf_counter()
+            model.predict(data['inputs'], data['data_samples'])
+            sync()
+            if i >= 2:
+                infer.append(time.perf_counter() - start)
+    if device == 'cuda':
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(variant=args.variant, train_s=statistics.median(times),
+                          infer_s=statistics.median(infer), peak_mb=peak,
+                          gflops=flops.get_total_flops() / 1e9, device=device)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--arch', choices=['faster', 'mask'], default='faster')
+    parser.add_argument('--size', type=int, nargs=2, default=[320, 448])
+    parser.add_argument('--images', type=int, default=2)
+    parser.add_argument('--rois', type=int, default=128, help='RoIs sampled per image for the heads')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--variant', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        return run_one(args)
+    rows = []
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, '--variant', variant, '--arch', args.arch, '--size',
+               *map(str, args.size), '--images', str(args.images), '--rois', str(args.rois),
+               '--repeats', str(args.repeats)] + (['--amp'] if args.amp else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f'variant {variant} failed')
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f'# {variant}: {rows[-1]}', flush=True)
+    base = rows[0]
+    print(f'\n{args.arch} R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]}, '
+          f'{args.rois} RoIs/image, device {base["device"]}{", AMP" if args.amp else ""}; '
+          f'ratios vs {base["variant"]} in the same run\n')
+    print('| variant | train step s | ratio | peak MB | ratio | GFLOPs/step | ratio | inference s | '
+          'ratio |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f'| {r["variant"]} | {r["train_s"]:.3f} | {r["train_s"] / base["train_s"]:.2f} | '
+              f'{r["peak_mb"]:.0f} | {r["peak_mb"] / base["peak_mb"]:.2f} | {r["gflops"]:.1f} | '
+              f'{r["gflops"] / base["gflops"]:.2f} | {r["infer_s"]:.3f} | '
+              f'{r["infer_s"] / base["infer_s"]:.2f} |')
+
+
+if __name__ == '__main__':
+    main()
