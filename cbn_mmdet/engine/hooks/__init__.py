@@ -1,4 +1,5 @@
 from .cbn_burn_in_hook import CBNBurnInHook, auto_window
 from .norm_switch_hook import NormSwitchHook, switch_norm_layers
+from .rng_state_hook import RNGStateHook
 
-__all__ = ['CBNBurnInHook', 'auto_window', 'NormSwitchHook', 'switch_norm_layers']
+__all__ = ['CBNBurnInHook', 'auto_window', 'NormSwitchHook', 'switch_norm_layers', 'RNGStateHook']
