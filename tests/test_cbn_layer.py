@@ -466,3 +466,66 @@ def test_history_is_state_but_not_a_buffer():
     assert 'history_var_grad' in norm.state_dict()
     clone = copy.deepcopy(model)
     torch.testing.assert_close(clone[1].history_var_grad, norm.history_var_grad)
+
+
+def test_forced_weight_jump_keeps_statistics_valid():
+    """A checkpoint with very different weights (or an lr spike): clamp holds, variance >= 0, finite."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train(model, opt, _batches(4, dtype=torch.float32))
+    other = _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0, 5.0)
+    state = {k: v for k, v in other.state_dict().items() if 'history' not in k and 'running' not in k}
+    model.load_state_dict(state, strict=False)  # weights jump, history and running stats stay
+    norm = model[1]
+    assert norm.history_length == 0  # loading a state without history resets it
+    _train(model, opt, _batches(3, seed=5, dtype=torch.float32))
+    with torch.no_grad():
+        model[0].weight.mul_(-40.0)  # a spike after history exists
+    x = _batches(1, seed=6, dtype=torch.float32)[0]
+    from cbn_mmdet.ops.statistics import compensate_history
+    binding_weight = model[0].weight
+    mean, var = compensate_history(norm.history_mean, norm.history_var, norm.history_mean_ref,
+                                   norm.history_var_ref, norm.history_patch_mean,
+                                   norm.history_var_grad, norm.history_compensable,
+                                   binding_weight, None, 1)
+    assert torch.all(var >= 0) and torch.isfinite(var).all() and torch.isfinite(mean).all()
+    y = model(x)
+    assert torch.isfinite(y).all()
+    assert torch.all(norm.running_var >= 0) and torch.isfinite(norm.running_var).all()
+
+
+def test_dtype_and_device_mismatch_is_a_clear_error():
+    norm = CBN(4, window=2)
+    conv = nn.Conv2d(3, 4, 3).double()
+    with pytest.raises(TypeError, match='dtype'):
+        norm(conv(torch.randn(2, 3, 6, 6, dtype=torch.float64)))
+
+
+def test_soak_history_is_bounded():
+    """Many iterations: the history keeps a fixed size and count of tensors (guards leaks)."""
+    import gc
+    model = _model(window=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = _batches(1, dtype=torch.float32)[0]
+
+    def step():
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(20):
+        step()
+    norm = model[1]
+    sizes = {k: (tuple(v.shape), v.data_ptr()) for k, v in norm._history.items()}
+    gc.collect()
+    tensors_before = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+    for _ in range(100):
+        step()
+    gc.collect()
+    tensors_after = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+    assert {k: (tuple(v.shape), v.data_ptr()) for k, v in norm._history.items()} == sizes
+    assert tensors_after <= tensors_before + 5
