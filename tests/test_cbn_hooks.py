@@ -197,3 +197,38 @@ def test_norm_switch_hook_rejects_bad_settings(kwargs, match):
     from cbn_mmdet.engine.hooks import NormSwitchHook
     with pytest.raises(ValueError, match=match):
         NormSwitchHook(**kwargs)
+
+
+def test_monitor_hook_logs_correction_size(tmp_path):
+    from mmengine.logging import MessageHub
+    runner, rec = _runner(tmp_path, dict(type='CBNMonitorHook', interval=2), max_epochs=1,
+                          window=3)
+    runner.train()
+    hub = runner.message_hub
+    avg = hub.get_scalar('train/cbn/correction_var_avg').current()
+    assert runner.model.norm.monitor is True
+    assert avg > 0  # weights moved, so Eqs. 7-8 moved the statistics
+
+
+def test_monitor_matches_direct_computation():
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    norm = CBN(4, window=3, monitor=True).double()
+    opt = torch.optim.SGD(list(conv.parameters()) + list(norm.parameters()), lr=0.5)
+    from cbn_mmdet.ops.statistics import compensate_history
+    for i in range(4):
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        if i == 3:  # recompute what the layer will see: it first closes the pending iteration
+            valid = torch.zeros(3, dtype=torch.float64)
+            for tau in range(1, min(norm.history_length + 1, 2) + 1):
+                valid[(norm._head + 1 - tau) % 3] = 1
+            mean, var = compensate_history(
+                norm.history_mean, norm.history_var, norm.history_mean_ref, norm.history_var_ref,
+                norm.history_patch_mean, norm.history_var_grad, norm.history_compensable,
+                conv.weight.detach(), conv.bias.detach(), 1)
+            rel = ((mean - norm.history_mean).abs() / (norm.history_var + norm.eps).sqrt())
+            expected = (rel * valid.unsqueeze(1)).sum() / (valid.sum() * 4)
+        norm(conv(x)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(norm.last_correction['mean'], expected)
+    assert expected > 0

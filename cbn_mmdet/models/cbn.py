@@ -91,6 +91,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         running_stats: ``'window'`` or ``'batch'`` (see above).
         statistics_gradients: ``'closed_form'`` (Appendix B) or ``'autograd'`` (two extra autograd
             passes, the authors' method; a reference for tests and benchmarks).
+        monitor: record the relative size of the Taylor correction at each compensated forward in
+            ``last_correction`` (a few small reductions, no host sync); ``CBNMonitorHook`` logs it.
 
     Shape:
         Input and output ``(N, C, H, W)``.
@@ -105,12 +107,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  compensate: bool = True, fallback: str = 'bn', running_stats: str = 'window',
-                 statistics_gradients: str = 'closed_form', device=None, dtype=None, **unknown):
+                 statistics_gradients: str = 'closed_form', monitor: bool = False, device=None,
+                 dtype=None, **unknown):
         if unknown:
             raise TypeError(
                 f'CBN got unknown option(s) {sorted(unknown)}; allowed: num_features, eps, momentum, '
                 'affine, track_running_stats, window, compensate, fallback, running_stats, '
-                'statistics_gradients (and requires_grad in norm_cfg)')
+                'statistics_gradients, monitor (and requires_grad in norm_cfg)')
         _check_window('window', window)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ValueError(f'CBN eps must be a positive number, got {eps!r}')
@@ -122,8 +125,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                      ('statistics_gradients', statistics_gradients, _STAT_GRADIENTS)):
             if value not in allowed:
                 raise ValueError(f'CBN {name} must be one of {allowed}, got {value!r}')
-        if not isinstance(compensate, bool):
-            raise TypeError(f'CBN compensate must be True or False, got {compensate!r}')
+        for name, value in (('compensate', compensate), ('monitor', monitor)):
+            if not isinstance(value, bool):
+                raise TypeError(f'CBN {name} must be True or False, got {value!r}')
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype)
         self.window = window
@@ -139,6 +143,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._reset_history_mirror()
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
         self.last_bind_status: Optional[str] = None
+        #: with ``monitor=True``: size of the Taylor correction at the last compensated forward,
+        #: ``{'mean': mean_τ,c |Δμ|/σ, 'var': mean_τ,c |Δvar|/var}`` over the window (0-d tensors)
+        self.monitor = monitor
+        self.last_correction: Optional[Dict[str, Tensor]] = None
         self._warned: set = set()
 
     # ------------------------------------------------------------------ settings
@@ -314,7 +322,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 mean, var, self.history_mean_ref, self.history_var_ref, self.history_patch_mean,
                 self.history_var_grad, self.history_compensable, binding.weight, binding.bias,
                 binding.groups)
+            if self.monitor:
+                self.last_correction = self._correction_size(mean, var, valid)
         return mean, var, valid, past_count
+
+    def _correction_size(self, mean: Tensor, var: Tensor, valid: Tensor) -> Dict[str, Tensor]:
+        """How far Eqs. 7-8 moved the window's past statistics, relative to their scale (no sync)."""
+        scale = (self.history_var + self.eps).sqrt()
+        weights = valid.unsqueeze(1) / (valid.sum() * self.num_features).clamp_min(1.0)
+        rel_mean = ((mean - self.history_mean).abs() / scale * weights).sum()
+        rel_var = ((var - self.history_var).abs() / (self.history_var + self.eps) * weights).sum()
+        return {'mean': rel_mean, 'var': rel_var}
 
     def _allocate_history(self, like: Tensor, binding: Optional[ConvBinding]) -> None:
         k, c = self.window, self.num_features
