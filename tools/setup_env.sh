@@ -84,7 +84,7 @@ if [ -z "$mmcv_wheel" ]; then
   mmcv_wheel=$(ls "$tagged_cache"/mmcv-$MMCV_VERSION-cp*-linux_*.whl | head -n 1)
 fi
 $pip install -q --no-deps "$mmcv_wheel"
-$pip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools pytest \
+$pip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools pytest matplotlib scikit-learn \
   "mmcv==$MMCV_VERSION" --find-links "$tagged_cache"
 $pip install -q --no-deps --no-build-isolation -e "$repo"
 "$venv/bin/python" -c "import mmdet, mmcv, mmengine; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"

@@ -1,0 +1,304 @@
+"""How well do CBN, Naive CBN and BN estimate the statistics of the last k mini-batches under the current
+weights? (Issue "Evidence that compensation works", item 1; paper Sections 3.2-3.3.)
+
+A small ResNet-style classifier (:class:`common.SmallResNet`, 9 CBN layers) is trained with CBN
+(``window=k``, compensation on) on scikit-learn's digits (upsampled to 16×16), SGD with momentum.
+At chosen iterations ``t`` (after the burn-in and once the window is full) and for every CBN layer ``l``
+it compares three estimates of the window statistics with an oracle, all in the *same* training run
+(same weights, same batches):
+
+* **CBN**: the window statistics CBN normalised with at ``t`` (Eqs. 7-11). Read from the layer itself:
+  the run uses ``momentum=1.0, running_stats='window'``, so after the forward ``running_mean`` is μ̄
+  and ``running_var`` is σ̄²·n/(n−1) (n = values in the window).
+* **Naive CBN**: what ``compensate=False`` would use at ``t``: the recorded statistics of the k−1 past
+  iterations, *uncompensated* (read from the layer's history ring), pooled with the current batch with
+  weight 1/k (Eqs. 9-11 without Eqs. 7-8).
+* **BN**: the current mini-batch's own statistics.
+* **Oracle**: the statistics of the same k mini-batches (the current one and the k−1 before it, kept
+  by this script) under the current network ``f_t``. Definition: every layer up to ``l`` takes the
+  current weights θ_t, and every earlier CBN layer normalises with the *fixed* statistics it used at
+  iteration ``t`` (its μ̄, σ̄² above, applied to every one of the k batches; this is exactly the function
+  that produced the current batch's activations in training). The k batches are run through a copy of
+  the network in eval mode with those statistics loaded, and the oracle is the pooled mean and biased
+  variance of layer ``l``'s input over all k·N·H·W values (k equal-size batches: equal to Eq. 9-11's
+  1/k average). For the first layer this is just the conv of the stored images with θ_t.
+
+Errors, per layer (RMS over the C channels, dimensionless):
+``e_μ = rms_c((μ̂_c − μ*_c)/σ*_c)`` (the mean error in units of the oracle std) and
+``e_σ = rms_c((σ̂_c − σ*_c)/σ*_c)`` (relative error of the std), with μ*, σ* the oracle's.
+
+BN's error against this oracle is a *sampling* error (one batch instead of k); CBN's and Naive CBN's
+errors are the staleness of the past k−1 batches' statistics (after / without the Taylor compensation).
+
+Usage::
+
+    .venv/bin/python tools/analysis/statistics_estimation.py            # full study, ~1-2 min
+    .venv/bin/python tools/analysis/statistics_estimation.py --quick    # seconds (tests)
+
+Prints the tables; writes ``statistics_estimation.{md,json,png}`` and ``..._layers.png`` to ``--out``.
+"""
+import argparse
+import copy
+import json
+import os.path as osp
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from common import (REPO_ROOT, SmallResNet, cbn_layers, ensure_dir, fmt, load_digits_tensors,
+                    markdown_table, norm_factory, plt, set_active_window)
+from cbn_mmdet.ops.statistics import batch_moments, window_moments
+
+METHODS = ('CBN', 'Naive CBN', 'BN')
+
+
+def window_statistics(layer):
+    """``(cbn_mean, cbn_var, naive_mean, naive_var, batch_mean, batch_var)`` of the forward just run.
+
+    Called right after ``layer``'s training forward (its history's current slot is this batch).
+    """
+    k_used = 1 + min(layer.history_length, layer.active_window - 1)
+    head, window = layer._head, layer.window
+    count = layer.history_count[head]
+    n = count * k_used
+    cbn_mean = layer.running_mean.double().clone()
+    cbn_var = layer.running_var.double() * (n - 1) / n  # momentum=1: running_var = σ̄² n/(n−1)
+    batch_mean = layer.history_mean[head].double()
+    batch_var = layer.history_var[head].double()
+    slots = [(head - tau) % window for tau in range(1, k_used)]
+    past_mean = layer.history_mean[slots].double()
+    past_var = layer.history_var[slots].double()
+    valid = torch.ones(len(slots), dtype=torch.float64)
+    naive_mean, naive_var, _ = window_moments(batch_mean, batch_var, past_mean, past_var, valid)
+    return cbn_mean, cbn_var, naive_mean, naive_var, batch_mean.clone(), batch_var.clone()
+
+
+@torch.no_grad()
+def oracle_statistics(model, batches, used):
+    """Pooled mean/var of every CBN layer's input over ``batches`` under the current network.
+
+    ``used[name] = (mean, var)``: the statistics each CBN layer normalised with at this iteration; the
+    copy normalises every batch with them (eval mode = BN with these running statistics).
+    """
+    net = copy.deepcopy(model).eval()
+    layers = cbn_layers(net)
+    captured, handles = {}, []
+    for name, layer in layers.items():
+        mean, var = used[name]
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
+        handles.append(layer.register_forward_pre_hook(
+            lambda mod, inp, name=name: captured.__setitem__(name, batch_moments(inp[0].double()))))
+    net(torch.cat(list(batches)).double() if next(net.parameters()).dtype == torch.float64
+        else torch.cat(list(batches)))
+    for h in handles:
+        h.remove()
+    return captured
+
+
+def errors(mean, var, o_mean, o_var, eps=1e-12):
+    o_std = o_var.clamp_min(eps).sqrt()
+    e_mu = (((mean - o_mean) / o_std) ** 2).mean().sqrt()
+    e_sigma = (((var.clamp_min(0).sqrt() - o_std) / o_std) ** 2).mean().sqrt()
+    return float(e_mu), float(e_sigma)
+
+
+def run(k, lr, args, data):
+    """One training run with CBN(window=k) at learning rate ``lr``; returns its measurement records."""
+    x_train, y_train = data
+    torch.manual_seed(args.seed)
+    model = SmallResNet(norm_factory('CBN', window=k, momentum=1.0, running_stats='window'))
+    if args.freeze_convs:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    layers = cbn_layers(model)
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = deque(maxlen=k)
+    records, losses = [], []
+    start_measuring = args.burn_in + k  # window full: k−1 past iterations recorded with window k
+    order = torch.randperm(len(y_train), generator=gen)
+    pos = 0
+    for it in range(args.iters):
+        set_active_window(model, 1 if it < args.burn_in else k)
+        if pos + args.batch_size > len(order):
+            order, pos = torch.randperm(len(y_train), generator=gen), 0
+        idx = order[pos:pos + args.batch_size]
+        pos += args.batch_size
+        x, y = x_train[idx], y_train[idx]
+        batches.append(x)
+        loss = F.cross_entropy(model(x), y)
+        losses.append(float(loss))
+        measure = it >= start_measuring and (it - start_measuring) % args.every == 0
+        if measure:
+            stats = {name: window_statistics(layer) for name, layer in layers.items()}
+            used = {name: (s[0], s[1]) for name, s in stats.items()}
+            oracle = oracle_statistics(model, batches, used)
+            for li, (name, s) in enumerate(stats.items()):
+                o_mean, o_var = oracle[name]
+                for method, (m, v) in zip(METHODS, ((s[0], s[1]), (s[2], s[3]), (s[4], s[5]))):
+                    e_mu, e_sigma = errors(m, v, o_mean, o_var)
+                    records.append(dict(k=k, lr=lr, iter=it, layer=name, layer_index=li,
+                                        method=method, e_mu=e_mu, e_sigma=e_sigma))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tail = losses[-min(50, len(losses)):]
+    return records, sum(tail) / len(tail)
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else float('nan')
+
+
+def summarise(records, ks, lrs, layer_names):
+    summary = []
+    for lr in lrs:
+        for k in ks:
+            row = dict(lr=lr, k=k)
+            for method in METHODS:
+                sel = [r for r in records if r['k'] == k and r['lr'] == lr and r['method'] == method]
+                row[method] = (mean(r['e_mu'] for r in sel), mean(r['e_sigma'] for r in sel))
+            summary.append(row)
+    per_layer = {}
+    for lr in lrs:
+        for k in ks:
+            for name in layer_names:
+                for method in METHODS:
+                    sel = [r for r in records if r['k'] == k and r['lr'] == lr and
+                           r['layer'] == name and r['method'] == method]
+                    per_layer[(lr, k, name, method)] = (mean(r['e_mu'] for r in sel),
+                                                        mean(r['e_sigma'] for r in sel))
+    return summary, per_layer
+
+
+def tables(summary, per_layer, ks, lrs, layer_names, final_loss):
+    out = []
+    header = ['lr', 'k'] + [f'e_μ {m}' for m in METHODS] + [f'e_σ {m}' for m in METHODS] + \
+        ['Naive/CBN e_μ', 'Naive/CBN e_σ', 'final train loss']
+    rows = []
+    for row in summary:
+        mu = [row[m][0] for m in METHODS]
+        sg = [row[m][1] for m in METHODS]
+        rows.append([row['lr'], row['k']] + [fmt(v) for v in mu] + [fmt(v) for v in sg] +
+                    [f'{mu[1] / mu[0]:.1f}×' if mu[0] > 0 else '–',
+                     f'{sg[1] / sg[0]:.1f}×' if sg[0] > 0 else '–',
+                     f"{final_loss[(row['lr'], row['k'])]:.3f}"])
+    out.append('Layer-averaged errors (mean over CBN layers and measurement points):\n\n' +
+               markdown_table(header, rows))
+    for lr in lrs:
+        for k in ks:
+            header = ['layer'] + [f'e_μ {m}' for m in METHODS] + [f'e_σ {m}' for m in METHODS]
+            rows = [[name] + [fmt(per_layer[(lr, k, name, m)][0]) for m in METHODS] +
+                    [fmt(per_layer[(lr, k, name, m)][1]) for m in METHODS] for name in layer_names]
+            out.append(f'Per layer, lr={lr}, k={k} (mean over measurement points):\n\n' +
+                       markdown_table(header, rows))
+    return out
+
+
+def plot(records, ks, lrs, layer_names, path_time, path_layers):
+    pyplot = plt()
+    colours = {k: c for k, c in zip(ks, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red'))}
+    styles = {'CBN': '-', 'Naive CBN': '--', 'BN': ':'}
+    fig, axes = pyplot.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 7), squeeze=False)
+    for col, lr in enumerate(lrs):
+        for row, key in enumerate(('e_mu', 'e_sigma')):
+            ax = axes[row][col]
+            for k in ks:
+                for method in METHODS:
+                    its = sorted({r['iter'] for r in records if r['k'] == k and r['lr'] == lr})
+                    ys = [mean(r[key] for r in records if r['k'] == k and r['lr'] == lr and
+                               r['method'] == method and r['iter'] == i) for i in its]
+                    ax.plot(its, ys, styles[method], color=colours[k], label=f'{method}, k={k}')
+            ax.set_yscale('log')
+            ax.set_xlabel('iteration')
+            ax.set_ylabel('e_μ (mean error / σ*)' if key == 'e_mu' else 'e_σ (relative σ error)')
+            ax.set_title(f'lr={lr}: {"mean" if key == "e_mu" else "std"}, layer average')
+            ax.grid(True, which='both', alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path_time, dpi=110)
+    pyplot.close(fig)
+
+    fig, axes = pyplot.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 7), squeeze=False)
+    x = list(range(len(layer_names)))
+    for col, lr in enumerate(lrs):
+        for row, key in enumerate(('e_mu', 'e_sigma')):
+            ax = axes[row][col]
+            for k in ks:
+                for method in ('CBN', 'Naive CBN'):
+                    ys = [mean(r[key] for r in records if r['k'] == k and r['lr'] == lr and
+                               r['method'] == method and r['layer'] == name) for name in layer_names]
+                    ax.plot(x, ys, styles[method], marker='o', ms=3, color=colours[k],
+                            label=f'{method}, k={k}')
+            ax.set_xticks(x)
+            ax.set_xticklabels(layer_names, rotation=60, fontsize=7)
+            ax.set_yscale('log')
+            ax.set_title(f'lr={lr}: {"e_μ" if key == "e_mu" else "e_σ"} per layer')
+            ax.grid(True, which='both', alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path_layers, dpi=110)
+    pyplot.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', default=osp.join(REPO_ROOT, 'docs', 'evidence'))
+    parser.add_argument('--ks', type=int, nargs='+', default=[2, 4, 8])
+    parser.add_argument('--lrs', type=float, nargs='+', default=[0.02, 0.1])
+    parser.add_argument('--iters', type=int, default=600)
+    parser.add_argument('--burn-in', type=int, default=50, help='iterations with window 1 first')
+    parser.add_argument('--every', type=int, default=25, help='measure every N iterations')
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--weight-decay', type=float, default=1e-4)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--freeze-convs', action='store_true',
+                        help='conv weights fixed (a check: CBN = Naive CBN, first layer exact)')
+    parser.add_argument('--quick', action='store_true', help='a few-second run (tests)')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ks, args.iters, args.burn_in, args.every = args.ks[:2] if len(args.ks) > 1 else args.ks, \
+            40, 5, 10
+    torch.set_num_threads(args.threads)
+    out = ensure_dir(args.out)
+    x_train, y_train, _, _ = load_digits_tensors(size=16)
+    start = time.time()
+    records, final_loss = [], {}
+    for lr in args.lrs:
+        for k in args.ks:
+            recs, loss = run(k, lr, args, (x_train, y_train))
+            records += recs
+            final_loss[(lr, k)] = loss
+            print(f'[statistics_estimation] lr={lr} k={k}: {len(recs)} records, '
+                  f'final train loss {loss:.3f} ({time.time() - start:.0f} s)', flush=True)
+    layer_names = list(dict.fromkeys(r['layer'] for r in records))
+    summary, per_layer = summarise(records, args.ks, args.lrs, layer_names)
+    text = tables(summary, per_layer, args.ks, args.lrs, layer_names, final_loss)
+    command = ('.venv/bin/python tools/analysis/statistics_estimation.py ' +
+               ' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
+                        for k, v in vars(args).items()
+                        if k not in ('out', 'quick', 'freeze_convs')) +
+               (' --freeze-convs' if args.freeze_convs else ''))
+    md = (f'# Statistics estimation (item 1)\n\nCommand: `{command}`\n\n'
+          f'Wall time: {time.time() - start:.0f} s\n\n' + '\n\n'.join(text) + '\n')
+    print(md)
+    with open(osp.join(out, 'statistics_estimation.md'), 'w') as f:
+        f.write(md)
+    with open(osp.join(out, 'statistics_estimation.json'), 'w') as f:
+        json.dump(dict(args={k: v for k, v in vars(args).items()}, records=records,
+                       final_loss={f'lr={lr},k={k}': v for (lr, k), v in final_loss.items()}), f)
+    plot(records, args.ks, args.lrs, layer_names, osp.join(out, 'statistics_estimation.png'),
+         osp.join(out, 'statistics_estimation_layers.png'))
+    return records
+
+
+if __name__ == '__main__':
+    main()
