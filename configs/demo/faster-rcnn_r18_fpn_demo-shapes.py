@@ -10,6 +10,8 @@ custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)
 
 # The normalizer of the neck (FPN) and the box head: the one place to switch between BN, GN, CBN...
 head_norm_cfg = dict(type='BN', requires_grad=True)
+# (mmengine resolves variables when a file is parsed: a config that inherits this one must set the
+# norm_cfg of each module, not head_norm_cfg.)
 # The backbone is trained from scratch, so it normalizes (and updates its statistics) too.
 backbone_norm_cfg = dict(type='BN', requires_grad=True)
 
