@@ -63,7 +63,14 @@ class MMDetResNetClassifier(nn.Module):
             type='ResNet', depth=depth, base_channels=base_channels, in_channels=1,
             out_indices=(3, ), norm_cfg=dict(type='CBN', window=window), norm_eval=False,
             zero_init_residual=False))
-        self.backbone.init_weights()
+        from mmengine.logging import MMLogger
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel('WARNING')  # init_weights logs every parameter at INFO
+        try:
+            self.backbone.init_weights()
+        finally:
+            logger.setLevel(level)
         self.fc = nn.Linear(base_channels * 8, num_classes)
 
     def forward(self, x):
@@ -122,7 +129,7 @@ def measure(model, x):
         earlier = order[:position][::-1]
         grads = torch.autograd.grad(mu.sum(), [c.weight for c in earlier], retain_graph=True,
                                     allow_unused=True) if earlier else []
-        upstream = [c for c, g in zip(earlier, grads) if g is not None and bool(g.abs().sum() > 0)][:2]
+        upstream = [c for c, g in zip(earlier, grads) if g is not None][:2]  # in the graph of μ^l
         if not upstream:
             continue
         weights = [conv.weight] + [c.weight for c in upstream]
@@ -189,7 +196,7 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='a few-second run (tests)')
     args = parser.parse_args(argv)
     if args.quick:
-        args.iters, args.points, args.burn_in = 4, 2, 2
+        args.iters, args.points, args.burn_in, args.batch_size = 2, 2, 1, 4
     torch.set_num_threads(args.threads)
     out = ensure_dir(args.out)
     x_train, y_train, _, _ = load_digits_tensors(size=8)

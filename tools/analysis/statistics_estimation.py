@@ -14,6 +14,12 @@ it compares three estimates of the window statistics with an oracle, all in the 
   iterations, *uncompensated* (read from the layer's history ring), pooled with the current batch with
   weight 1/k (Eqs. 9-11 without Eqs. 7-8).
 * **BN**: the current mini-batch's own statistics.
+* **Own-layer exact** (a diagnostic, not a method): each past batch's statistics recomputed *exactly*
+  for a change of layer ``l``'s own conv only: the conv input ``y^{l−1}`` recorded in training at
+  ``t−τ`` (kept by this script) convolved with θ^l_t, pooled over the k batches. This is what Eqs. 7-8
+  approximate to first order. So CBN − own-layer exact is the Taylor error, and own-layer exact −
+  oracle is the error of truncating the compensation at layer ``l`` (changes of earlier convs, of
+  earlier γ, β and of earlier layers' normalising statistics), which CBN does not try to model.
 * **Oracle**: the statistics of the same k mini-batches (the current one and the k−1 before it, kept
   by this script) under the current network ``f_t``. Definition: every layer up to ``l`` takes the
   current weights θ_t, and every earlier CBN layer normalises with the *fixed* statistics it used at
@@ -51,7 +57,8 @@ from common import (REPO_ROOT, SmallResNet, cbn_layers, ensure_dir, fmt, load_di
                     markdown_table, norm_factory, plt, set_active_window)
 from cbn_mmdet.ops.statistics import batch_moments, window_moments
 
-METHODS = ('CBN', 'Naive CBN', 'BN')
+METHODS = ('CBN', 'Naive CBN', 'BN', 'Own-layer exact')
+PLOTTED = ('CBN', 'Naive CBN', 'BN')
 
 
 def window_statistics(layer):
@@ -83,6 +90,8 @@ def oracle_statistics(model, batches, used):
     copy normalises every batch with them (eval mode = BN with these running statistics).
     """
     net = copy.deepcopy(model).eval()
+    for m in net.modules():
+        m._forward_pre_hooks.clear()  # the copy must not feed the training run's recorders
     layers = cbn_layers(net)
     captured, handles = {}, []
     for name, layer in layers.items():
@@ -96,6 +105,39 @@ def oracle_statistics(model, batches, used):
     for h in handles:
         h.remove()
     return captured
+
+
+def conv_of(model):
+    """``{CBN layer name: the conv producing its input}`` (found by one forward on a copy)."""
+    net = copy.deepcopy(model).eval()
+    by_output, pairs, handles = {}, {}, []
+    names = {m: n for n, m in net.named_modules()}
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out: by_output.__setitem__(id(out), names[mod])))
+    for name, layer in cbn_layers(net).items():
+        handles.append(layer.register_forward_pre_hook(
+            lambda mod, inp, name=name: pairs.__setitem__(name, by_output.get(id(inp[0])))))
+    with torch.no_grad():
+        net(torch.zeros(2, 1, 16, 16))
+    for h in handles:
+        h.remove()
+    modules = dict(model.named_modules())
+    missing = [n for n, c in pairs.items() if c is None]
+    if missing:
+        raise RuntimeError(f'CBN layers {missing} do not follow a conv')
+    return {name: modules[cname] for name, cname in pairs.items()}
+
+
+@torch.no_grad()
+def own_layer_exact(convs, recorded_inputs):
+    """Per CBN layer: pooled mean/var of ``conv_l(θ_t)`` applied to the recorded conv inputs."""
+    out = {}
+    for name, conv in convs.items():
+        acts = torch.cat([conv(inputs[name]) for inputs in recorded_inputs if name in inputs])
+        out[name] = batch_moments(acts.double())
+    return out
 
 
 def errors(mean, var, o_mean, o_var, eps=1e-12):
@@ -118,8 +160,14 @@ def run(k, lr, args, data):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     layers = cbn_layers(model)
+    convs = conv_of(model)
+    conv_inputs = {}  # CBN layer name -> the input of its conv in this iteration's training forward
+    for name, conv in convs.items():
+        conv.register_forward_pre_hook(
+            lambda mod, inp, name=name: conv_inputs.__setitem__(name, inp[0].detach().clone()))
     gen = torch.Generator().manual_seed(args.seed)
     batches = deque(maxlen=k)
+    recorded_inputs = deque(maxlen=k)
     records, losses = [], []
     start_measuring = args.burn_in + k  # window full: k−1 past iterations recorded with window k
     order = torch.randperm(len(y_train), generator=gen)
@@ -133,15 +181,18 @@ def run(k, lr, args, data):
         x, y = x_train[idx], y_train[idx]
         batches.append(x)
         loss = F.cross_entropy(model(x), y)
-        losses.append(float(loss))
+        recorded_inputs.append(dict(conv_inputs))
+        losses.append(loss.item())
         measure = it >= start_measuring and (it - start_measuring) % args.every == 0
         if measure:
             stats = {name: window_statistics(layer) for name, layer in layers.items()}
             used = {name: (s[0], s[1]) for name, s in stats.items()}
             oracle = oracle_statistics(model, batches, used)
+            own = own_layer_exact(convs, recorded_inputs)
             for li, (name, s) in enumerate(stats.items()):
                 o_mean, o_var = oracle[name]
-                for method, (m, v) in zip(METHODS, ((s[0], s[1]), (s[2], s[3]), (s[4], s[5]))):
+                for method, (m, v) in zip(METHODS, ((s[0], s[1]), (s[2], s[3]), (s[4], s[5]),
+                                                    own[name])):
                     e_mu, e_sigma = errors(m, v, o_mean, o_var)
                     records.append(dict(k=k, lr=lr, iter=it, layer=name, layer_index=li,
                                         method=method, e_mu=e_mu, e_sigma=e_sigma))
@@ -205,13 +256,13 @@ def tables(summary, per_layer, ks, lrs, layer_names, final_loss):
 def plot(records, ks, lrs, layer_names, path_time, path_layers):
     pyplot = plt()
     colours = {k: c for k, c in zip(ks, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red'))}
-    styles = {'CBN': '-', 'Naive CBN': '--', 'BN': ':'}
+    styles = {'CBN': '-', 'Naive CBN': '--', 'BN': ':', 'Own-layer exact': '-.'}
     fig, axes = pyplot.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 7), squeeze=False)
     for col, lr in enumerate(lrs):
         for row, key in enumerate(('e_mu', 'e_sigma')):
             ax = axes[row][col]
             for k in ks:
-                for method in METHODS:
+                for method in PLOTTED:
                     its = sorted({r['iter'] for r in records if r['k'] == k and r['lr'] == lr})
                     ys = [mean(r[key] for r in records if r['k'] == k and r['lr'] == lr and
                                r['method'] == method and r['iter'] == i) for i in its]
@@ -232,7 +283,7 @@ def plot(records, ks, lrs, layer_names, path_time, path_layers):
         for row, key in enumerate(('e_mu', 'e_sigma')):
             ax = axes[row][col]
             for k in ks:
-                for method in ('CBN', 'Naive CBN'):
+                for method in ('CBN', 'Naive CBN', 'Own-layer exact'):
                     ys = [mean(r[key] for r in records if r['k'] == k and r['lr'] == lr and
                                r['method'] == method and r['layer'] == name) for name in layer_names]
                     ax.plot(x, ys, styles[method], marker='o', ms=3, color=colours[k],

@@ -1,0 +1,269 @@
+"""The evidence scripts in tools/analysis (docs/evidence.md): tiny runs, output structure, known answers.
+
+Each script runs once per module in its ``--quick`` mode (seconds) as a subprocess, the way the docs
+call it. The oracle of ``statistics_estimation.py`` and the Jacobian ratios of ``gradient_ratios.py``
+are also checked in-process on cases with a known answer.
+"""
+import importlib
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import REPO_ROOT
+
+ANALYSIS = osp.join(REPO_ROOT, 'tools', 'analysis')
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+sklearn = pytest.importorskip('sklearn', reason='the analysis scripts need scikit-learn (setup_env.sh)')
+pytest.importorskip('matplotlib', reason='the analysis scripts need matplotlib (setup_env.sh)')
+
+
+def script(name):
+    """Import ``tools/analysis/<name>.py`` (they import their sibling ``common``)."""
+    if ANALYSIS not in sys.path:
+        sys.path.insert(0, ANALYSIS)
+    return importlib.import_module(name)
+
+
+def run(name, out, *args):
+    cmd = [sys.executable, osp.join(ANALYSIS, f'{name}.py'), '--quick', '--out', str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f'{cmd} failed:\n{(proc.stdout + proc.stderr)[-6000:]}'
+    with open(osp.join(out, f'{name}.json')) as f:
+        data = json.load(f)
+    with open(osp.join(out, f'{name}.md')) as f:
+        md = f.read()
+    return proc.stdout, data, md
+
+
+def assert_png(path):
+    with open(path, 'rb') as f:
+        assert f.read(8) == PNG_MAGIC, path
+
+
+# ---------------------------------------------------------------------------- item 1: statistics
+@pytest.fixture(scope='module')
+def estimation(tmp_path_factory):
+    out = tmp_path_factory.mktemp('statistics_estimation')
+    return out, *run('statistics_estimation', out, '--ks', '2', '4', '--lrs', '0.1')
+
+
+@pytest.fixture(scope='module')
+def estimation_frozen(tmp_path_factory):
+    out = tmp_path_factory.mktemp('statistics_estimation_frozen')
+    return out, *run('statistics_estimation', out, '--ks', '4', '--lrs', '0.1', '--freeze-convs')
+
+
+def by_key(records):
+    table = {}
+    for r in records:
+        table[(r['k'], r['iter'], r['layer'], r['method'])] = r
+    return table
+
+
+def test_statistics_estimation_outputs(estimation):
+    out, stdout, data, md = estimation
+    records = data['records']
+    assert {r['method'] for r in records} == {'CBN', 'Naive CBN', 'BN', 'Own-layer exact'}
+    assert {r['k'] for r in records} == {2, 4}
+    layers = list(dict.fromkeys(r['layer'] for r in records))
+    assert len(layers) == 9 and layers[0] == 'stem.1'  # SmallResNet: 9 CBN layers
+    iters = {r['iter'] for r in records}
+    assert len(iters) >= 2
+    # every (k, iteration) has all layers and methods
+    assert len(records) == len({(r['k'], r['iter']) for r in records}) * 9 * 4
+    assert all(r['e_mu'] >= 0 and r['e_sigma'] >= 0 for r in records)
+    assert '| lr | k | e_μ CBN |' in md and 'Per layer, lr=0.1, k=4' in md
+    assert '| lr | k | e_μ CBN |' in stdout
+    assert_png(osp.join(out, 'statistics_estimation.png'))
+    assert_png(osp.join(out, 'statistics_estimation_layers.png'))
+
+
+def test_first_layer_mean_compensation_is_exact(estimation):
+    """The first CBN layer sees fixed images: its μ is linear in θ, so Eq. 7 is exact; Naive is not."""
+    _, _, data, _ = estimation
+    t = by_key(data['records'])
+    for (k, it, layer, method), r in t.items():
+        if layer == 'stem.1' and method == 'CBN':
+            naive = t[(k, it, layer, 'Naive CBN')]
+            assert r['e_mu'] < 1e-5, r
+            assert naive['e_mu'] > 100 * r['e_mu'], (r, naive)
+            # nothing upstream of the first conv: recomputing it exactly *is* the oracle
+            own = t[(k, it, layer, 'Own-layer exact')]
+            assert own['e_mu'] < 1e-5 and own['e_sigma'] < 1e-5, own
+            assert r['e_sigma'] < naive['e_sigma'], (r, naive)  # Taylor error below staleness
+
+
+def test_frozen_convs_cbn_equals_naive_and_first_layer_exact(estimation_frozen):
+    """Conv weights fixed: CBN uses the window uncompensated (exact for those weights), so CBN = Naive
+    = own-layer exact;
+    the first layer's oracle (conv of the stored images) is met exactly, while BN's single batch is not."""
+    _, _, data, _ = estimation_frozen
+    t = by_key(data['records'])
+    for (k, it, layer, method), r in t.items():
+        if method != 'CBN':
+            continue
+        for other in ('Naive CBN', 'Own-layer exact'):
+            o = t[(k, it, layer, other)]
+            assert abs(r['e_mu'] - o['e_mu']) < 1e-5 and abs(r['e_sigma'] - o['e_sigma']) < 1e-5, (r, o)
+        if layer == 'stem.1':
+            assert r['e_mu'] < 1e-5 and r['e_sigma'] < 1e-5, r
+            assert t[(k, it, layer, 'BN')]['e_mu'] > 1e-3
+
+
+def test_oracle_definition_by_hand():
+    """The oracle runs the stored batches through θ_t with each earlier CBN fixed to the statistics it used."""
+    se = script('statistics_estimation')
+    common = script('common')
+    torch.manual_seed(0)
+    model = common.SmallResNet(common.norm_factory('CBN', window=3, momentum=1.0)).train()
+    batches = [torch.randn(2, 1, 16, 16) for _ in range(3)]
+    used = {name: (torch.randn(layer.num_features) * 0.1, torch.rand(layer.num_features) + 0.5)
+            for name, layer in common.cbn_layers(model).items()}
+    with torch.no_grad():
+        model.stem[1].weight.uniform_(0.5, 1.5)
+        model.stem[1].bias.uniform_(-0.5, 0.5)
+    oracle = se.oracle_statistics(model, batches, used)
+    x = torch.cat(batches).double()
+    stem_conv, stem_norm = model.stem[0].double(), model.stem[1]
+    with torch.no_grad():
+        a0 = stem_conv(x)
+        mean, var = a0.mean(dim=(0, 2, 3)), a0.var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(oracle['stem.1'][0], mean)
+        torch.testing.assert_close(oracle['stem.1'][1], var)
+        m, v = (u.double() for u in used['stem.1'])
+        y = F.relu((a0 - m.view(1, -1, 1, 1)) / (v.view(1, -1, 1, 1) + stem_norm.eps).sqrt()
+                   * stem_norm.weight.double().view(1, -1, 1, 1) + stem_norm.bias.double().view(1, -1, 1, 1))
+        a1 = model.blocks[0].conv1.double()(y)
+        torch.testing.assert_close(oracle['blocks.0.bn1'][0], a1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(oracle['blocks.0.bn1'][1], a1.var(dim=(0, 2, 3), unbiased=False),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_window_statistics_read_what_cbn_used():
+    """CBN's μ̄, σ̄² read from the running statistics (momentum 1) equal Eqs. 7-11 recomputed from the
+    history; Naive's equal the uncompensated pool."""
+    se = script('statistics_estimation')
+    common = script('common')
+    from cbn_mmdet.ops.statistics import window_moments
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    norm = common.norm_factory('CBN', window=3, momentum=1.0)(4)
+    opt = torch.optim.SGD(list(conv.parameters()) + list(norm.parameters()), lr=0.5)
+    for _ in range(4):
+        out = norm(conv(torch.randn(2, 3, 5, 5)))
+        stats = se.window_statistics(norm)
+        opt.zero_grad()
+        (out * torch.randn_like(out)).sum().backward()
+        opt.step()
+    # last forward's window: 3 iterations, weights changed in between
+    cbn_mean, cbn_var, naive_mean, naive_var, batch_mean, batch_var = stats  # history unchanged since
+    assert norm.history_length == 2
+    torch.testing.assert_close(batch_mean, norm.history_mean[norm._head].double())
+    slots = [(norm._head - tau) % 3 for tau in (1, 2)]
+    valid = torch.ones(2, dtype=torch.float64)
+    exp_mean, exp_var, _ = window_moments(batch_mean, batch_var, norm.history_mean[slots].double(),
+                                          norm.history_var[slots].double(), valid)
+    torch.testing.assert_close(naive_mean, exp_mean)
+    torch.testing.assert_close(naive_var, exp_var)
+    assert (cbn_mean - naive_mean).abs().max() > 1e-4  # compensation moved the past
+
+
+def test_window_statistics_cbn_matches_compensation():
+    """... and CBN's are Eqs. 7-10 (compensate_history at the current weights) pooled by Eqs. 9-11."""
+    se = script('statistics_estimation')
+    common = script('common')
+    from cbn_mmdet.ops.statistics import compensate_history, window_moments
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    norm = common.norm_factory('CBN', window=3, momentum=1.0)(4)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    for step in range(4):
+        x = torch.randn(2, 3, 5, 5)
+        out = norm(conv(x))
+        if step == 3:
+            stats = se.window_statistics(norm)
+            h = norm
+            mean_t, var_t = compensate_history(h.history_mean, h.history_var, h.history_mean_ref,
+                                               h.history_var_ref, h.history_patch_mean,
+                                               h.history_var_grad, h.history_compensable,
+                                               conv.weight.detach(), None, 1)
+            slots = [(h._head - tau) % 3 for tau in (1, 2)]
+            exp_mean, exp_var, _ = window_moments(
+                stats[4], stats[5], mean_t[slots].double(), var_t[slots].double(),
+                torch.ones(2, dtype=torch.float64))
+            torch.testing.assert_close(stats[0], exp_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats[1], exp_var, rtol=1e-5, atol=1e-6)
+        opt.zero_grad()
+        (out * torch.randn_like(out)).sum().backward()
+        opt.step()
+
+
+# ---------------------------------------------------------------------------- item 2: gradient ratios
+def test_gradient_ratios_outputs(tmp_path):
+    stdout, data, md = run('gradient_ratios', tmp_path)
+    archs = [r['arch'] for r in data['records']]
+    assert set(archs) == {'resnet18', 'vgg'} and len(archs) == 4  # 2 measurement points each
+    for r in data['records']:
+        assert r['arch'] != 'resnet18' or len(r['per_layer']) == 19  # 20 CBN layers, the first has no r
+        assert r['arch'] != 'vgg' or len(r['per_layer']) == 7       # 8 layers
+        for key in ('mu_l-1', 'mu_l-2', 'nu_l-1', 'nu_l-2'):
+            assert 0 <= r['mean'][key] < float('inf')
+    assert 'ResNet (paper)' in md and '0.12' in md and '0.39' in md
+    assert 'μ: r=l−1' in stdout
+    assert_png(osp.join(tmp_path, 'gradient_ratios.png'))
+
+
+def test_gradient_ratio_known_answers():
+    """1×1 conv → BN → 1×1 conv → BN (no activation): the second layer's mean is θ²·E[γx̂ + β] = θ²·β
+    whatever θ¹ is, so ‖∂μ²/∂θ¹‖ = 0; its second moment does depend on θ¹ (channel correlations)."""
+    gr = script('gradient_ratios')
+    common = script('common')
+    torch.manual_seed(0)
+    norm = common.norm_factory('CBN', window=2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), norm(4), nn.Conv2d(4, 5, 1, bias=False), norm(5))
+    with torch.no_grad():
+        net[1].bias.fill_(0.5)  # μ² = θ²·β: non-zero, and ∂μ²/∂θ² = β ≠ 0
+    result = gr.measure(net, torch.randn(6, 3, 4, 4))
+    assert list(result) == ['3']  # layer '1' has no conv before its own
+    assert result['3']['mu_l-1'] < 1e-6
+    assert result['3']['nu_l-1'] > 1e-3
+    assert 'mu_l-2' not in result['3']
+    # and the norms themselves: ‖∂μ/∂θ^l‖_F of a 1×1 conv is ‖mean input‖ per output row
+    x = torch.randn(6, 3, 4, 4)
+    w = torch.randn(4, 3, 1, 1, requires_grad=True)
+    mu = F.conv2d(x, w).mean(dim=(0, 2, 3))
+    expected = (x.mean(dim=(0, 2, 3)).norm() * 4 ** 0.5).item()
+    assert abs(gr.jacobian_norms(mu, [w])[0] - expected) < 1e-5
+
+
+# ---------------------------------------------------------------------------- item 3: batch sizes
+def test_batch_size_table_outputs(tmp_path):
+    stdout, data, md = run('batch_size_table', tmp_path)
+    runs = data['runs']
+    methods = ['BN', 'GN', 'BRN', 'NaiveCBN', 'CBN']
+    assert sorted({r['method'] for r in runs}) == sorted(methods)
+    assert {r['batch_size'] for r in runs} == {16, 8}
+    assert len(runs) == len(methods) * 2 * 2  # --quick: bs 16, 8; seeds 0, 1
+    assert all(0.0 <= r['test_acc'] <= 1.0 for r in runs)
+    # bs 16 → k = min(ceil(16/16), 8) = 1: CBN and Naive CBN are BN exactly
+    for seed in (0, 1):
+        bn = next(r for r in runs if r['method'] == 'BN' and r['batch_size'] == 16 and r['seed'] == seed)
+        for m in ('CBN', 'NaiveCBN'):
+            r = next(r for r in runs if r['method'] == m and r['batch_size'] == 16 and r['seed'] == seed)
+            assert r['window'] == 1 and r['test_acc'] == bn['test_acc'] and r['train_loss'] == bn['train_loss']
+    assert {r['window'] for r in runs if r['method'] == 'CBN' and r['batch_size'] == 8} == {2}
+    assert '| method | bs=16 | bs=8 |' in md and '| CBN |' in md and '±' in md
+    assert '| method | bs=16 | bs=8 |' in stdout
+    assert_png(osp.join(tmp_path, 'batch_size_table.png'))
+
+
+@pytest.mark.parametrize('bs,k', [(16, 1), (8, 2), (4, 4), (2, 8), (1, 8), (3, 6)])
+def test_window_rule(bs, k):
+    assert script('batch_size_table').window_for(bs) == k
