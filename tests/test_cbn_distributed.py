@@ -42,3 +42,16 @@ def test_per_process_history_survives_sync_buffers_and_resumes_from_rank0(tmp_pa
         resumed = torch.load(tmp_path / f'resumed_rank{r}.pt', weights_only=True)
         for key in ('history_mean', 'history_var_grad', 'history_index'):
             torch.testing.assert_close(resumed[key], ranks[0][key])
+
+
+def test_norm_switch_under_ddp_hands_over_parameters_and_optimizer_state(tmp_path):
+    """BN → CBN at epoch 1 in a 2-process DDP run: same tensors, optimizer state kept, ranks in sync."""
+    _run_two(tmp_path, '--switch')
+    ranks = [torch.load(tmp_path / f'switch_rank{r}.pt', weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert r['type'] == 'CrossIterationBatchNorm2d'
+        assert r['same_weight'] and r['in_optimizer'] and r['has_momentum']
+        assert int(r['state']['history_index'][1]) == 2
+    for name, value in ranks[0]['params'].items():  # DDP still averages every gradient
+        torch.testing.assert_close(value, ranks[1]['params'][name])
+    assert not torch.allclose(ranks[0]['state']['history_mean'], ranks[1]['state']['history_mean'])

@@ -1,6 +1,7 @@
 """One process of a 2-process gloo training of a toy CBN model through a real mmengine Runner.
 
-Usage: python dist_cbn_worker.py RANK WORLD PORT WORK_DIR [--resume]
+Usage: python dist_cbn_worker.py RANK WORLD PORT WORK_DIR [--resume | --switch]
+--switch trains a BN model and switches it to CBN with NormSwitchHook after the first epoch.
 Writes WORK_DIR/rank{RANK}.pt with the CBN history, running stats and the window's last statistics.
 """
 import os
@@ -29,10 +30,10 @@ class ToyData(Dataset):
 
 
 class ToyModel(BaseModel):
-    def __init__(self):
+    def __init__(self, norm='CBN'):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.norm = CBN(4, window=3)
+        self.norm = CBN(4, window=3) if norm == 'CBN' else nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 1)
 
     def forward(self, inputs, data_samples=None, mode='loss'):
@@ -43,18 +44,20 @@ class ToyModel(BaseModel):
 def main():
     rank, world, port, work_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     resume = '--resume' in sys.argv
+    switch = '--switch' in sys.argv
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
     torch.manual_seed(0)
     runner = Runner(
-        model=ToyModel(), work_dir=work_dir, launcher='pytorch',
+        model=ToyModel('BN' if switch else 'CBN'), work_dir=work_dir, launcher='pytorch',
         env_cfg=dict(dist_cfg=dict(backend='gloo')),
         train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
         train_cfg=dict(by_epoch=True, max_epochs=3 if resume else 2),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
-        custom_hooks=[dict(type='SyncBuffersHook')],
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        custom_hooks=[dict(type='SyncBuffersHook')] + ([dict(
+            type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3))] if switch else []),
         default_hooks=dict(logger=None, checkpoint=dict(type='CheckpointHook', interval=1)),
         resume=resume, default_scope='mmdet')
     if resume:
@@ -64,6 +67,20 @@ def main():
         norm = runner.model.module.norm
         torch.save({k: v.clone() for k, v in norm.state_dict().items()},
                    os.path.join(work_dir, f'resumed_rank{rank}.pt'))
+        return
+    if switch:
+        model = runner.model.module
+        weight_before = model.norm.weight
+        runner.train()
+        opt = runner.optim_wrapper.optimizer
+        norm = model.norm
+        torch.save(dict(
+            type=type(norm).__name__, same_weight=norm.weight is weight_before,
+            in_optimizer=any(p is norm.weight for g in opt.param_groups for p in g['params']),
+            has_momentum='momentum_buffer' in opt.state[norm.weight],
+            params={k: v.detach().clone() for k, v in model.named_parameters()},
+            state={k: v.clone() for k, v in norm.state_dict().items()}),
+            os.path.join(work_dir, f'switch_rank{rank}.pt'))
         return
     runner.train()
     norm = runner.model.module.norm
