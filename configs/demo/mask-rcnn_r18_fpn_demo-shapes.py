@@ -11,7 +11,7 @@ custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)
 
 # The normalizer of the neck (FPN), the box head and the mask head: the one place to switch
 # between BN, GN, CBN...
-head_norm_cfg = dict(type='BN', requires_grad=True)
+head_norm_cfg = dict(type='CBN', window=4, requires_grad=True)
 # (mmengine resolves variables when a file is parsed: a config that inherits this one must set the
 # norm_cfg of each module, not head_norm_cfg.)
 # The backbone is trained from scratch, so it normalizes (and updates its statistics) too.
@@ -89,3 +89,11 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
+
+# CBN: plain BN (window 1) for the first quarter of training while the weights change fast, then the
+# window of head_norm_cfg (Section 3.3's burn-in, here in iterations). RNGStateHook makes --resume
+# repeat the uninterrupted run exactly.
+custom_hooks = [
+    dict(type='CBNBurnInHook', burn_in=max_iters // 4, by_epoch=False),
+    dict(type='RNGStateHook'),
+]
