@@ -267,3 +267,17 @@ def test_batch_size_table_outputs(tmp_path):
 @pytest.mark.parametrize('bs,k', [(16, 1), (8, 2), (4, 4), (2, 8), (1, 8), (3, 6)])
 def test_window_rule(bs, k):
     assert script('batch_size_table').window_for(bs) == k
+
+
+def test_one_value_per_channel_is_reported_not_raised():
+    """cnn-1x1 at batch size 1: BN and CBN refuse one value per channel; the run is marked, GN trains."""
+    import argparse
+    bst = script('batch_size_table')
+    common = script('common')
+    data = common.load_digits_tensors(size=16)
+    args = argparse.Namespace(model='cnn-1x1', epochs=1, burn_in=0, lr=0.1, weight_decay=1e-4)
+    for method in ('BN', 'CBN'):
+        r = bst.train_one(method, 1, 0, args, data, max_iters=3)
+        assert r['diverged'] and 'more than 1 value per channel' in r['failure'], r
+    r = bst.train_one('GN', 1, 0, args, data, max_iters=3)
+    assert r['failure'] is None and r['iters'] == 3 and 0 <= r['test_acc'] <= 1

@@ -19,7 +19,12 @@ it can at this scale:
 * GN: 8 groups (2-8 channels per group here; 32 groups of the GN paper need ≥ 32 channels).
 * BN momentum 0.1 for the running statistics.
 
-At batch size 1 every layer still has several values per channel (16×16 … 4×4 spatial positions), so BN
+``--model cnn-1x1`` (a second table): five layers, strides 1, 2, 2, 2, 2, so the last two normalise
+2×2 and 1×1 maps and the last one has only ``bs`` values per channel: an exaggerated version of the
+small late-stage maps of an ImageNet ResNet, where batch statistics are noisiest. At batch size 1 it
+has one value per channel, which BN, BRN and CBN (whose current batch must have more than one) refuse.
+
+With the default model, at batch size 1 every layer still has several values per channel (16×16 … 4×4 spatial positions), so BN
 and BRN *run* (torch refuses only one value per channel); each batch is then normalised by its own
 image's statistics, while evaluation uses running averages. Whatever happens is reported.
 
@@ -29,7 +34,8 @@ Usage::
     .venv/bin/python tools/analysis/batch_size_table.py --quick         # seconds (tests)
     .venv/bin/python tools/analysis/batch_size_table.py --time-only     # per-iteration cost, threads
 
-Prints the table; writes ``batch_size_table.{md,json,png}`` to ``--out``.
+Prints the table; writes ``batch_size_table.{md,json,png}`` (``batch_size_table_1x1.*`` for
+``--model cnn-1x1``) to ``--out``.
 """
 import argparse
 import json
@@ -41,7 +47,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (REPO_ROOT, SmallCNN, accuracy, ensure_dir, load_digits_tensors, markdown_table,
+from common import (CNN_VARIANTS, REPO_ROOT, SmallCNN, accuracy, ensure_dir, load_digits_tensors, markdown_table,
                     norm_factory, plt, set_active_window)
 
 METHODS = ('BN', 'GN', 'BRN', 'NaiveCBN', 'CBN')
@@ -63,14 +69,32 @@ def train_one(method, batch_size, seed, args, data, max_iters=None):
     rest = total - burn
     norm = norm_factory(method, window=window,
                         brn_iters=(burn, burn + max(1, int(0.6 * rest)), burn + max(1, int(0.4 * rest))))
-    model = SmallCNN(norm)
+    model = SmallCNN(norm, **CNN_VARIANTS[args.model])
     model.train()
     base = args.lr * batch_size / 16
     opt = torch.optim.SGD(model.parameters(), lr=base, momentum=0.9, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    it, losses, diverged = 0, [], False
+    losses = []
     stop = total if max_iters is None else min(total, max_iters)
+    try:
+        it, losses, diverged = _train_loop(model, opt, x_train, y_train, batch_size, ipe, total, burn,
+                                           window, base, gen, stop)
+        failure = None
+    except ValueError as err:  # e.g. BN with one value per channel ('Expected more than 1 value')
+        failure, diverged = str(err).split('\n')[0], True
+    seconds = time.perf_counter() - start
+    acc = float('nan') if diverged else accuracy(model, x_test, y_test)
+    if not math.isfinite(acc):
+        diverged = True
+    tail = losses[-min(len(losses), ipe):] if failure is None and losses else [float('nan')]
+    return dict(method=method, batch_size=batch_size, seed=seed, window=window if 'CBN' in method else 1,
+                iters=it if failure is None else 0, seconds=seconds, test_acc=acc,
+                train_loss=sum(tail) / len(tail), diverged=diverged, failure=failure)
+
+
+def _train_loop(model, opt, x_train, y_train, batch_size, ipe, total, burn, window, base, gen, stop):
+    it, losses, diverged = 0, [], False
     while it < stop and not diverged:
         order = torch.randperm(len(y_train), generator=gen)
         for b in range(ipe):
@@ -89,14 +113,7 @@ def train_one(method, batch_size, seed, args, data, max_iters=None):
             opt.step()
             losses.append(loss.item())
             it += 1
-    seconds = time.perf_counter() - start
-    acc = float('nan') if diverged else accuracy(model, x_test, y_test)
-    if not math.isfinite(acc):
-        diverged = True
-    tail = losses[-min(len(losses), ipe):] or [float('nan')]
-    return dict(method=method, batch_size=batch_size, seed=seed, window=window if 'CBN' in method else 1,
-                iters=it, seconds=seconds, test_acc=acc, train_loss=sum(tail) / len(tail),
-                diverged=diverged)
+    return it, losses, diverged
 
 
 def time_only(args, data):
@@ -130,6 +147,8 @@ def main(argv=None):
     parser.add_argument('--lr', type=float, default=0.1, help='learning rate at batch size 16')
     parser.add_argument('--weight-decay', type=float, default=1e-4)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--model', default='cnn', choices=sorted(CNN_VARIANTS),
+                        help="'cnn-1x1': the last layers normalise 2×2 and 1×1 maps")
     parser.add_argument('--quick', action='store_true', help='a few-second run (tests)')
     parser.add_argument('--time-only', action='store_true', help='measure iteration cost and exit')
     args = parser.parse_args(argv)
@@ -154,15 +173,19 @@ def main(argv=None):
     wall = time.time() - start
 
     header = ['method'] + [f'bs={bs}' for bs in args.batch_sizes]
-    rows, summary = [], {}
+    rows, summary, failures = [], {}, {}
     for method in args.methods:
         row = [LABELS[method]]
         for bs in args.batch_sizes:
             sel = [r for r in runs if r['method'] == method and r['batch_size'] == bs]
             m, s = mean_std([100 * r['test_acc'] for r in sel])
-            bad = sum(r['diverged'] for r in sel)
+            failed = [r['failure'] for r in sel if r['failure']]
+            bad = sum(r['diverged'] for r in sel) - len(failed)
             summary[(method, bs)] = (m, s, bad)
             cell = '–' if not math.isfinite(m) else f'{m:.1f} ± {s:.1f}'
+            if failed:
+                failures.setdefault(failed[0], []).append(f'{LABELS[method]} bs={bs}')
+                cell += f' ({len(failed)}/{len(sel)} cannot train¹)'
             row.append(cell + (f' ({bad}/{len(sel)} diverged)' if bad else ''))
         rows.append(row)
     loss_rows = [[LABELS[method]] + [
@@ -175,18 +198,21 @@ def main(argv=None):
     command = (f'.venv/bin/python tools/analysis/batch_size_table.py --methods {" ".join(args.methods)} '
                f'--batch-sizes {" ".join(map(str, args.batch_sizes))} --seeds {" ".join(map(str, args.seeds))} '
                f'--epochs {args.epochs} --burn-in {args.burn_in} --lr {args.lr} '
-               f'--weight-decay {args.weight_decay} --threads {args.threads}')
-    md = (f'# Batch size table (item 3)\n\nCommand: `{command}`\n\n'
+               f'--weight-decay {args.weight_decay} --threads {args.threads}' +
+               (f' --model {args.model}' if args.model != 'cnn' else ''))
+    name = 'batch_size_table' + ('' if args.model == 'cnn' else '_' + args.model.replace('cnn-', ''))
+    md = (f'# Batch size table (item 3), model {args.model!r}: {CNN_VARIANTS[args.model]}\n\nCommand: `{command}`\n\n'
           f'Wall time: {wall:.0f} s ({len(runs)} runs, {args.threads} thread(s))\n\n'
           f'Test accuracy (%), mean ± std over seeds {args.seeds} (600 test images):\n\n' +
           markdown_table(header, rows + [k_row]) +
+          ''.join(f'\n\n¹ {", ".join(where)}: `{message}`' for message, where in failures.items()) +
           '\n\nFinal training loss (mean over the last epoch, mean over seeds):\n\n' +
           markdown_table(header, loss_rows) +
           '\n\nTraining time (s, all seeds):\n\n' + markdown_table(header, time_rows) + '\n')
     print(md)
-    with open(osp.join(out, 'batch_size_table.md'), 'w') as f:
+    with open(osp.join(out, f'{name}.md'), 'w') as f:
         f.write(md)
-    with open(osp.join(out, 'batch_size_table.json'), 'w') as f:
+    with open(osp.join(out, f'{name}.json'), 'w') as f:
         json.dump(dict(args=vars(args), runs=runs, wall_seconds=wall), f)
 
     pyplot = plt()
@@ -202,11 +228,11 @@ def main(argv=None):
     ax.invert_xaxis()
     ax.set_xlabel('batch size')
     ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f'digits, small CNN, {args.epochs} epochs, {len(args.seeds)} seeds')
+    ax.set_title(f'digits, {args.model}, {args.epochs} epochs, {len(args.seeds)} seeds')
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(osp.join(out, 'batch_size_table.png'), dpi=110)
+    fig.savefig(osp.join(out, f'{name}.png'), dpi=110)
     pyplot.close(fig)
     return runs
 

@@ -113,17 +113,30 @@ class SmallResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A plain CNN (item 3): four conv-norm-ReLU layers (16, 32, 64, 64 channels; two stride 2), GAP, fc."""
+    """A plain CNN (item 3): conv-norm-ReLU layers, global average pool, linear classifier.
 
-    def __init__(self, norm, in_channels=1, num_classes=NUM_CLASSES):
+    Default: four layers, 16, 32, 64, 64 channels, strides 1, 2, 2, 1 (16×16 input: 16×16 … 4×4 maps).
+    """
+
+    def __init__(self, norm, widths=(16, 32, 64, 64), strides=(1, 2, 2, 1), in_channels=1,
+                 num_classes=NUM_CLASSES):
         super().__init__()
-        self.features = nn.Sequential(
-            ConvNormAct(in_channels, 16, norm), ConvNormAct(16, 32, norm, stride=2),
-            ConvNormAct(32, 64, norm, stride=2), ConvNormAct(64, 64, norm))
-        self.fc = nn.Linear(64, num_classes)
+        layers, cin = [], in_channels
+        for w, s in zip(widths, strides):
+            layers.append(ConvNormAct(cin, w, norm, stride=s))
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+#: item 3's models: the default CNN, and one whose last layers see 2×2 and 1×1 maps (16×16 input)
+CNN_VARIANTS = {
+    'cnn': dict(widths=(16, 32, 64, 64), strides=(1, 2, 2, 1)),
+    'cnn-1x1': dict(widths=(16, 32, 64, 64, 64), strides=(1, 2, 2, 2, 2)),
+}
 
 
 class VGGNet(nn.Module):
