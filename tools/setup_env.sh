@@ -28,7 +28,9 @@ case "$device" in
 esac
 
 stamp="$venv/.cbn_mmdet_env_ok"
-want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device"
+# Bump EXTRAS when the package list below changes, so that existing environments are updated.
+EXTRAS="pycocotools,pytest,matplotlib,scikit-learn"
+want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device extras=$EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   exit 0
 fi
