@@ -232,3 +232,13 @@ def test_monitor_matches_direct_computation():
         opt.zero_grad()
     torch.testing.assert_close(norm.last_correction['mean'], expected)
     assert expected > 0
+
+
+@pytest.mark.parametrize('hook,allowed', [
+    ('CBNBurnInHook', 'burn_in, window, by_epoch, ramp'), ('CBNMonitorHook', 'interval'),
+    ('NormSwitchHook', 'switch_epoch'), ('RNGStateHook', 'none'),
+])
+def test_hooks_name_unknown_keys_and_list_allowed_ones(hook, allowed):
+    from mmdet.registry import HOOKS
+    with pytest.raises(TypeError, match=f"unknown option.*'typo'.*allowed:.*{allowed}"):
+        HOOKS.build(dict(type=hook, typo=1))

@@ -6,6 +6,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmdet.registry import HOOKS
 
+from ._utils import _reject_unknown
+
 from ...models.cbn import CrossIterationBatchNorm2d
 
 __all__ = ['CBNBurnInHook', 'auto_window']
@@ -46,7 +48,8 @@ class CBNBurnInHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, burn_in: Union[int, float] = 3, window: Union[int, str, None] = None,
-                 by_epoch: bool = True, ramp: Union[int, float] = 0) -> None:
+                 by_epoch: bool = True, ramp: Union[int, float] = 0, **unknown) -> None:
+        _reject_unknown('CBNBurnInHook', unknown, 'burn_in, window, by_epoch, ramp')
         if not _is_number(burn_in) or burn_in < 0:
             raise ValueError(f'CBNBurnInHook burn_in must be a number >= 0, got {burn_in!r}')
         if not _is_number(ramp) or ramp < 0:

@@ -6,6 +6,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmdet.registry import HOOKS
 
+from ._utils import _reject_unknown
+
 from ...models.cbn import CrossIterationBatchNorm2d
 
 __all__ = ['CBNMonitorHook']
@@ -24,7 +26,8 @@ class CBNMonitorHook(Hook):
     """
     priority = 'LOW'
 
-    def __init__(self, interval: int = 50) -> None:
+    def __init__(self, interval: int = 50, **unknown) -> None:
+        _reject_unknown('CBNMonitorHook', unknown, 'interval')
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f'CBNMonitorHook interval must be a positive int, got {interval!r}')
         self.interval = interval

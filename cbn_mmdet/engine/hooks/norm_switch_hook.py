@@ -9,6 +9,8 @@ from mmengine.registry import MODELS
 from mmdet.registry import HOOKS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._utils import _reject_unknown
+
 __all__ = ['NormSwitchHook', 'switch_norm_layers']
 
 
@@ -62,7 +64,9 @@ class NormSwitchHook(Hook):
 
     def __init__(self, switch_epoch: Optional[int] = None, switch_iter: Optional[int] = None,
                  to: Union[str, dict] = 'SyncBN', parts: Sequence[str] = ('', ),
-                 from_types: Sequence[str] = ('BN', )) -> None:
+                 from_types: Sequence[str] = ('BN', ), **unknown) -> None:
+        _reject_unknown('NormSwitchHook', unknown,
+                        'switch_epoch, switch_iter, to, parts, from_types')
         if (switch_epoch is None) == (switch_iter is None):
             raise ValueError('NormSwitchHook needs exactly one of switch_epoch and switch_iter, got '
                              f'switch_epoch={switch_epoch!r}, switch_iter={switch_iter!r}')

@@ -7,6 +7,8 @@ import torch
 from mmengine.hooks import Hook
 from mmdet.registry import HOOKS
 
+from ._utils import _reject_unknown
+
 __all__ = ['RNGStateHook']
 
 
@@ -26,7 +28,8 @@ class RNGStateHook(Hook):
     """
     priority = 'VERY_HIGH'
 
-    def __init__(self) -> None:
+    def __init__(self, **unknown) -> None:
+        _reject_unknown('RNGStateHook', unknown, '(none)')
         self._pending: Optional[dict] = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
