@@ -90,3 +90,5 @@ def main():
 
 if __name__ == '__main__':
     main()
+    if torch.distributed.is_initialized():  # gloo threads alive at exit can abort the process
+        torch.distributed.destroy_process_group()
