@@ -157,6 +157,9 @@ def test_window_statistics_read_what_cbn_used():
     norm = common.norm_factory('CBN', window=3, momentum=1.0)(4)
     opt = torch.optim.SGD(list(conv.parameters()) + list(norm.parameters()), lr=0.5)
     for _ in range(4):
+        # the history before the forward: the forward overwrites its oldest entry
+        before = None if norm.history_mean is None else (
+            norm.history_mean.clone(), norm.history_var.clone(), norm.history_slots())
         out = norm(conv(torch.randn(2, 3, 5, 5)))
         stats = se.window_statistics(norm)
         opt.zero_grad()
@@ -165,11 +168,12 @@ def test_window_statistics_read_what_cbn_used():
     # last forward's window: 3 iterations, weights changed in between
     cbn_mean, cbn_var, naive_mean, naive_var, batch_mean, batch_var = stats  # history unchanged since
     assert norm.history_length == 2
-    torch.testing.assert_close(batch_mean, norm.history_mean[norm._head].double())
-    slots = [(norm._head - tau) % 3 for tau in (1, 2)]
+    torch.testing.assert_close(batch_mean, norm.history_mean[norm.history_slots()[0]].double())
+    past_mean, past_var, slots = before
+    assert len(slots) == 2
     valid = torch.ones(2, dtype=torch.float64)
-    exp_mean, exp_var, _ = window_moments(batch_mean, batch_var, norm.history_mean[slots].double(),
-                                          norm.history_var[slots].double(), valid)
+    exp_mean, exp_var, _ = window_moments(batch_mean, batch_var, past_mean[slots].double(),
+                                          past_var[slots].double(), valid)
     torch.testing.assert_close(naive_mean, exp_mean)
     torch.testing.assert_close(naive_var, exp_var)
     assert (cbn_mean - naive_mean).abs().max() > 1e-4  # compensation moved the past
@@ -186,15 +190,17 @@ def test_window_statistics_cbn_matches_compensation():
     opt = torch.optim.SGD(conv.parameters(), lr=0.5)
     for step in range(4):
         x = torch.randn(2, 3, 5, 5)
+        h = {name: t.clone() for name, t in norm._history.items()}  # before the forward writes
+        slots = norm.history_slots()
         out = norm(conv(x))
         if step == 3:
             stats = se.window_statistics(norm)
-            h = norm
-            mean_t, var_t = compensate_history(h.history_mean, h.history_var, h.history_mean_ref,
-                                               h.history_var_ref, h.history_patch_mean,
-                                               h.history_var_grad, h.history_compensable,
-                                               conv.weight.detach(), None, 1)
-            slots = [(h._head - tau) % 3 for tau in (1, 2)]
+            mean_t, var_t = compensate_history(h['history_mean'], h['history_var'],
+                                               h['history_mean_ref'], h['history_var_ref'],
+                                               h['history_patch_mean'], h['history_var_grad'],
+                                               h['history_compensable'], conv.weight.detach(), None,
+                                               1)
+            assert len(slots) == 2
             exp_mean, exp_var, _ = window_moments(
                 stats[4], stats[5], mean_t[slots].double(), var_t[slots].double(),
                 torch.ones(2, dtype=torch.float64))

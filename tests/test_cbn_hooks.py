@@ -71,8 +71,8 @@ def test_burn_in_by_epoch_switches_after_burn_in(tmp_path):
     # 4 iterations per epoch: epoch 0 is BN, then window 3
     assert rec.windows == [1] * 4 + [3] * 8
     assert runner.model.norm.window == 3
-    # no history while BN; then it fills to window - 1 = 2
-    assert rec.lengths[:4] == [0] * 4 and rec.lengths[4:8] == [0, 1, 2, 2]
+    # no history while BN; then it fills to window - 1 = 2 (the iteration just run included)
+    assert rec.lengths[:4] == [0] * 4 and rec.lengths[4:8] == [1, 2, 2, 2]
 
 
 def test_burn_in_by_iteration_with_ramp(tmp_path):
@@ -120,12 +120,13 @@ def test_set_window_keeps_newest_history():
     for _ in range(5):
         norm(conv(torch.randn(2, 3, 6, 6))).square().mean().backward()
         opt.step()
-    newest = norm.history_mean[(norm._head - 1) % 4].clone()
+    assert norm.history_length == 3
+    newest = norm.history_mean[norm.history_slots()[0]].clone()
     norm.set_window(2)
     assert norm.window == 2 and norm.active_window == 2 and norm.history_length == 1
-    torch.testing.assert_close(norm.history_mean[(norm._head - 1) % 2], newest)
+    torch.testing.assert_close(norm.history_mean[norm.history_slots()[0]], newest)
     norm.set_window(6)
-    assert norm.history_length == 1 and norm.history_mean.shape[0] == 6
+    assert norm.history_length == 1 and norm.history_mean.shape[0] == 5
 
 
 def test_sync_bn_conversion_refuses_cbn():
@@ -217,10 +218,10 @@ def test_monitor_matches_direct_computation():
     from cbn_mmdet.ops.statistics import compensate_history
     for i in range(4):
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-        if i == 3:  # recompute what the layer will see: it first closes the pending iteration
-            valid = torch.zeros(3, dtype=torch.float64)
-            for tau in range(1, min(norm.history_length + 1, 2) + 1):
-                valid[(norm._head + 1 - tau) % 3] = 1
+        if i == 3:  # recompute what the layer will see: the 2 entries held (window 3)
+            valid = torch.zeros(2, dtype=torch.float64)
+            assert len(norm.history_slots()) == 2
+            valid[norm.history_slots()] = 1
             mean, var = compensate_history(
                 norm.history_mean, norm.history_var, norm.history_mean_ref, norm.history_var_ref,
                 norm.history_patch_mean, norm.history_var_grad, norm.history_compensable,

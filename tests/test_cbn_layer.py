@@ -231,8 +231,7 @@ def test_checkpoint_with_other_window_keeps_newest_history():
     small.load_state_dict(model.state_dict())
     src, dst = model[1], small[1]
     assert dst.history_length == 1
-    newest_src = (src._head - 1) % src.window
-    newest_dst = (dst._head - 1) % dst.window
+    newest_src, newest_dst = src.history_slots()[0], dst.history_slots()[0]
     torch.testing.assert_close(dst.history_mean[newest_dst], src.history_mean[newest_src])
     torch.testing.assert_close(dst.history_var_grad[newest_dst], src.history_var_grad[newest_src])
 
@@ -258,7 +257,7 @@ def test_several_calls_in_one_iteration_are_pooled():
             norm(conv(b))
         else:
             norm(conv(torch.cat([a, b])))
-        assert norm.history_length == 0
+        assert norm.history_length == 1 and norm.history_open
         iteration_clock.next_iteration()
         with torch.no_grad():
             conv.weight.mul_(1.01)
@@ -273,6 +272,76 @@ def test_several_calls_in_one_iteration_are_pooled():
     torch.testing.assert_close(split[1], whole[1])
 
 
+def test_later_calls_of_an_iteration_see_the_whole_window():
+    """The first call overwrites the oldest entry (window - 1 slots), yet a second call of the same
+    iteration normalises with all window - 1 past iterations, compensated to the same weights."""
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    norm = CBN(5, window=3).double()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.2)
+    for x in _batches(3, seed=11):
+        norm(conv(x)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    a, b = _batches(2, seed=12)
+    fresh = copy.deepcopy(norm)  # the layer before this iteration: b alone as the first call
+    expected = fresh(conv(b))
+    assert fresh.past_window()['valid'].sum() == 2
+    norm(conv(a))
+    got = norm(conv(b))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert norm.history_slots() == fresh.history_slots() and norm.history_length == 2
+
+
+def test_weights_changed_within_an_iteration_warn_and_drop_oldest():
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    norm = CBN(5, window=3, momentum=1.0).double()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.2)
+    for x in _batches(3, seed=11):
+        norm(conv(x)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    a, b = _batches(2, seed=12)
+    norm(conv(a))
+    with torch.no_grad():
+        conv.weight.mul_(1.1)
+    with pytest.warns(UserWarning, match='between two calls of one iteration'):
+        norm(conv(b))
+    assert norm.past_window()['valid'].sum() == 1
+
+
+def test_version3_checkpoint_history_is_repacked_by_age():
+    """Checkpoints of the first layout (window slots, pending entry counted apart) still resume."""
+    norm = CBN(2, window=3)
+    means = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])  # slot i holds mean i
+    state = dict(norm.state_dict())
+    state.update(history_mean=means, history_var=torch.ones(3, 2), history_count=torch.ones(3) * 8,
+                 history_mean_ref=torch.zeros(3, 2), history_var_ref=torch.zeros(3, 2),
+                 history_compensable=torch.zeros(3),
+                 history_index=torch.tensor([1, 2, 1]))  # head slot 1 open, 2 past: slots 0, 2
+    state = type(norm.state_dict())(state)
+    state._metadata = {'': {'version': 3}}
+    norm.load_state_dict(state)
+    # window 3 keeps 2 entries: the open one (slot 1) and the newest past one (slot 0)
+    assert norm.history_length == 2 and norm.history_open
+    assert norm.history_mean[norm.history_slots()].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+def test_subsampled_mode_records_the_estimator_on_its_positions():
+    """statistics_gradients='subsampled': ∂var/∂θ over every 2nd output row/column (autograd ref.)."""
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False).double()
+    norm = CBN(5, window=2, statistics_gradients='subsampled').double()
+    x = _batches(1, shape=(2, 3, 13, 11), seed=5)[0]
+    out = conv(x)
+    norm(out)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    sub = F.conv2d(x, w, None, 2, 1)[:, :, ::2, ::2]
+    mean = out.detach().mean((0, 2, 3)).view(1, -1, 1, 1)
+    ref, = torch.autograd.grad((sub - mean).square().mean((0, 2, 3)).sum(), w)
+    torch.testing.assert_close(norm.history_var_grad[norm.history_slots()[0]], ref)
+    with pytest.raises(ValueError, match='subsample'):
+        CBN(5, statistics_gradients='subsampled', subsample=1)
+
+
 def test_gradient_accumulation_advances_once_per_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -281,7 +350,7 @@ def test_gradient_accumulation_advances_once_per_step():
             model(micro).sum().backward()
         opt.step()
         opt.zero_grad()
-    assert model[1].history_length == 2
+    assert model[1].history_length == 3
 
 
 def test_no_history_update_in_eval_or_no_grad():
@@ -342,7 +411,7 @@ def test_bfloat16_autocast_keeps_float32_statistics():
     norm = model[1]
     assert norm.last_bind_status == BindStatus.CONV
     assert norm.history_var_grad.dtype == torch.float32 and norm.running_var.dtype == torch.float32
-    assert norm.history_length == 2 and torch.isfinite(norm.history_var_grad).all()
+    assert norm.history_length == 3 and torch.isfinite(norm.history_var_grad).all()
 
 
 def test_channels_last_matches_contiguous():

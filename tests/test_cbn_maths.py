@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from cbn_mmdet.ops.statistics import (batch_moments, compensate_history, linear_term_mean,
                                       linear_term_var, merge_gradients, merge_moments, patch_mean,
                                       patch_mean_as_weight, statistic_gradients_autograd,
+                                      subsampled_output_size,
                                       variance_weight_gradient, window_moments)
 from cbn_mmdet.ops.window_norm import window_batch_norm, window_batch_norm_reference
 
@@ -31,6 +32,12 @@ def _conv_case(variant, seed=0, bias=True):
     return y, w, b, s, p, d, g
 
 
+def _var_grad(y, x, mean, w, s, p, d, g, subsample=1):
+    out_size = subsampled_output_size(x.shape[2:], subsample)
+    patch = patch_mean(y, w.shape[2:], out_size, [a * subsample for a in s], p, d)
+    return variance_weight_gradient(y, x, mean, patch, w, s, p, d, g, subsample)
+
+
 @pytest.mark.parametrize('variant', CONV_VARIANTS)
 def test_closed_form_gradients_equal_autograd(variant):
     """Appendix B's closed forms equal two autograd passes (the authors' method), float64."""
@@ -41,9 +48,40 @@ def test_closed_form_gradients_equal_autograd(variant):
     patch = patch_mean(y, w.shape[2:], x.shape[2:], s, p, d)
     torch.testing.assert_close(patch_mean_as_weight(patch, w.shape[0], g), d_mean,
                                rtol=1e-12, atol=1e-12)
-    var_grad = variance_weight_gradient(y, x, mean, w, s, p, d, g)
+    var_grad = _var_grad(y, x, mean, w, s, p, d, g)
     torch.testing.assert_close(var_grad, d_second - 2 * mean.view(-1, 1, 1, 1) * d_mean,
                                rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('subsample', [2, 3])
+@pytest.mark.parametrize('variant', CONV_VARIANTS)
+def test_subsampled_variance_gradient_is_exact_on_its_positions(variant, subsample):
+    """Approximate mode: the exact ∂var/∂θ estimator restricted to every r-th output row and column.
+
+    Reference by autograd: the derivative of mean over those positions of (x − μ)², μ the full-batch
+    mean held fixed, is 2/m' Σ' (x − μ) ∂x/∂θ.
+    """
+    y, w, b, s, p, d, g = _conv_case(variant)
+    x = F.conv2d(y, w, b, s, p, d, g)
+    mean, _ = batch_moments(x)
+    wr = w.clone().requires_grad_(True)
+    xr = F.conv2d(y, wr, b, s, p, d, g)[:, :, ::subsample, ::subsample]
+    ref, = torch.autograd.grad((xr - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)).sum(), wr)
+    torch.testing.assert_close(_var_grad(y, x, mean, w, s, p, d, g, subsample), ref,
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_variance_gradient_float32_with_large_mean():
+    """The uncentred evaluation stays accurate in float32 when the conv output's mean is 10σ."""
+    y, w, b, s, p, d, g = _conv_case(CONV_VARIANTS[0])
+    b = b * 0 + 10.0 * F.conv2d(y, w, None, s, p, d, g).std()
+    x = F.conv2d(y, w, b, s, p, d, g)
+    mean, _ = batch_moments(x)
+    exact = _var_grad(y, x, mean, w, s, p, d, g)
+    x32 = x.float()
+    approx = _var_grad(y.float(), x32, batch_moments(x32)[0], w.float(), s, p, d, g)
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx.double(), exact, rtol=0, atol=1e-4 * exact.abs().max().item())
 
 
 def test_statistic_gradients_against_full_jacobian():
@@ -59,7 +97,7 @@ def test_statistic_gradients_against_full_jacobian():
     x = F.conv2d(y, w, b, s, p, d, g)
     mean, _ = batch_moments(x)
     patch_w = patch_mean_as_weight(patch_mean(y, w.shape[2:], x.shape[2:], s, p, d), c, g)
-    var_grad = variance_weight_gradient(y, x, mean, w, s, p, d, g)
+    var_grad = _var_grad(y, x, mean, w, s, p, d, g)
     expected_mean = torch.zeros_like(jac[:c])
     expected_var = torch.zeros_like(jac[c:])
     for j in range(c):
@@ -76,7 +114,7 @@ def test_mean_compensation_is_exact_and_variance_second_order(variant):
     x = F.conv2d(y, w, b, s, p, d, g)
     mean, var = batch_moments(x)
     patch = patch_mean(y, w.shape[2:], x.shape[2:], s, p, d)
-    var_grad = variance_weight_gradient(y, x, mean, w, s, p, d, g)
+    var_grad = _var_grad(y, x, mean, w, s, p, d, g)
     mean_ref = linear_term_mean(patch[None], w, b, g)
     var_ref = linear_term_var(var_grad[None], w)
     direction = torch.randn(w.shape, dtype=w.dtype, generator=torch.Generator().manual_seed(3))
@@ -145,7 +183,7 @@ def test_merge_moments_and_gradients_equal_concatenation():
         n = x.shape[0] * x.shape[2] * x.shape[3]
         return (torch.tensor(float(n), dtype=y.dtype), mean, var,
                 patch_mean(inp, w.shape[2:], x.shape[2:], s, p, d),
-                variance_weight_gradient(inp, x, mean, w, s, p, d, g))
+                _var_grad(inp, x, mean, w, s, p, d, g))
 
     na, ma, va, pa, ga = measure(y)
     nb, mb, vb, pb, gb = measure(y2)

@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops.statistics import (compensate_history, linear_term_mean, linear_term_var, merge_gradients,
                               merge_moments, patch_mean, statistic_gradients_autograd,
-                              variance_weight_gradient)
+                              subsampled_output_size, variance_weight_gradient)
 from ..ops.window_norm import window_batch_norm
 from . import iteration_clock
 from .conv_binding import BindStatus, ConvBinding, find_conv_producer
@@ -17,14 +17,15 @@ __all__ = ['CrossIterationBatchNorm2d']
 
 _FALLBACKS = ('bn', 'naive')
 _RUNNING_STATS = ('window', 'batch')
-_STAT_GRADIENTS = ('closed_form', 'autograd')
+_STAT_GRADIENTS = ('closed_form', 'subsampled', 'autograd')
 
 # History buffers, created lazily at the first recorded iteration (so that a fresh CBN has exactly BN's
-# state-dict keys and a BN checkpoint loads with strict=True). Leading dimension: the window's ring slots.
+# state-dict keys and a BN checkpoint loads with strict=True). Leading dimension: a ring of window - 1
+# slots, one per iteration (the newest may be the current iteration's, still open).
 _HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
                   'history_var_ref', 'history_compensable')
 _HISTORY_GRADS = ('history_patch_mean', 'history_var_grad')
-_HISTORY_INDEX = 'history_index'  # long [head slot, number of past iterations held, pending entry open]
+_HISTORY_INDEX = 'history_index'  # long [newest slot, entries held, newest entry still open]
 _HISTORY_BUFFERS = _HISTORY_STATS + _HISTORY_GRADS + (_HISTORY_INDEX, )
 
 
@@ -89,8 +90,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensate: Taylor compensation (Eqs. 7-8); ``False`` gives Naive CBN. Default: True.
         fallback: ``'bn'`` or ``'naive'``: what to do when the input does not come from a conv.
         running_stats: ``'window'`` or ``'batch'`` (see above).
-        statistics_gradients: ``'closed_form'`` (Appendix B) or ``'autograd'`` (two extra autograd
-            passes, the authors' method; a reference for tests and benchmarks).
+        statistics_gradients: ``'closed_form'`` (Appendix B, exact), ``'subsampled'`` (approximate:
+            ``∂var/∂θ`` from every ``subsample``-th output row and column, ``subsample²`` times fewer
+            multiply-adds for the layer's one extra weight-gradient convolution; ``∂μ/∂θ`` stays
+            exact) or ``'autograd'`` (two extra autograd passes, the authors' method; a reference
+            for tests and benchmarks).
+        subsample: the row/column stride of ``'subsampled'``. Default: 2.
         monitor: record the relative size of the Taylor correction at each compensated forward in
             ``last_correction`` (a few small reductions, no host sync); ``CBNMonitorHook`` logs it.
 
@@ -101,19 +106,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         >>> norm_cfg = dict(type='CBN', window=4)   # in any mmdet config
         >>> m = CrossIterationBatchNorm2d(64, window=4)
     """
-    _version = 3  # 2: torch's BatchNorm (num_batches_tracked); 3: + CBN history buffers (lazy)
+    # 2: torch's BatchNorm (num_batches_tracked); 3: + CBN history (lazy), a ring of window slots;
+    # 4: the ring has window - 1 slots, its newest entry possibly the open current iteration
+    _version = 4
     _abbr_ = 'bn'  # mmcv's build_norm_layer names it like BN (bn1, ...), so BN checkpoints match
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  compensate: bool = True, fallback: str = 'bn', running_stats: str = 'window',
-                 statistics_gradients: str = 'closed_form', monitor: bool = False, device=None,
-                 dtype=None, **unknown):
+                 statistics_gradients: str = 'closed_form', subsample: int = 2,
+                 monitor: bool = False, device=None, dtype=None, **unknown):
         if unknown:
             raise TypeError(
                 f'CBN got unknown option(s) {sorted(unknown)}; allowed: num_features, eps, momentum, '
                 'affine, track_running_stats, window, compensate, fallback, running_stats, '
-                'statistics_gradients, monitor (and requires_grad in norm_cfg)')
+                'statistics_gradients, subsample, monitor (and requires_grad in norm_cfg)')
         _check_window('window', window)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ValueError(f'CBN eps must be a positive number, got {eps!r}')
@@ -125,6 +132,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                      ('statistics_gradients', statistics_gradients, _STAT_GRADIENTS)):
             if value not in allowed:
                 raise ValueError(f'CBN {name} must be one of {allowed}, got {value!r}')
+        if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 2:
+            raise ValueError(f'CBN subsample (the row/column stride of the positions used by '
+                             f"statistics_gradients='subsampled') must be an int >= 2, got {subsample!r}")
         for name, value in (('compensate', compensate), ('monitor', monitor)):
             if not isinstance(value, bool):
                 raise TypeError(f'CBN {name} must be True or False, got {value!r}')
@@ -135,6 +145,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.fallback = fallback
         self.running_stats = running_stats
         self.statistics_gradients = statistics_gradients
+        self.subsample = subsample
         self._active_window = window
         # The history is state (saved, loaded, moved by .to()) but deliberately not registered as
         # buffers: DDP's broadcast_buffers and mmengine's SyncBuffersHook operate on buffers(), and
@@ -270,52 +281,86 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.running_var.copy_(torch.where(finite, rv, self.running_var))
 
     # ------------------------------------------------------------------ history
+    # A ring of ``window - 1`` slots holds one entry per iteration, newest at ``_head``. The first
+    # call of an iteration compensates the ``window - 1`` past entries to the current weights (kept
+    # for the iteration's later calls: the weights do not change before the optimizer steps), then
+    # overwrites the oldest slot with its own entry, which is open until the optimizer steps; later
+    # calls of the same iteration are pooled into it. So the weight-sized ∂var/∂θ history is
+    # ``window - 1`` copies of the conv weight, not ``window``.
     def reset_history(self) -> None:
         """Forget all past iterations (the next forward is BN on its batch)."""
         self._history = {}
         self._reset_history_mirror()
 
     def _reset_history_mirror(self) -> None:
-        self._head = 0            # ring slot of the current iteration's entry
-        self._filled = 0          # past iterations held (≤ window - 1)
-        self._pending_open = False  # the current iteration's entry has been written
+        self._head = self._slots - 1   # ring slot of the newest entry (the next one goes to slot 0)
+        self._filled = 0               # entries held, the open one included (≤ window - 1)
+        self._pending_open = False     # the newest entry is the current iteration's
         self._pending_clock: Optional[int] = None  # iteration clock when that entry was opened
         self._geometry: Optional[Tuple[int, ...]] = None
+        self._window_cache: Optional[tuple] = None  # (key, compensated past statistics)
+
+    @property
+    def _slots(self) -> int:
+        return max(self.window - 1, 1)
 
     def _write_index(self) -> None:
         self.history_index.copy_(torch.tensor([self._head, self._filled, int(self._pending_open)]))
 
     @property
     def history_length(self) -> int:
-        """Number of past iterations currently held (at most ``window - 1``)."""
+        """Iterations held (at most ``window - 1``), the current one included once it has run."""
         return self._filled
+
+    def history_slots(self) -> list:
+        """Ring slots of the entries held, newest first (the first is the current iteration's while
+        ``history_open``)."""
+        return [(self._head - age) % self._slots for age in range(self._filled)]
+
+    @property
+    def history_open(self) -> bool:
+        """Whether the newest entry belongs to the current iteration (no optimizer step since)."""
+        return self._pending_open
 
     def _advance_iteration(self) -> None:
         """Close the current iteration's entry when the optimizer has stepped since it was opened."""
         clock = iteration_clock.current_iteration()
         if self._pending_open and clock != self._pending_clock:
-            self._head = (self._head + 1) % self.window
-            self._filled = min(self._filled + 1, self.window - 1)
             self._pending_open = False
-            self.history_count[self._head] = 0
-            self.history_compensable[self._head] = 0
+            self._window_cache = None
             self._write_index()
         self._pending_clock = clock
 
     def _past_statistics(self, binding: Optional[ConvBinding], input: Tensor):
-        """Compensated (Eqs. 7, 8, 10) statistics of the past iterations in the active window."""
+        """Compensated (Eqs. 7, 8, 10) statistics of the past iterations in the active window.
+
+        Returns ``(μ̃, var̃, valid, count)`` over the ring's slots; ``valid`` marks the slots in the
+        window. Computed at the first call of an iteration and reused by its later calls.
+        """
+        key = (self._pending_clock, self._active_window, binding is not None,
+               None if binding is None else (binding.geometry, binding.weight._version,
+                                             binding.weight.data_ptr()))
+        if self._pending_open and self._window_cache is not None and self._window_cache[0] == key:
+            return self._window_cache[1]
         c = self.num_features
-        if self.history_mean is None:
-            empty = input.new_zeros((0, c), dtype=torch.float64 if input.dtype == torch.float64
-                                    else torch.float32)
+        if self.history_mean is None or self._filled - self._pending_open == 0:
+            dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+            empty = input.new_zeros((0, c), dtype=dtype)
             return empty, empty, empty.new_zeros(0), empty.new_zeros(())
-        in_window = [0.0] * self.window
-        for tau in range(1, min(self._filled, self._active_window - 1) + 1):
-            in_window[(self._head - tau) % self.window] = 1.0
+        if self._pending_open:
+            # weights changed in place within one iteration: the oldest entry was overwritten
+            self._warn_once('midstep', 'its conv weights changed between two calls of one iteration '
+                            '(no optimizer step in between); the window loses its oldest entry for '
+                            'this iteration')
+        past = self.history_slots()[int(self._pending_open):]
+        in_window = [0.0] * self._slots
+        for slot in past[:self._active_window - 1]:
+            in_window[slot] = 1.0
         valid = (torch.tensor(in_window, dtype=self.history_count.dtype).to(self.history_count.device)
                  * (self.history_count > 0))
         past_count = (self.history_count * valid).sum()
-        mean, var = self.history_mean, self.history_var
+        recorded = self.history_mean.clone(), self.history_var.clone()
+        mean, var = recorded
         if binding is not None and self.history_patch_mean is not None and \
                 self._geometry == binding.geometry:
             mean, var = compensate_history(
@@ -324,7 +369,22 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 binding.groups)
             if self.monitor:
                 self.last_correction = self._correction_size(mean, var, valid)
-        return mean, var, valid, past_count
+        result = (mean, var, valid, past_count)
+        self._window_cache = (key, result, recorded)
+        return result
+
+    def past_window(self) -> Optional[Dict[str, Tensor]]:
+        """The past iterations of the current iteration's window (for analysis and tests).
+
+        ``{'mean', 'var'}``: as recorded; ``{'mean_compensated', 'var_compensated'}``: moved to the
+        current weights (Eqs. 7, 8, 10; equal to the recorded ones without compensation); ``'valid'``:
+        1 for the ring slots in the window. ``None`` when the current iteration used no past entry.
+        """
+        if self._window_cache is None:
+            return None
+        _, (mean, var, valid, _), (rec_mean, rec_var) = self._window_cache
+        return {'mean': rec_mean, 'var': rec_var, 'mean_compensated': mean, 'var_compensated': var,
+                'valid': valid}
 
     def _correction_size(self, mean: Tensor, var: Tensor, valid: Tensor) -> Dict[str, Tensor]:
         """How far Eqs. 7-8 moved the window's past statistics, relative to their scale (no sync)."""
@@ -335,12 +395,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return {'mean': rel_mean, 'var': rel_var}
 
     def _allocate_history(self, like: Tensor, binding: Optional[ConvBinding]) -> None:
-        k, c = self.window, self.num_features
+        slots, c = self._slots, self.num_features
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         if self.history_mean is None:
             for name in _HISTORY_STATS:
-                self._history[name] = torch.zeros((k, c) if name not in (
-                    'history_count', 'history_compensable') else (k, ), dtype=dtype, device=like.device)
+                self._history[name] = torch.zeros((slots, c) if name not in (
+                    'history_count', 'history_compensable') else (slots, ), dtype=dtype,
+                    device=like.device)
             self._history[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=like.device)
             self._write_index()
         if binding is not None and self._geometry != binding.geometry:
@@ -348,9 +409,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 self._warn_once('geometry', 'its conv changed shape; past gradients are discarded')
                 self.history_compensable.zero_()
             c_out, c_in, kh, kw, groups = binding.geometry
-            self._history['history_patch_mean'] = torch.zeros((k, c_in, kh, kw), dtype=dtype,
+            self._history['history_patch_mean'] = torch.zeros((slots, c_in, kh, kw), dtype=dtype,
                                                               device=like.device)
-            self._history['history_var_grad'] = torch.zeros((k, c_out, c_in // groups, kh, kw),
+            self._history['history_var_grad'] = torch.zeros((slots, c_out, c_in // groups, kh, kw),
                                                             dtype=dtype, device=like.device)
             self._geometry = binding.geometry
 
@@ -366,20 +427,25 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return patch, d_second - 2.0 * batch_mean.to(d_mean.dtype).view(-1, 1, 1, 1) * d_mean
         kh, kw = b.weight.shape[2:]
         patch = patch_mean(b.input, (kh, kw), input.shape[2:], b.stride, b.padding, b.dilation)
-        var_grad = variance_weight_gradient(b.input, input, batch_mean, b.weight, b.stride, b.padding,
-                                            b.dilation, b.groups)
+        sub = self.subsample if self.statistics_gradients == 'subsampled' else 1
+        sub_patch = patch if sub == 1 else patch_mean(
+            b.input, (kh, kw), subsampled_output_size(input.shape[2:], sub),
+            [s * sub for s in b.stride], b.padding, b.dilation)
+        var_grad = variance_weight_gradient(b.input, input, batch_mean, sub_patch, b.weight, b.stride,
+                                            b.padding, b.dilation, b.groups, sub)
         return patch, var_grad
 
     def _record(self, input: Tensor, batch_mean: Tensor, batch_var: Tensor, count: float,
                 finite: Tensor, binding: Optional[ConvBinding]) -> None:
-        """Write (or pool into) the current iteration's history entry."""
+        """Write the current iteration's history entry (over the oldest), or pool into it."""
         self._allocate_history(input, binding)
-        slot = self._head
+        pooling = self._pending_open
+        slot = self._head if pooling else (self._head + 1) % self._slots
         dtype = self.history_mean.dtype
         new_count = finite.to(dtype) * count
         new_mean = torch.where(finite, batch_mean, 0.0).to(dtype)
         new_var = torch.where(finite, batch_var, 0.0).to(dtype)
-        if self._pending_open:
+        if pooling:
             old_count = self.history_count[slot]
             share_old = torch.where(old_count + new_count > 0,
                                     old_count / (old_count + new_count).clamp_min(1e-12), 1.0)
@@ -396,23 +462,29 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.history_compensable[slot] = 0
         else:
             patch, var_grad = self._statistic_gradients(input, batch_mean, binding)
-            patch = torch.where(finite, patch.to(dtype), 0.0)
-            var_grad = torch.where(finite, var_grad.to(dtype), 0.0)
-            if self._pending_open:
+            zero = patch.new_zeros((), dtype=dtype)
+            slot_grad = self.history_var_grad[slot]
+            if pooling:
                 patch, var_grad = merge_gradients(
-                    share_old, old_mean, self.history_patch_mean[slot], self.history_var_grad[slot],
-                    new_mean, patch, var_grad, pooled_mean, binding.groups)
+                    share_old, old_mean, self.history_patch_mean[slot], slot_grad,
+                    new_mean, torch.where(finite, patch.to(dtype), zero),
+                    torch.where(finite, var_grad.to(dtype), zero), pooled_mean, binding.groups)
+                slot_grad.copy_(var_grad)
                 compensable = self.history_compensable[slot]
             else:
+                # written straight into the slot: one weight-sized pass, non-finite values never enter
+                torch.where(finite, var_grad.to(dtype), zero, out=slot_grad)
+                patch = torch.where(finite, patch.to(dtype), zero)
                 compensable = torch.ones((), dtype=dtype, device=input.device)
             self.history_patch_mean[slot] = patch
-            self.history_var_grad[slot] = var_grad
             # the linear terms of Eqs. 7-8 at θ_{t} (this iteration's weights), kept instead of θ_t
             self.history_mean_ref[slot] = linear_term_mean(patch[None], binding.weight, binding.bias,
                                                            binding.groups)[0]
-            self.history_var_ref[slot] = linear_term_var(var_grad[None], binding.weight)[0]
+            self.history_var_ref[slot] = linear_term_var(slot_grad[None], binding.weight)[0]
             self.history_compensable[slot] = compensable
-        if not self._pending_open:
+        if not pooling:
+            self._head = slot
+            self._filled = min(self._filled + 1, self._slots)
             self._pending_open = True
             self._write_index()
 
@@ -420,6 +492,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         self._history = {name: fn(t) for name, t in self._history.items()}
+        self._window_cache = None
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -441,7 +514,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                       error_msgs)
         if loaded:
             try:
-                self._restore_history(loaded)
+                self._restore_history(loaded, local_metadata.get('version') or self._version)
             except ValueError as err:
                 error_msgs.append(f'{prefix[:-1] or "CBN"}: {err}')
                 self.reset_history()
@@ -452,7 +525,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 return tensor.device
         return torch.device('cpu')
 
-    def _restore_history(self, loaded: Dict[str, Tensor]) -> None:
+    def _restore_history(self, loaded: Dict[str, Tensor], version: int = None) -> None:
+        """Load a saved ring, re-packed by age into this layer's ``window - 1`` slots (newest kept).
+
+        Version-3 checkpoints kept ``window`` slots, ``filled`` counting closed entries only.
+        """
         needed = set(_HISTORY_STATS) | {_HISTORY_INDEX}
         if not needed <= set(loaded):
             raise ValueError(f'incomplete CBN history in checkpoint (missing '
@@ -462,28 +539,31 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if loaded['history_mean'].shape[1] != self.num_features:
             raise ValueError(f"CBN history has {loaded['history_mean'].shape[1]} channels, layer has "
                              f'{self.num_features}')
-        # Same window: slots as saved. Another window: re-pack the ring by age (the newest kept).
-        keep = min(filled, self.window - 1)
-        if slots == self.window:
-            order = target = list(range(slots))
-            new_head = head
+        if (version or self._version) < 4:
+            newest_first = [(head - age) % slots for age in range(1 - pending, filled + 1)]
         else:
-            order = [(head - tau) % slots for tau in range(keep, 0, -1)] + [head]  # oldest .. current
-            new_head = keep % self.window
-            target = [(new_head - tau) % self.window for tau in range(keep, 0, -1)] + [new_head]
+            newest_first = [(head - age) % slots for age in range(filled)]
+        keep = newest_first[:self._slots][::-1]  # oldest .. newest
+        same_layout = (version or self._version) >= 4 and slots == self._slots
+        if same_layout:  # slots as saved: a resumed run sums in the same order, bit-exact
+            src = dst = list(range(slots))
+        else:
+            src, dst = keep, list(range(len(keep)))
         device = self._home_device()
-        src = torch.tensor(order, dtype=torch.long)
-        dst = torch.tensor(target, dtype=torch.long)
         for name, value in loaded.items():
             if name == _HISTORY_INDEX:
                 continue
             value = value.detach().to(device=device)
-            fresh = value.new_zeros((self.window, ) + tuple(value.shape[1:]))
-            fresh[dst.to(value.device)] = value[src.to(value.device)]
+            fresh = value.new_zeros((self._slots, ) + tuple(value.shape[1:]))
+            fresh[torch.tensor(dst, dtype=torch.long, device=value.device)] = value[
+                torch.tensor(src, dtype=torch.long, device=value.device)]
             self._history[name] = fresh
         self._history[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=device)
-        self._head, self._filled, self._pending_open = new_head, keep, bool(pending)
+        self._filled = len(keep)
+        self._head = head if same_layout else (len(keep) - 1) % self._slots
+        self._pending_open = bool(pending) and bool(keep)
         self._pending_clock = None  # checkpoints are taken between iterations: close it on next use
+        self._window_cache = None
         if self.history_patch_mean is not None:
             c_in, kh, kw = self.history_patch_mean.shape[1:]
             groups = c_in // self.history_var_grad.shape[2]

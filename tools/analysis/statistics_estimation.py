@@ -66,19 +66,22 @@ def window_statistics(layer):
 
     Called right after ``layer``'s training forward (its history's current slot is this batch).
     """
-    k_used = 1 + min(layer.history_length, layer.active_window - 1)
-    head, window = layer._head, layer.window
+    head = layer.history_slots()[0]
+    past = layer.past_window()
+    valid = (past['valid'].double() if past is not None
+             else torch.zeros(layer.history_mean.shape[0], dtype=torch.float64))
+    k_used = 1 + int(valid.sum())
     count = layer.history_count[head]
     n = count * k_used
     cbn_mean = layer.running_mean.double().clone()
     cbn_var = layer.running_var.double() * (n - 1) / n  # momentum=1: running_var = σ̄² n/(n−1)
     batch_mean = layer.history_mean[head].double()
     batch_var = layer.history_var[head].double()
-    slots = [(head - tau) % window for tau in range(1, k_used)]
-    past_mean = layer.history_mean[slots].double()
-    past_var = layer.history_var[slots].double()
-    valid = torch.ones(len(slots), dtype=torch.float64)
-    naive_mean, naive_var, _ = window_moments(batch_mean, batch_var, past_mean, past_var, valid)
+    if past is None:
+        return cbn_mean, cbn_var, batch_mean.clone(), batch_var.clone(), batch_mean.clone(), \
+            batch_var.clone()
+    naive_mean, naive_var, _ = window_moments(batch_mean, batch_var, past['mean'].double(),
+                                              past['var'].double(), valid)
     return cbn_mean, cbn_var, naive_mean, naive_var, batch_mean.clone(), batch_var.clone()
 
 
