@@ -342,6 +342,35 @@ def test_subsampled_mode_records_the_estimator_on_its_positions():
         CBN(5, statistics_gradients='subsampled', subsample=1)
 
 
+def _shadow_run(**options):
+    """A CBN layer and a shadow with ``options`` on the same conv outputs; only the first trains."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    main, shadow = CBN(16, window=4), CBN(16, window=4, **options)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    target = torch.randn(4, 16, 10, 10)
+    for x in _batches(6, shape=(4, 8, 10, 10), dtype=torch.float32):
+        out = conv(x)
+        y = main(out)
+        shadow(out)
+        (y * target).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    ref, got = main.past_window(), shadow.past_window()
+    assert torch.equal(ref['valid'], got['valid']) and ref['valid'].sum() == 3
+    correction = ref['var_compensated'] - ref['var']
+    assert correction.abs().max() > 1e-2 * ref['var'].mean()  # the weights moved enough to matter
+    return shadow, (got['var_compensated'] - ref['var_compensated']).abs().max() / \
+        correction.abs().max()
+
+
+def test_bfloat16_history_changes_the_correction_by_rounding_only():
+    shadow, rel_error = _shadow_run(history_dtype='bfloat16')
+    assert shadow.history_var_grad.dtype == torch.bfloat16
+    assert shadow.history_var_ref.dtype == torch.float32
+    assert 0 < rel_error < 0.02  # bfloat16 keeps 8 bits: relative rounding 2^-9 per value
+
+
 def test_gradient_accumulation_advances_once_per_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

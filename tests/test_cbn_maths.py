@@ -230,3 +230,34 @@ def test_window_norm_without_history_is_batch_norm():
     torch.testing.assert_close(y, ref)
     g = torch.randn(x.shape, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_expanding_1x1_conv_uses_input_covariance_exactly(stride):
+    """A 1×1 conv with few input channels takes the 2·θ·Cov(y) path: equal to autograd, float64."""
+    from cbn_mmdet.ops.statistics import _input_covariance_is_cheaper
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=gen).relu()
+    w = torch.randn(12, 3, 1, 1, dtype=torch.float64, generator=gen)
+    b = torch.randn(12, dtype=torch.float64, generator=gen)
+    x = F.conv2d(y, w, b, stride)
+    assert _input_covariance_is_cheaper(y, x, w, (0, 0), 1)
+    mean, _ = batch_moments(x)
+    d_mean, d_second = statistic_gradients_autograd(y, w, b, (stride, ) * 2, (0, 0), (1, 1), 1)
+    torch.testing.assert_close(_var_grad(y, x, mean, w, (stride, ) * 2, (0, 0), (1, 1), 1),
+                               d_second - 2 * mean.view(-1, 1, 1, 1) * d_mean, rtol=1e-10,
+                               atol=1e-10)
+    assert not _input_covariance_is_cheaper(x, y, w.transpose(0, 1), (0, 0), 1)  # a reducing 1×1
+
+
+def test_expanding_1x1_conv_float32_with_offset_inputs():
+    """The covariance path subtracts ȳȳᵀ from a Gram matrix: accurate in float32 for inputs whose
+    mean is 3× their std."""
+    gen = torch.Generator().manual_seed(4)
+    y = torch.randn(2, 8, 16, 16, dtype=torch.float64, generator=gen) + 3.0
+    w = torch.randn(32, 8, 1, 1, dtype=torch.float64, generator=gen)
+    x = F.conv2d(y, w)
+    exact = _var_grad(y, x, batch_moments(x)[0], w, (1, 1), (0, 0), (1, 1), 1)
+    y32, x32 = y.float(), x.float()
+    approx = _var_grad(y32, x32, batch_moments(x32)[0], w.float(), (1, 1), (0, 0), (1, 1), 1)
+    torch.testing.assert_close(approx.double(), exact, rtol=0, atol=1e-4 * exact.abs().max().item())

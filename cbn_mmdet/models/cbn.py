@@ -18,6 +18,7 @@ __all__ = ['CrossIterationBatchNorm2d']
 _FALLBACKS = ('bn', 'naive')
 _RUNNING_STATS = ('window', 'batch')
 _STAT_GRADIENTS = ('closed_form', 'subsampled', 'autograd')
+_HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the statistics' precision
 
 # History buffers, created lazily at the first recorded iteration (so that a fresh CBN has exactly BN's
 # state-dict keys and a BN checkpoint loads with strict=True). Leading dimension: a ring of window - 1
@@ -96,6 +97,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             exact) or ``'autograd'`` (two extra autograd passes, the authors' method; a reference
             for tests and benchmarks).
         subsample: the row/column stride of ``'subsampled'``. Default: 2.
+        history_dtype: storage of the past ``∂var/∂θ`` (the only weight-sized history):
+            ``'float32'`` (default; float64 for a float64 layer) or ``'bfloat16'`` (half the memory;
+            the Taylor term is computed in float32 from the rounded gradients, and the reference
+            inner product from the same rounded values, so only the gradients' 8-bit mantissa
+            rounding, relative 2⁻⁹, enters the correction).
         monitor: record the relative size of the Taylor correction at each compensated forward in
             ``last_correction`` (a few small reductions, no host sync); ``CBNMonitorHook`` logs it.
 
@@ -115,12 +121,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  compensate: bool = True, fallback: str = 'bn', running_stats: str = 'window',
                  statistics_gradients: str = 'closed_form', subsample: int = 2,
-                 monitor: bool = False, device=None, dtype=None, **unknown):
+                 history_dtype: str = 'float32', monitor: bool = False, device=None, dtype=None,
+                 **unknown):
         if unknown:
             raise TypeError(
                 f'CBN got unknown option(s) {sorted(unknown)}; allowed: num_features, eps, momentum, '
                 'affine, track_running_stats, window, compensate, fallback, running_stats, '
-                'statistics_gradients, subsample, monitor (and requires_grad in norm_cfg)')
+                'statistics_gradients, subsample, history_dtype, monitor (and requires_grad in norm_cfg)')
         _check_window('window', window)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ValueError(f'CBN eps must be a positive number, got {eps!r}')
@@ -129,7 +136,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'CBN momentum must be None or a number in [0, 1], got {momentum!r}')
         for name, value, allowed in (('fallback', fallback, _FALLBACKS),
                                      ('running_stats', running_stats, _RUNNING_STATS),
-                                     ('statistics_gradients', statistics_gradients, _STAT_GRADIENTS)):
+                                     ('statistics_gradients', statistics_gradients, _STAT_GRADIENTS),
+                                     ('history_dtype', history_dtype, tuple(_HISTORY_DTYPES))):
             if value not in allowed:
                 raise ValueError(f'CBN {name} must be one of {allowed}, got {value!r}')
         if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 2:
@@ -146,6 +154,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.running_stats = running_stats
         self.statistics_gradients = statistics_gradients
         self.subsample = subsample
+        self.history_dtype = history_dtype
         self._active_window = window
         # The history is state (saved, loaded, moved by .to()) but deliberately not registered as
         # buffers: DDP's broadcast_buffers and mmengine's SyncBuffersHook operate on buffers(), and
@@ -189,8 +198,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._pending_clock = clock  # same process: the open entry is still this iteration's
 
     def extra_repr(self) -> str:
+        extra = '' if self.history_dtype == 'float32' else f', history_dtype={self.history_dtype!r}'
+        if self.statistics_gradients != 'closed_form':
+            extra += f', statistics_gradients={self.statistics_gradients!r}'
         return (f'{super().extra_repr()}, window={self.window}, compensate={self.compensate}, '
-                f'fallback={self.fallback!r}, running_stats={self.running_stats!r}')
+                f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -411,8 +423,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             c_out, c_in, kh, kw, groups = binding.geometry
             self._history['history_patch_mean'] = torch.zeros((slots, c_in, kh, kw), dtype=dtype,
                                                               device=like.device)
-            self._history['history_var_grad'] = torch.zeros((slots, c_out, c_in // groups, kh, kw),
-                                                            dtype=dtype, device=like.device)
+            self._history['history_var_grad'] = torch.zeros(
+                (slots, c_out, c_in // groups, kh, kw),
+                dtype=_HISTORY_DTYPES[self.history_dtype] or dtype, device=like.device)
             self._geometry = binding.geometry
 
     def _statistic_gradients(self, input: Tensor, batch_mean: Tensor,
@@ -473,7 +486,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 compensable = self.history_compensable[slot]
             else:
                 # written straight into the slot: one weight-sized pass, non-finite values never enter
-                torch.where(finite, var_grad.to(dtype), zero, out=slot_grad)
+                if slot_grad.dtype == dtype:
+                    torch.where(finite, var_grad.to(dtype), zero, out=slot_grad)
+                else:
+                    slot_grad.copy_(torch.where(finite, var_grad, zero.to(var_grad.dtype)))
                 patch = torch.where(finite, patch.to(dtype), zero)
                 compensable = torch.ones((), dtype=dtype, device=input.device)
             self.history_patch_mean[slot] = patch
@@ -554,6 +570,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if name == _HISTORY_INDEX:
                 continue
             value = value.detach().to(device=device)
+            if name == 'history_var_grad' and _HISTORY_DTYPES[self.history_dtype] is not None:
+                value = value.to(_HISTORY_DTYPES[self.history_dtype])
+            elif name == 'history_var_grad' and value.dtype == torch.bfloat16:
+                value = value.to(loaded['history_mean'].dtype)
             fresh = value.new_zeros((self._slots, ) + tuple(value.shape[1:]))
             fresh[torch.tensor(dst, dtype=torch.long, device=value.device)] = value[
                 torch.tensor(src, dtype=torch.long, device=value.device)]

@@ -95,6 +95,8 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     then be the patch mean of those positions, which makes the estimate exactly centred on them.
     """
     dtype = _acc_dtype(x)
+    if subsample == 1 and _input_covariance_is_cheaper(conv_input, x, weight, padding, groups):
+        return _variance_weight_gradient_1x1(conv_input, x, patch, weight, stride)
     if subsample > 1:
         x = x[:, :, ::subsample, ::subsample]
         stride = [s * subsample for s in stride]
@@ -106,6 +108,37 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     centring = batch_mean.to(dtype).view(-1, 1, 1, 1) * patch_mean_as_weight(
         patch.to(dtype), w.shape[0], groups)
     return second.mul_(2.0 / count).sub_(centring, alpha=2.0)
+
+
+def _input_covariance_is_cheaper(conv_input: Tensor, x: Tensor, weight: Tensor,
+                                 padding: Sequence[int], groups: int) -> bool:
+    """Whether ``2 θ Cov(y)`` (1×1 conv) costs fewer multiply-adds than the weight-gradient conv."""
+    if weight.shape[2:] != (1, 1) or any(padding) or groups != 1:
+        return False
+    c_out, c_in = weight.shape[:2]
+    positions = x.shape[0] * x.shape[2] * x.shape[3]
+    # Gram matrix C_in²·m plus θ·Cov C_out·C_in², against C_out·C_in·m (with a margin for the copy)
+    return c_in * (positions + c_out) < 0.7 * c_out * positions
+
+
+def _variance_weight_gradient_1x1(conv_input: Tensor, x: Tensor, patch: Tensor, weight: Tensor,
+                                  stride: Sequence[int]) -> Tensor:
+    """``∂var/∂θ = 2 θ Cov(y)`` for a 1×1 conv ``x = θ y + b``: ``2/m Σ (x − μ) yᵀ`` with ``x − μ =
+    θ (y − ȳ)``. ``Cov(y)`` is a ``C_in × C_in`` Gram matrix, cheaper than the weight-gradient conv
+    when ``C_in`` is small against ``C_out`` (a bottleneck's expanding 1×1 conv: 4× fewer).
+    """
+    dtype = _acc_dtype(x)
+    y = conv_input.to(dtype)
+    sh, sw = stride
+    if (sh, sw) != (1, 1):
+        y = y[:, :, :(x.shape[2] - 1) * sh + 1:sh, :(x.shape[3] - 1) * sw + 1:sw]
+    n, c_in = y.shape[:2]
+    flat = y.reshape(n, c_in, -1)
+    positions = n * flat.shape[2]
+    mean = patch.to(dtype).reshape(c_in, 1)
+    cov = torch.bmm(flat, flat.transpose(1, 2)).sum(0).div_(positions).sub_(mean @ mean.T)
+    w = weight.to(dtype).reshape(weight.shape[0], c_in)
+    return (w @ cov).mul_(2.0).reshape(weight.shape)
 
 
 def subsampled_output_size(output_size: Sequence[int], subsample: int) -> Tuple[int, int]:
@@ -160,8 +193,11 @@ def linear_term_mean(patch_means: Tensor, weight: Tensor, bias: Optional[Tensor]
 def linear_term_var(var_grads: Tensor, weight: Tensor) -> Tensor:
     """``<∂var/∂θ, θ>`` per channel for a stack ``(T, C_out, C_in/G, kh, kw)`` → ``(T, C_out)``."""
     t, c_out = var_grads.shape[:2]
-    w = weight.to(var_grads.dtype).reshape(c_out, -1)
-    return torch.einsum('tcd,cd->tc', var_grads.reshape(t, c_out, -1), w)
+    # in the weight's precision (at least float32): gradients stored in bfloat16 are widened, never
+    # the weights narrowed (the difference of two such products is the small Taylor term)
+    dtype = torch.promote_types(torch.promote_types(var_grads.dtype, weight.dtype), torch.float32)
+    w = weight.to(dtype).reshape(c_out, -1)
+    return torch.einsum('tcd,cd->tc', var_grads.to(dtype).reshape(t, c_out, -1), w)
 
 
 def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,

@@ -2,13 +2,17 @@
 
 For each normalizer variant, in a fresh subprocess (so peak memory is its own): median training-step
 time (forward + backward + SGD step), peak memory (CUDA allocator peak on a GPU; on CPU the process's
-peak resident set size, which includes the ~0.5 GB of imported libraries common to all variants),
+peak resident set size, with glibc told to map every allocation above 64 KiB separately
+(``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the RSS and its peak follows the peak of live
+tensors; reported whole and above the RSS after the imports, i.e. without the ~0.5 GB of libraries
+common to all variants), the CBN history's exact size,
 FLOPs of one training step (torch's FlopCounterMode: convolutions and matmuls, CBN's extra
 weight-gradient convolutions included), and median inference time. Ratios are against BN in the
 same run.
 
     .venv/bin/python tools/benchmarks/benchmark_model.py [--arch faster|mask] [--size 320 448]
-        [--images 2] [--rois 128] [--repeats 5] [--variants bn gn cbn-head cbn-all naive-all] [--amp]
+        [--images 2] [--rois 128] [--repeats 5] [--amp]
+        [--variants bn gn cbn-head cbn-all naive-all cbn-all-sub2]
 """
 import argparse
 import json
@@ -30,7 +34,16 @@ VARIANTS = {
     'cbn-head': ('CBN', 'head', {'window': 4}),
     'cbn-all': ('CBN', 'all', {'window': 4}),
     'naive-all': ('CBN', 'all', {'window': 4, 'compensate': False}),
+    'cbn-all-sub2': ('CBN', 'all', {'window': 4, 'statistics_gradients': 'subsampled'}),
 }
+
+
+def _rss_mb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024
+    return float('nan')
 
 
 def build_model(arch, variant, rois):
@@ -63,8 +76,10 @@ def build_model(arch, variant, rois):
 def run_one(args):
     warnings.simplefilter('ignore')
     import cbn_mmdet  # noqa: F401
+    from cbn_mmdet.models import CrossIterationBatchNorm2d
     from mmdet.testing import demo_mm_inputs
     from torch.utils.flop_counter import FlopCounterMode
+    import_mb = _rss_mb()
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     torch.manual_seed(0)
     model = build_model(args.arch, args.variant, args.rois).to(device)
@@ -111,10 +126,14 @@ def run_one(args):
                 infer.append(time.perf_counter() - start)
     if device == 'cuda':
         peak = torch.cuda.max_memory_allocated() / 2**20
+        import_mb = 0.0
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    history = sum(t.numel() * t.element_size() for m in model.modules()
+                  if isinstance(m, CrossIterationBatchNorm2d) for t in m._history.values())
     print(json.dumps(dict(variant=args.variant, train_s=statistics.median(times),
                           infer_s=statistics.median(infer), peak_mb=peak,
+                          above_import_mb=peak - import_mb, history_mb=history / 2**20,
                           gflops=flops.get_total_flops() / 1e9, device=device)))
 
 
@@ -136,7 +155,8 @@ def main():
         cmd = [sys.executable, __file__, '--variant', variant, '--arch', args.arch, '--size',
                *map(str, args.size), '--images', str(args.images), '--rois', str(args.rois),
                '--repeats', str(args.repeats)] + (['--amp'] if args.amp else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f'variant {variant} failed')
@@ -146,12 +166,14 @@ def main():
     print(f'\n{args.arch} R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]}, '
           f'{args.rois} RoIs/image, device {base["device"]}{", AMP" if args.amp else ""}; '
           f'ratios vs {base["variant"]} in the same run\n')
-    print('| variant | train step s | ratio | peak MB | ratio | GFLOPs/step | ratio | inference s | '
-          'ratio |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('| variant | train step s | ratio | peak MB | ratio | peak above imports MB | ratio | '
+          'CBN history MB | GFLOPs/step | ratio | inference s | ratio |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["variant"]} | {r["train_s"]:.3f} | {r["train_s"] / base["train_s"]:.2f} | '
-              f'{r["peak_mb"]:.0f} | {r["peak_mb"] / base["peak_mb"]:.2f} | {r["gflops"]:.1f} | '
+              f'{r["peak_mb"]:.0f} | {r["peak_mb"] / base["peak_mb"]:.2f} | '
+              f'{r["above_import_mb"]:.0f} | {r["above_import_mb"] / base["above_import_mb"]:.2f} | '
+              f'{r["history_mb"]:.0f} | {r["gflops"]:.1f} | '
               f'{r["gflops"] / base["gflops"]:.2f} | {r["infer_s"]:.3f} | '
               f'{r["infer_s"] / base["infer_s"]:.2f} |')
 
