@@ -2,9 +2,16 @@
 
 Each row is a conv shape from ResNet-50/101, FPN or the 4conv1fc head, normalised by BN measured in the
 same run (medians over repeats after warm-up). Also reports the autograd reference path (the authors'
-method: two extra autograd passes) and Naive CBN, and the history memory per layer.
+method: two extra autograd passes), Naive CBN, the approximate modes (``statistics_gradients=
+'subsampled'``, ``history_dtype='bfloat16'``) and the history memory per layer; then, for the
+approximate modes, their compensation error against the exact mode: a shadow layer with the mode runs
+on the same conv outputs as an exact CBN for 6 training steps (only the exact one drives the loss),
+and the table gives mean |var̃_mode − var̃_exact| / mean |var̃_exact − var_recorded| over the past
+entries of the last window, i.e. the error relative to the size of the Taylor correction itself (random
+ReLU inputs; 1 = no better than Naive CBN on average).
 
     .venv/bin/python tools/benchmarks/benchmark_layer.py [--repeats 7] [--windows 2 4 8] [--quick]
+        [--no-accuracy]
 """
 import argparse
 import statistics
@@ -47,8 +54,33 @@ def time_steps(norm_factory, shape, c_out, kernel, stride, repeats, warmup=2):
         if i >= warmup:
             times.append(time.perf_counter() - start)
     history_bytes = sum(t.numel() * t.element_size() for t in getattr(norm, '_history', {}).values())
+    del x
     weight_bytes = conv.weight.numel() * conv.weight.element_size()
     return statistics.median(times), history_bytes / weight_bytes
+
+
+def correction_error(shape, c_out, kernel, stride, steps=6, **options):
+    """Mean error of an approximate mode's compensated variance, relative to the exact correction."""
+    torch.manual_seed(0)
+    n = min(shape[0], 64)  # the head row: 64 RoIs are enough for an estimate and keep this fast
+    shape = (n, ) + tuple(shape[1:])
+    conv = nn.Conv2d(shape[1], c_out, kernel, stride, kernel // 2, bias=False)
+    exact, shadow = CrossIterationBatchNorm2d(c_out, window=4), CrossIterationBatchNorm2d(
+        c_out, window=4, **options)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    target = None
+    for _ in range(steps):
+        out = conv(torch.randn(*shape).relu())
+        y = exact(out)
+        shadow(out)
+        target = torch.randn_like(y) if target is None else target
+        (y * target).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ref, got = exact.past_window(), shadow.past_window()
+    rows = ref['valid'] > 0
+    correction = (ref['var_compensated'] - ref['var'])[rows].abs().mean()
+    return float((got['var_compensated'] - ref['var_compensated'])[rows].abs().mean() / correction)
 
 
 def main():
@@ -57,6 +89,8 @@ def main():
     parser.add_argument('--windows', type=int, nargs='+', default=[2, 4, 8])
     parser.add_argument('--quick', action='store_true', help='first 3 shapes, window 4 only')
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--no-accuracy', action='store_true',
+                        help='skip the compensation-error table of the approximate modes')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +100,8 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of '
           f'{args.repeats} steps after 2 warm-up; time ratio to BN in the same run\n')
     header = '| layer | BN ms | ' + ' | '.join(
-        f'CBN k={k} | autograd k={k} | naive k={k}' for k in windows) + ' | history / weight (k=max) |'
+        f'CBN k={k} | autograd k={k} | naive k={k} | subsampled k={k} | bf16 history k={k}'
+        for k in windows) + ' | history / weight (k=max) | bf16 history / weight |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
     for name, shape, c_out, kernel, stride in shapes:
@@ -81,8 +116,26 @@ def main():
                 args.repeats)
             naive, _ = time_steps(lambda c: CrossIterationBatchNorm2d(c, window=k, compensate=False),
                                   shape, c_out, kernel, stride, args.repeats)
-            cells += [f'{cbn / bn:.2f}x', f'{ref / bn:.2f}x', f'{naive / bn:.2f}x']
-        print(f'| {name} | {bn * 1e3:.1f} | ' + ' | '.join(cells) + f' | {mem:.2f} |', flush=True)
+            sub, _ = time_steps(lambda c: CrossIterationBatchNorm2d(
+                c, window=k, statistics_gradients='subsampled'), shape, c_out, kernel, stride,
+                args.repeats)
+            half, mem_half = time_steps(lambda c: CrossIterationBatchNorm2d(
+                c, window=k, history_dtype='bfloat16'), shape, c_out, kernel, stride, args.repeats)
+            cells += [f'{t / bn:.2f}x' for t in (cbn, ref, naive, sub, half)]
+        print(f'| {name} | {bn * 1e3:.1f} | ' + ' | '.join(cells) + f' | {mem:.2f} | {mem_half:.2f} |',
+              flush=True)
+    if args.no_accuracy:
+        return
+    print('\nCompensation error of the approximate modes against the exact one (k = 4, random ReLU '
+          'inputs, 6 SGD steps): mean |var~_mode - var~_exact| / mean |var~_exact - var_recorded|\n')
+    print('| layer | subsampled (every 2nd row/column) | subsampled 3 | bfloat16 history |')
+    print('|---|---|---|---|')
+    for name, shape, c_out, kernel, stride in shapes:
+        errors = [correction_error(shape, c_out, kernel, stride, statistics_gradients='subsampled'),
+                  correction_error(shape, c_out, kernel, stride, statistics_gradients='subsampled',
+                                   subsample=3),
+                  correction_error(shape, c_out, kernel, stride, history_dtype='bfloat16')]
+        print(f'| {name} | ' + ' | '.join(f'{e:.3f}' for e in errors) + ' |', flush=True)
 
 
 if __name__ == '__main__':
