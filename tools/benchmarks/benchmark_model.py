@@ -11,7 +11,7 @@ weight-gradient convolutions included), and median inference time. Ratios are ag
 same run.
 
     .venv/bin/python tools/benchmarks/benchmark_model.py [--arch faster|mask] [--size 320 448]
-        [--images 2] [--rois 128] [--repeats 5] [--amp]
+        [--images 2] [--rois 128] [--repeats 5] [--warmup 2] [--skip-flops] [--skip-inference] [--amp]
         [--variants bn gn cbn-head cbn-all naive-all cbn-all-sub2]
 """
 import argparse
@@ -34,6 +34,7 @@ VARIANTS = {
     'cbn-head': ('CBN', 'head', {'window': 4}),
     'cbn-all': ('CBN', 'all', {'window': 4}),
     'naive-all': ('CBN', 'all', {'window': 4, 'compensate': False}),
+    'cbn-all-bf16': ('CBN', 'all', {'window': 4, 'history_dtype': 'bfloat16'}),
     'cbn-all-sub2': ('CBN', 'all', {'window': 4, 'statistics_gradients': 'subsampled'}),
 }
 
@@ -104,25 +105,28 @@ def run_one(args):
 
     model.train()
     times = []
-    for i in range(2 + args.repeats):
+    for i in range(args.warmup + args.repeats):
         sync()
         start = time.perf_counter()
         train_step()
         sync()
-        if i >= 2:
+        if i >= args.warmup:
             times.append(time.perf_counter() - start)
     flops = FlopCounterMode(display=False)
-    with flops:
-        train_step()
+    if not args.skip_flops:
+        with flops:
+            train_step()
     model.eval()
-    infer = []
+    infer = [float('nan')]
     with torch.no_grad():
-        for i in range(2 + args.repeats):
+        for i in range(0 if args.skip_inference else args.warmup + args.repeats):
+            if i == 0:
+                infer = []
             sync()
             start = time.perf_counter()
             model.predict(data['inputs'], data['data_samples'])
             sync()
-            if i >= 2:
+            if i >= args.warmup:
                 infer.append(time.perf_counter() - start)
     if device == 'cuda':
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -145,6 +149,9 @@ def main():
     parser.add_argument('--rois', type=int, default=128, help='RoIs sampled per image for the heads')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps before the timed ones')
+    parser.add_argument('--skip-flops', action='store_true')
+    parser.add_argument('--skip-inference', action='store_true')
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--variant', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,7 +161,9 @@ def main():
     for variant in args.variants:
         cmd = [sys.executable, __file__, '--variant', variant, '--arch', args.arch, '--size',
                *map(str, args.size), '--images', str(args.images), '--rois', str(args.rois),
-               '--repeats', str(args.repeats)] + (['--amp'] if args.amp else [])
+               '--repeats', str(args.repeats), '--warmup', str(args.warmup)] + [
+                   flag for flag, on in (('--amp', args.amp), ('--skip-flops', args.skip_flops),
+                                         ('--skip-inference', args.skip_inference)) if on]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
@@ -174,7 +183,8 @@ def main():
               f'{r["peak_mb"]:.0f} | {r["peak_mb"] / base["peak_mb"]:.2f} | '
               f'{r["above_import_mb"]:.0f} | {r["above_import_mb"] / base["above_import_mb"]:.2f} | '
               f'{r["history_mb"]:.0f} | {r["gflops"]:.1f} | '
-              f'{r["gflops"] / base["gflops"]:.2f} | {r["infer_s"]:.3f} | '
+              f'{r["gflops"] / base["gflops"] if base["gflops"] else float("nan"):.2f} | '
+              f'{r["infer_s"]:.3f} | '
               f'{r["infer_s"] / base["infer_s"]:.2f} |')
 
 
