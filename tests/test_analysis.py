@@ -287,3 +287,110 @@ def test_one_value_per_channel_is_reported_not_raised():
         assert r['diverged'] and 'more than 1 value per channel' in r['failure'], r
     r = bst.train_one('GN', 1, 0, args, data, max_iters=3)
     assert r['failure'] is None and r['iters'] == 3 and 0 <= r['test_acc'] <= 1
+
+
+# ---------------------------------------------------------------------------- item 4: detection analog
+def analog_settings(**over):
+    da = script('detection_analog')
+    settings = dict(batch_size=2, iters=40, burn_in=10, warmup=5, lr=0.02, window=4, gn_groups=16,
+                    data_root='data/demo_shapes', generation=da.DEMO_DATA, small_rois=False)
+    settings.update(over)
+    return settings
+
+
+@pytest.mark.parametrize('variant', ['BN', 'GN-heads', 'NaiveCBN-heads', 'CBN-heads', 'GN-all',
+                                     'NaiveCBN-all', 'CBN-all'])
+def test_detection_analog_variant_configs(variant, tmp_path):
+    """Each variant's config puts its normalizer where it says (counted in the built detector), has the
+    burn-in hook exactly when it has a CBN layer, and the short schedule / batch / seed asked for."""
+    da = script('detection_analog')
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    cfg = da.build_config(variant, 3, analog_settings(batch_size=1), str(tmp_path))
+    heads, backbone = da.VARIANTS[variant]
+    census = da.norm_census(MODELS.build(cfg.model))
+    # slim ResNet-18: stem + 8 blocks × 2 + 3 downsamples = 20 norms; FPN: 4 lateral + 4 output convs;
+    # Shared4Conv1FCBBoxHead: 4 convs; the RPN head has none
+    assert census == {'backbone': {backbone: 20}, 'neck': {heads: 8}, 'rpn_head': {}, 'roi_head': {heads: 4}}
+    hooks = [h['type'] for h in cfg.custom_hooks]
+    assert ('CBNBurnInHook' in hooks) == ('CBN' in heads or 'CBN' in backbone) == da.uses_cbn(variant)
+    if 'CBNBurnInHook' in hooks:
+        burn = next(h for h in cfg.custom_hooks if h['type'] == 'CBNBurnInHook')
+        assert burn['burn_in'] == 10 and burn['by_epoch'] is False
+    assert 'RNGStateHook' in hooks
+    if heads == 'GN':
+        assert cfg.model.neck.norm_cfg == dict(type='GN', num_groups=16, requires_grad=True)
+    if 'CBN' in heads:
+        assert cfg.model.roi_head.bbox_head.norm_cfg['window'] == 4
+        assert cfg.model.neck.norm_cfg.get('compensate', True) == (heads == 'CBN')
+    assert cfg.train_cfg.max_iters == 40 and cfg.train_cfg.val_interval == 40
+    assert cfg.param_scheduler[0]['end'] == 5 and cfg.param_scheduler[1]['milestones'] == [30, 36]
+    assert cfg.optim_wrapper.optimizer.lr == 0.02
+    assert cfg.train_dataloader.batch_size == 1 and cfg.randomness.seed == 3
+    assert cfg.default_hooks.checkpoint is None and cfg.work_dir == str(tmp_path)
+
+
+def test_detection_analog_summary_by_hand():
+    """Mean and sample std over the seeds that have a result; failed runs are listed, missing seeds too."""
+    da = script('detection_analog')
+    runs = [dict(variant='BN', seed=s, failure=None, bbox_mAP=ap, bbox_mAP_50=ap + 0.1, bbox_mAP_75=ap / 2,
+                 wall_seconds=10.0 * (s + 1), iter_seconds=0.1, final_loss=1.0) for s, ap in ((0, 0.2), (1, 0.4))]
+    runs.append(dict(variant='GN-heads', seed=0, failure='ValueError: x', bbox_mAP=None, bbox_mAP_50=None,
+                     bbox_mAP_75=None))
+    summary = da.summarize(['BN', 'GN-heads'], [0, 1, 2], runs)
+    bn = summary['BN']
+    assert bn['seeds'] == [0, 1] and bn['missing'] == [2] and bn['failures'] == {}
+    assert bn['bbox_mAP']['values'] == [0.2, 0.4]
+    assert bn['bbox_mAP']['mean'] == pytest.approx(0.3) and bn['bbox_mAP']['std'] == pytest.approx(0.02 ** 0.5)
+    assert bn['bbox_mAP_50']['mean'] == pytest.approx(0.4) and bn['seconds_per_run'] == pytest.approx(15.0)
+    gn = summary['GN-heads']
+    assert gn['failures'] == {'0': 'ValueError: x'} and gn['missing'] == [1, 2]
+    assert gn['bbox_mAP']['values'] == [None] and gn['bbox_mAP']['mean'] != gn['bbox_mAP']['mean']  # NaN
+    assert da.cell(bn['bbox_mAP']) == '30.0 ± 14.1' and da.cell(gn['bbox_mAP']) == '–'
+
+
+@pytest.mark.slow
+def test_detection_analog_quick(tmp_path):
+    """--quick trains BN and CBN-heads for 20 iterations on tiny data (two subprocesses) and evaluates;
+    the table and JSON agree with the per-run result files; a second call reruns nothing, and a call
+    with other settings reruns only the runs it asks for."""
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    stdout, data, md = run('detection_analog', out, '--work-dir', str(work))
+    da = script('detection_analog')
+    metrics = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
+    assert set(data['summary']) == {'BN', 'CBN-heads'} and len(data['runs']) == 2
+    assert '2 run(s) to do, 0 done before' in stdout
+    for variant in ('BN', 'CBN-heads'):
+        path = work / 'bs2' / variant / 'seed0' / 'result.json'
+        with open(path) as f:
+            result = json.load(f)
+        assert result['failure'] is None and result['loss_finite'], result
+        assert result['settings'] == data['settings'] and result['settings']['iters'] == 20
+        for m in metrics:
+            assert 0.0 <= result[m] <= 1.0, result
+            entry = data['summary'][variant][m]
+            assert entry['values'] == [result[m]] and entry['mean'] == result[m] and entry['std'] == 0.0
+        heads, backbone = da.VARIANTS[variant]
+        assert result['norms'] == {'backbone': {'BN': 20}, 'neck': {heads: 8}, 'rpn_head': {},
+                                   'roi_head': {heads: 4}}
+        assert result['burn_in_hook'] == (variant == 'CBN-heads')
+        row = (f"| {variant} | {da.LABELS[heads]} | BN | " +
+               ' | '.join(da.cell(data['summary'][variant][m]) for m in metrics) + ' | 1/1 |')
+        assert row in md and row in stdout, (row, md)
+        assert osp.isfile(work / 'bs2' / variant / 'seed0' / 'config.py')
+    with open(work / 'bs2' / 'CBN-heads' / 'seed0' / 'stdout.log') as f:
+        log = f.read()
+    assert 'CBNBurnInHook: 12 CBN layers now use CBN with window 4 at iteration 5' in log
+    assert_png(osp.join(out, 'detection_analog.png'))
+
+    # resume: nothing left to do, same numbers
+    stdout2, data2, _ = run('detection_analog', out, '--work-dir', str(work))
+    assert '0 run(s) to do, 2 done before' in stdout2
+    assert data2['summary'] == data['summary']
+    # other settings: only the asked-for run is redone, the other result stays
+    stdout3, data3, _ = run('detection_analog', out, '--work-dir', str(work), '--variants', 'BN',
+                            '--iters', '10')
+    assert '1 run(s) to do, 0 done before' in stdout3 and data3['runs'][0]['settings']['iters'] == 10
+    with open(work / 'bs2' / 'CBN-heads' / 'seed0' / 'result.json') as f:
+        assert json.load(f)['settings']['iters'] == 20
