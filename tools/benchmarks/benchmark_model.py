@@ -1,11 +1,11 @@
 """Model-level cost of CBN (the paper's Table 8 analog): Faster/Mask R-CNN R50-FPN with 4conv1fc heads.
 
 For each normalizer variant, in a fresh subprocess (so peak memory is its own): median training-step
-time (forward + backward + SGD step), peak memory (CUDA allocator peak on a GPU; on CPU the process's
-peak resident set size, with glibc told to map every allocation above 64 KiB separately
-(``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the RSS and its peak follows the peak of live
-tensors; reported whole and above the RSS after the imports, i.e. without the ~0.5 GB of libraries
-common to all variants), the CBN history's exact size,
+time (forward + backward + SGD step), peak memory (CUDA allocator peak on a GPU; on CPU the peak
+resident set size of a second process that runs one warm-up and one training step with glibc told to
+map every allocation above 64 KiB separately (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave
+the RSS and its peak follows the peak of live tensors; reported whole and above the RSS after the
+imports, i.e. without the ~0.35 GB of libraries common to all variants), the CBN history's exact size,
 FLOPs of one training step (torch's FlopCounterMode: convolutions and matmuls, CBN's extra
 weight-gradient convolutions included), and median inference time. Ratios are against BN in the
 same run.
@@ -141,6 +141,14 @@ def run_one(args):
                           gflops=flops.get_total_flops() / 1e9, device=device)))
 
 
+def _run(cmd, variant, env):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f'variant {variant} failed')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--arch', choices=['faster', 'mask'], default='faster')
@@ -152,6 +160,8 @@ def main():
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps before the timed ones')
     parser.add_argument('--skip-flops', action='store_true')
     parser.add_argument('--skip-inference', action='store_true')
+    parser.add_argument('--no-memory', action='store_true',
+                        help='CPU: take the peak RSS from the timing run (no separate memory run)')
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--variant', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,12 +174,15 @@ def main():
                '--repeats', str(args.repeats), '--warmup', str(args.warmup)] + [
                    flag for flag, on in (('--amp', args.amp), ('--skip-flops', args.skip_flops),
                                          ('--skip-inference', args.skip_inference)) if on]
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f'variant {variant} failed')
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(_run(cmd, variant, os.environ))
+        if not torch.cuda.is_available() and not args.no_memory:
+            # Peak memory in its own process: with every allocation above 64 KiB mapped separately,
+            # freed tensors leave the RSS, so its peak follows the live tensors (this slows allocation
+            # down, so the timings come from the run above, with glibc's default behaviour).
+            memory_cmd = cmd[:cmd.index('--repeats')] + [
+                '--repeats', '1', '--warmup', '1', '--skip-flops', '--skip-inference']
+            memory = _run(memory_cmd, variant, dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536'))
+            rows[-1].update(peak_mb=memory['peak_mb'], above_import_mb=memory['above_import_mb'])
         print(f'# {variant}: {rows[-1]}', flush=True)
     base = rows[0]
     print(f'\n{args.arch} R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]}, '
