@@ -12,6 +12,7 @@ same run.
 
     .venv/bin/python tools/benchmarks/benchmark_model.py [--arch faster|mask] [--size 320 448]
         [--images 2] [--rois 128] [--repeats 5] [--warmup 2] [--skip-flops] [--skip-inference] [--amp]
+        [--interleave]
         [--variants bn gn cbn-head cbn-all naive-all cbn-all-sub2]
 """
 import argparse
@@ -72,6 +73,46 @@ def build_model(arch, variant, rois):
         model.roi_head.mask_head.norm_cfg = norm_cfg
     model.train_cfg.rcnn.sampler.num = rois
     return MODELS.build(model)
+
+
+def run_interleaved(args):
+    """Training-step times of all variants in one process, in rounds (each round times one step of
+    every variant, in turn), so that drifts of the machine's speed hit every variant alike."""
+    warnings.simplefilter('ignore')
+    import cbn_mmdet  # noqa: F401
+    from mmdet.testing import demo_mm_inputs
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    steps = {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        model = build_model(args.arch, variant, args.rois).to(device).train()
+        packed = demo_mm_inputs(batch_size=args.images, image_shapes=[(3, *args.size)] * args.images,
+                                num_items=[5] * args.images, num_classes=80,
+                                with_mask=args.arch == 'mask')
+        data = model.data_preprocessor(packed, True)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def train_step(model=model, data=data, opt=opt):
+            with torch.autocast(device, enabled=args.amp,
+                                dtype=torch.float16 if device == 'cuda' else torch.bfloat16):
+                losses = model.loss(data['inputs'], data['data_samples'])
+            loss, _ = model.parse_losses(losses)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        steps[variant] = train_step
+    times = {v: [] for v in steps}
+    for i in range(args.warmup + args.repeats):
+        for variant, step in steps.items():
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[variant].append(time.perf_counter() - start)
+    print(json.dumps({v: statistics.median(t) for v, t in times.items()}))
 
 
 def run_one(args):
@@ -163,15 +204,23 @@ def main():
     parser.add_argument('--no-memory', action='store_true',
                         help='CPU: take the peak RSS from the timing run (no separate memory run)')
     parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--interleave', action='store_true',
+                        help='time the training steps of all variants in one process, round-robin '
+                        '(memory, FLOPs and inference still come from one process per variant)')
     parser.add_argument('--variant', help=argparse.SUPPRESS)
+    parser.add_argument('--run-interleaved', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_interleaved:
+        return run_interleaved(args)
     if args.variant:
         return run_one(args)
     rows = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, '--variant', variant, '--arch', args.arch, '--size',
                *map(str, args.size), '--images', str(args.images), '--rois', str(args.rois),
-               '--repeats', str(args.repeats), '--warmup', str(args.warmup)] + [
+               # with --interleave the step times come from the interleaved run below
+               '--repeats', str(1 if args.interleave else args.repeats),
+               '--warmup', str(1 if args.interleave else args.warmup)] + [
                    flag for flag, on in (('--amp', args.amp), ('--skip-flops', args.skip_flops),
                                          ('--skip-inference', args.skip_inference)) if on]
         rows.append(_run(cmd, variant, os.environ))
@@ -184,10 +233,20 @@ def main():
             memory = _run(memory_cmd, variant, dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536'))
             rows[-1].update(peak_mb=memory['peak_mb'], above_import_mb=memory['above_import_mb'])
         print(f'# {variant}: {rows[-1]}', flush=True)
+    if args.interleave:
+        cmd = [sys.executable, __file__, '--run-interleaved', '--variants', *args.variants, '--arch',
+               args.arch, '--size', *map(str, args.size), '--images', str(args.images), '--rois',
+               str(args.rois), '--repeats', str(args.repeats), '--warmup', str(args.warmup)] + (
+                   ['--amp'] if args.amp else [])
+        medians = _run(cmd, 'interleaved', os.environ)
+        for r in rows:
+            r['train_s'] = medians[r['variant']]
+        print(f'# interleaved step times: {medians}', flush=True)
     base = rows[0]
     print(f'\n{args.arch} R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]}, '
           f'{args.rois} RoIs/image, device {base["device"]}{", AMP" if args.amp else ""}; '
-          f'ratios vs {base["variant"]} in the same run\n')
+          f'ratios vs {base["variant"]} in the same run'
+          f'{"; step times interleaved in one process" if args.interleave else ""}\n')
     print('| variant | train step s | ratio | peak MB | ratio | peak above imports MB | ratio | '
           'CBN history MB | GFLOPs/step | ratio | inference s | ratio |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
