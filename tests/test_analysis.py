@@ -211,6 +211,93 @@ def test_window_statistics_cbn_matches_compensation():
         opt.step()
 
 
+# ---------------------------------------------------------------------------- item 1: the demo detector
+DETECTOR_LAYER_TYPES = {'FPN lateral': 4, 'FPN output': 4, 'box head conv': 4}
+
+
+@pytest.fixture(scope='module')
+def detector_statistics(tmp_path_factory):
+    out = tmp_path_factory.mktemp('detector_statistics')
+    return out, *run('detector_statistics', out, '--ks', '2', '--work-dir', str(out / 'work'))
+
+
+@pytest.fixture(scope='module')
+def detector_statistics_lr0(tmp_path_factory):
+    out = tmp_path_factory.mktemp('detector_statistics_lr0')
+    return out, *run('detector_statistics', out, '--ks', '3', '--lr', '0', '--work-dir', str(out / 'work'))
+
+
+def test_detector_statistics_pool_is_equal_weight_window():
+    """The oracle pools k batches with weight 1/k each: for equal-size batches, the moments of all values."""
+    ds = script('detector_statistics')
+    from cbn_mmdet.ops.statistics import batch_moments
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 3, 4, 4) * (i + 1) + i for i in range(4)]
+    mean, var = ds.pool([batch_moments(b) for b in batches])
+    all_values = torch.cat(batches).double()
+    torch.testing.assert_close(mean, all_values.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, all_values.var(dim=(0, 2, 3), unbiased=False))
+    assert ds.layer_type('neck.lateral_convs.3.bn') == 'FPN lateral'
+    assert ds.layer_type('roi_head.bbox_head.shared_convs.0.bn') == 'box head conv'
+
+
+def test_detector_statistics_outputs(detector_statistics):
+    """--quick trains the demo detector (tiny data) with CBN k=2 and measures; the oracle reproduces the
+    training forward of the current batch in every CBN layer; the JSON means are the records' means."""
+    out, stdout, data, md = detector_statistics
+    checks, records = data['checks'], data['records']
+    assert len(checks) >= 2
+    for c in checks:
+        # the oracle's newest batch (current weights, every norm fixed at what it used at t) is the
+        # training forward: its statistics equal what each CBN layer recorded (FPN and box head)
+        assert c['current_batch_fixed'] < 1e-4 and c['current_batch_batch-BN'] < 1e-4, c
+        assert c['used_vs_running'] < 1e-4, c  # window_moments(...) is what CBN normalised with
+        assert len(c['rois']) == 2 and min(c['rois']) > 0
+    layers = list(dict.fromkeys(r['layer'] for r in records))
+    types = [script('detector_statistics').layer_type(name) for name in layers]
+    assert {t: types.count(t) for t in types} == DETECTOR_LAYER_TYPES
+    assert len(records) == len(checks) * 12 * 4 * 2  # layers x methods x oracles
+    assert all(r['e_mu'] >= 0 and r['e_sigma'] >= 0 for r in records)
+    # the BN estimate (one batch) is not the window's: a nonzero error somewhere
+    assert max(r['e_mu'] for r in records if r['method'] == 'BN') > 1e-3
+    summary = data['summary']
+    for oracle in ('fixed', 'batch-BN'):
+        for method in ('CBN', 'Naive CBN', 'BN', 'Own-layer exact'):
+            sel = [r for r in records if r['oracle'] == oracle and r['method'] == method]
+            entry = summary['overall'][oracle]['2'][method]
+            assert entry['n'] == len(sel) == len(checks) * 12
+            assert entry['e_mu'] == pytest.approx(sum(r['e_mu'] for r in sel) / len(sel), rel=1e-12)
+            assert entry['e_sigma'] == pytest.approx(sum(r['e_sigma'] for r in sel) / len(sel), rel=1e-12)
+            for name in layers:
+                one = [r['e_mu'] for r in sel if r['layer'] == name]
+                assert summary['per_layer'][oracle]['2'][name][method]['e_mu'] == pytest.approx(
+                    sum(one) / len(one), rel=1e-12)
+    row = summary['overall']['fixed']['2']
+    line = f"| 2 | {len(checks)} | {script('common').fmt(row['CBN']['e_mu'])} |"
+    assert line in md and line in stdout
+    assert 'Per layer, k = 2' in md and 'By layer type' in md
+    assert_png(osp.join(out, 'detector_statistics.png'))
+
+
+def test_detector_statistics_known_answers_at_lr0(detector_statistics_lr0):
+    """Learning rate 0: the weights never change, so CBN = Naive CBN (nothing to compensate), and for the
+    FPN's lateral layers (inputs: backbone outputs) the oracle with per-batch backbone BN *is* the
+    recorded past: CBN, Naive CBN and own-layer exact meet it to float rounding, BN (one batch) does not."""
+    _, _, data, _ = detector_statistics_lr0
+    records = data['records']
+    assert len(data['checks']) >= 2
+    table = {(r['iter'], r['layer'], r['oracle'], r['method']): r for r in records}
+    for (it, layer, oracle, method), r in table.items():
+        if method == 'CBN':
+            naive = table[(it, layer, oracle, 'Naive CBN')]
+            assert abs(r['e_mu'] - naive['e_mu']) < 1e-6 and abs(r['e_sigma'] - naive['e_sigma']) < 1e-6
+        if oracle == 'batch-BN' and r['layer_type'] == 'FPN lateral':
+            if method == 'BN':
+                assert r['e_mu'] > 1e-3, r
+            else:
+                assert r['e_mu'] < 1e-4 and r['e_sigma'] < 1e-4, r
+
+
 # ---------------------------------------------------------------------------- item 2: gradient ratios
 def test_gradient_ratios_outputs(tmp_path):
     stdout, data, md = run('gradient_ratios', tmp_path)
