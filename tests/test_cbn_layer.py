@@ -272,9 +272,8 @@ def test_several_calls_in_one_iteration_are_pooled():
     torch.testing.assert_close(split[1], whole[1])
 
 
-def test_later_calls_of_an_iteration_see_the_whole_window():
-    """The first call overwrites the oldest entry (window - 1 slots), yet a second call of the same
-    iteration normalises with all window - 1 past iterations, compensated to the same weights."""
+def _full_window3():
+    """A conv + CBN(window=3) trained 3 iterations: the window is full."""
     conv = nn.Conv2d(3, 5, 3, padding=1).double()
     norm = CBN(5, window=3).double()
     opt = torch.optim.SGD(conv.parameters(), lr=0.2)
@@ -282,6 +281,13 @@ def test_later_calls_of_an_iteration_see_the_whole_window():
         norm(conv(x)).square().mean().backward()
         opt.step()
         opt.zero_grad()
+    return conv, norm
+
+
+def test_later_calls_of_an_iteration_see_the_whole_window():
+    """The first call overwrites the oldest entry (window - 1 slots), yet a second call of the same
+    iteration normalises with all window - 1 past iterations, compensated to the same weights."""
+    conv, norm = _full_window3()
     a, b = _batches(2, seed=12)
     fresh = copy.deepcopy(norm)  # the layer before this iteration: b alone as the first call
     expected = fresh(conv(b))
@@ -293,13 +299,7 @@ def test_later_calls_of_an_iteration_see_the_whole_window():
 
 
 def test_weights_changed_within_an_iteration_warn_and_drop_oldest():
-    conv = nn.Conv2d(3, 5, 3, padding=1).double()
-    norm = CBN(5, window=3, momentum=1.0).double()
-    opt = torch.optim.SGD(conv.parameters(), lr=0.2)
-    for x in _batches(3, seed=11):
-        norm(conv(x)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+    conv, norm = _full_window3()
     a, b = _batches(2, seed=12)
     norm(conv(a))
     with torch.no_grad():

@@ -75,32 +75,38 @@ def build_model(arch, variant, rois):
     return MODELS.build(model)
 
 
+def prepare(args, variant, device):
+    """``(model, data, train_step)`` for one variant: the model, a fixed batch and an SGD step."""
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(0)
+    model = build_model(args.arch, variant, args.rois).to(device)
+    packed = demo_mm_inputs(batch_size=args.images, image_shapes=[(3, *args.size)] * args.images,
+                            num_items=[5] * args.images, num_classes=80,
+                            with_mask=args.arch == 'mask')
+    data = model.data_preprocessor(packed, True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_step():
+        with torch.autocast(device, enabled=args.amp,
+                            dtype=torch.float16 if device == 'cuda' else torch.bfloat16):
+            losses = model.loss(data['inputs'], data['data_samples'])
+        loss, _ = model.parse_losses(losses)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, data, train_step
+
+
 def run_interleaved(args):
     """Training-step times of all variants in one process, in rounds (each round times one step of
     every variant, in turn), so that drifts of the machine's speed hit every variant alike."""
     warnings.simplefilter('ignore')
     import cbn_mmdet  # noqa: F401
-    from mmdet.testing import demo_mm_inputs
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     steps = {}
     for variant in args.variants:
-        torch.manual_seed(0)
-        model = build_model(args.arch, variant, args.rois).to(device).train()
-        packed = demo_mm_inputs(batch_size=args.images, image_shapes=[(3, *args.size)] * args.images,
-                                num_items=[5] * args.images, num_classes=80,
-                                with_mask=args.arch == 'mask')
-        data = model.data_preprocessor(packed, True)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-        def train_step(model=model, data=data, opt=opt):
-            with torch.autocast(device, enabled=args.amp,
-                                dtype=torch.float16 if device == 'cuda' else torch.bfloat16):
-                losses = model.loss(data['inputs'], data['data_samples'])
-            loss, _ = model.parse_losses(losses)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        steps[variant] = train_step
+        model, _, steps[variant] = prepare(args, variant, device)
+        model.train()
     times = {v: [] for v in steps}
     for i in range(args.warmup + args.repeats):
         for variant, step in steps.items():
@@ -119,26 +125,10 @@ def run_one(args):
     warnings.simplefilter('ignore')
     import cbn_mmdet  # noqa: F401
     from cbn_mmdet.models import CrossIterationBatchNorm2d
-    from mmdet.testing import demo_mm_inputs
     from torch.utils.flop_counter import FlopCounterMode
     import_mb = _rss_mb()
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    torch.manual_seed(0)
-    model = build_model(args.arch, args.variant, args.rois).to(device)
-    packed = demo_mm_inputs(batch_size=args.images, image_shapes=[(3, *args.size)] * args.images,
-                            num_items=[5] * args.images, num_classes=80,
-                            with_mask=args.arch == 'mask')
-    data = model.data_preprocessor(packed, True)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def train_step():
-        with torch.autocast(device, enabled=args.amp,
-                            dtype=torch.float16 if device == 'cuda' else torch.bfloat16):
-            losses = model.loss(data['inputs'], data['data_samples'])
-        loss, _ = model.parse_losses(losses)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    model, data, train_step = prepare(args, args.variant, device)
 
     def sync():
         if device == 'cuda':
