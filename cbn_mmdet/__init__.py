@@ -1,12 +1,14 @@
-"""cbn_mmdet: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for mmdetection 3.x.
+"""cbn_mmdet: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for PyTorch and mmdetection 3.x.
 
-Importing the package registers everything it provides into the OpenMMLab registries (configs say
-``custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)``) and applies the
-compatibility fixes the stack needs on current torch (see :mod:`cbn_mmdet.compat`).
+The layers need torch only. Where mmengine/mmdet are installed, importing the package also registers
+them and the hooks in the OpenMMLab registries (configs say ``custom_imports =
+dict(imports=['cbn_mmdet'], allow_failed_imports=False)``) and applies the compatibility fixes the
+stack needs: all listed in :mod:`cbn_mmdet.openmmlab`.
 """
-from . import compat  # noqa: F401  (first: patches must be in place before anything loads checkpoints)
-from . import datasets  # noqa: F401
-from . import models  # noqa: F401
-from . import engine  # noqa: F401
+from . import models, openmmlab
+from .models import BatchRenorm2d, CrossIterationBatchNorm2d, convert_to_cbn
 
 __version__ = '0.1.0'
+__all__ = ['CrossIterationBatchNorm2d', 'BatchRenorm2d', 'convert_to_cbn', '__version__']
+
+openmmlab.setup()

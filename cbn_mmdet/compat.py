@@ -119,6 +119,8 @@ def checkpoint_safe_globals() -> list:
 
 
 def _allow_mmengine_checkpoint_globals() -> None:
+    if not hasattr(torch.serialization, 'add_safe_globals'):
+        return  # torch < 2.4: torch.load defaults to weights_only=False, nothing is refused
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
 
 
@@ -190,13 +192,10 @@ _FIXES = (
 
 
 def apply() -> None:
-    """Apply every fix once (idempotent). Called by ``import cbn_mmdet``."""
+    """Apply every fix once (idempotent). Called by ``import cbn_mmdet`` when mmengine is installed."""
     for name, fix in _FIXES:
         if name in _applied:
             continue
         fix()
         _applied.add(name)
         logging.getLogger(__name__).debug('cbn_mmdet.compat: applied %s', name)
-
-
-apply()

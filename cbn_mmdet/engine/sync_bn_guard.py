@@ -38,6 +38,3 @@ _original = _runner_module.convert_sync_batchnorm
 def install() -> None:
     """Make mmengine's runner use the guarded conversion (idempotent)."""
     _runner_module.convert_sync_batchnorm = _guarded_convert_sync_batchnorm
-
-
-install()

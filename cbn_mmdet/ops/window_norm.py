@@ -9,8 +9,13 @@ times BN's, which gives
 
 i.e. BN's training backward evaluated at the window statistics with the batch-mean terms divided by
 ``k``. On CUDA this is SyncBN's pair of kernels (``batch_norm_backward_reduce`` and ``_elemt`` with a
-count of ``k·m``); on CPU one fused reduction and two fused elementwise passes.
+count of ``k·m``), reached through :data:`cuda_kernels` so that CPU tests can substitute stand-ins
+with the kernels' dtype rules; on CPU one fused reduction and two fused elementwise passes.
+
+Statistics are float32 (float64 for float64 input) whatever the precision of the input and of ``γ, β``
+(a half-precision module, or AMP), as in torch's BN kernels.
 """
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
@@ -19,12 +24,29 @@ from torch.autograd.function import once_differentiable
 
 from .statistics import batch_moments, window_moments
 
-__all__ = ['WindowBatchNormFunction', 'window_batch_norm', 'window_batch_norm_reference']
+__all__ = ['WindowBatchNormFunction', 'window_batch_norm', 'window_batch_norm_reference',
+           'cuda_kernels', 'statistics_dtype']
+
+#: The two CUDA kernels of the backward (torch's, used by SyncBatchNorm). Tests replace them with
+#: Python implementations that follow the same dtype and shape rules.
+cuda_kernels = SimpleNamespace(backward_reduce=torch.batch_norm_backward_reduce,
+                               backward_elemt=torch.batch_norm_backward_elemt)
+
+
+def statistics_dtype(x: Tensor) -> torch.dtype:
+    """Precision of CBN's statistics for an input ``x``: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
                eps: float) -> Tensor:
-    """``γ (x − μ̄)/sqrt(σ̄² + ε) + β`` with torch's inference kernel (ε inside the root, Eq. 12)."""
+    """``γ (x − μ̄)/sqrt(σ̄² + ε) + β`` with torch's inference kernel (ε inside the root, Eq. 12).
+
+    ``γ, β`` are taken in the statistics' precision: torch's kernels accept a reduced-precision input
+    with float32 parameters and statistics, not reduced-precision parameters with float32 statistics.
+    """
+    weight = None if weight is None else weight.to(mean.dtype)
+    bias = None if bias is None else bias.to(mean.dtype)
     return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
                             torch.backends.cudnn.enabled)
 
@@ -33,12 +55,16 @@ class WindowBatchNormFunction(torch.autograd.Function):
     """Normalise ``x`` with window statistics; returns ``(y, μ_t, var_t, μ̄, σ̄², k)``.
 
     Only ``y`` is differentiable; the statistics are returned for the history and running stats.
+    ``batch_mean, batch_var`` are the moments of ``x`` when the caller has them already (else
+    computed here).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
-                past_var: Tensor, past_valid: Tensor, eps: float):
-        batch_mean, batch_var = batch_moments(x)
+                past_var: Tensor, past_valid: Tensor, eps: float, batch_mean: Optional[Tensor],
+                batch_var: Optional[Tensor]):
+        if batch_mean is None:
+            batch_mean, batch_var = batch_moments(x)
         mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
         y = _normalize(x, weight, bias, mean, var, eps)
         invstd = torch.rsqrt(var + eps)
@@ -52,36 +78,41 @@ class WindowBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, *unused):
         x, weight, mean, invstd, k = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        need_b = need_b and weight is not None  # affine: γ and β come together
         grad_y = grad_y.contiguous(memory_format=_memory_format(x))
         count = x.shape[0] * x.shape[2] * x.shape[3]
+        # γ in the statistics' precision, as SyncBN does for its elementwise kernel
+        gamma = None if weight is None else weight.to(mean.dtype)
         if x.is_cuda:
             # SyncBN's kernels: the elementwise pass divides the sums by a count we make k·m
-            sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
-                grad_y, x, mean, invstd, weight, need_x, need_w and weight is not None, need_b)
+            sum_dy, sum_dy_xmu, grad_w, grad_b = cuda_kernels.backward_reduce(
+                grad_y, x, mean, invstd, gamma, need_x, need_w, need_b)
             grad_x = None
             if need_x:
                 counts = (k * count).round().to(torch.int32).reshape(1)
-                grad_x = torch.batch_norm_backward_elemt(grad_y, x, mean, invstd, weight, sum_dy,
-                                                         sum_dy_xmu, counts)
-            return grad_x, grad_w, grad_b, None, None, None, None
-        # CPU: one fused reduction (Σg, Σg·x̂), then dx = a·g + b·x + c in two fused passes
-        ones = weight if weight is not None else torch.ones_like(mean)
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, ones, None, None, mean, invstd, True, ctx.eps, [False, True, True])
-        grad_x = None
-        if need_x:
-            gamma = ones.to(invstd.dtype)
-            a = gamma * invstd
-            scale = a / (k * count)
-            b = -scale * invstd * sum_dy_xhat
-            c = -scale * (sum_dy - mean * invstd * sum_dy_xhat)
-            shape = (1, -1, 1, 1)
-            grad_x = torch.addcmul(c.view(shape), x, b.view(shape))
-            grad_x.addcmul_(grad_y, a.view(shape))
-            grad_x = grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
-        grad_w = sum_dy_xhat if need_w and weight is not None else None
-        grad_b = sum_dy if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+                grad_x = cuda_kernels.backward_elemt(grad_y, x, mean, invstd, gamma, sum_dy,
+                                                     sum_dy_xmu, counts)
+        else:
+            # CPU: one fused reduction (Σg, Σg·x̂), then dx = a·g + b·x + c in two fused passes
+            ones = gamma if gamma is not None else torch.ones_like(mean)
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, ones, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+            grad_x = None
+            if need_x:
+                a = ones * invstd
+                scale = a / (k * count)
+                b = -scale * invstd * sum_dy_xhat
+                c = -scale * (sum_dy - mean * invstd * sum_dy_xhat)
+                shape = (1, -1, 1, 1)
+                grad_x = torch.addcmul(c.view(shape), x, b.view(shape))
+                grad_x.addcmul_(grad_y, a.view(shape))
+                grad_x = grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
+            grad_w, grad_b = sum_dy_xhat, sum_dy
+        # a gradient only for inputs that are tensors needing one, in their own dtype
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(weight.dtype) if need_b else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -91,10 +122,12 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
-                      past_var: Tensor, past_valid: Tensor,
-                      eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      past_var: Tensor, past_valid: Tensor, eps: float,
+                      batch_mean: Optional[Tensor] = None, batch_var: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Functional form of :class:`WindowBatchNormFunction`."""
-    return WindowBatchNormFunction.apply(x, weight, bias, past_mean, past_var, past_valid, eps)
+    return WindowBatchNormFunction.apply(x, weight, bias, past_mean, past_var, past_valid, eps,
+                                         batch_mean, batch_var)
 
 
 def window_batch_norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

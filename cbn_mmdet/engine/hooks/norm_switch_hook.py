@@ -9,6 +9,7 @@ from mmengine.registry import MODELS
 from mmdet.registry import HOOKS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...models.convert import replace_norm_layers
 from ._utils import _reject_unknown
 
 __all__ = ['NormSwitchHook', 'switch_norm_layers']
@@ -17,27 +18,18 @@ __all__ = ['NormSwitchHook', 'switch_norm_layers']
 def switch_norm_layers(root: nn.Module, to_cfg: dict, from_types: Sequence[type]) -> int:
     """Replace every module of exactly one of ``from_types`` under ``root`` by ``to_cfg``'s type.
 
-    The new layer takes over the *same* parameter and buffer tensors (γ, β, running stats,
-    ``num_batches_tracked``), so the optimizer state, DDP's gradient hooks and checkpoints keys stay
-    valid, and keeps the training flag and ``eps``/``momentum`` of the old one. Returns the count.
+    The new layer takes over the same tensors and the training flag (see
+    :func:`cbn_mmdet.models.replace_norm_layers`) and the old one's ``eps``/``momentum``.
+    Returns the count.
     """
     cfg = dict(to_cfg)
     layer_cls = MODELS.get(cfg.pop('type'))
-    count = 0
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) not in from_types:
-                continue
-            new = layer_cls(child.num_features, eps=child.eps, momentum=child.momentum,
-                            affine=child.affine, track_running_stats=child.track_running_stats, **cfg)
-            if child.affine:
-                new.weight, new.bias = child.weight, child.bias
-            for buf in ('running_mean', 'running_var', 'num_batches_tracked'):
-                setattr(new, buf, getattr(child, buf))
-            new.train(child.training)
-            setattr(parent, name, new)
-            count += 1
-    return count
+
+    def make(child):
+        return layer_cls(child.num_features, eps=child.eps, momentum=child.momentum,
+                         affine=child.affine, track_running_stats=child.track_running_stats, **cfg)
+
+    return replace_norm_layers(root, make, from_types)
 
 
 @HOOKS.register_module()
