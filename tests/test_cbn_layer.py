@@ -386,16 +386,20 @@ def test_no_history_update_in_eval_or_no_grad():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     _train(model, opt, _batches(2, dtype=torch.float32))
-    before = {k: v.clone() for k, v in model.state_dict().items() if 'history' in k}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
     model(_batches(1, seed=3, dtype=torch.float32)[0])
     model.train()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
+    with torch.no_grad():
         model(_batches(1, seed=4, dtype=torch.float32)[0])
-    assert model[1].last_bind_status == BindStatus.NO_GRAPH
-    after = {k: v for k, v in model.state_dict().items() if 'history' in k}
+    # no graph: the conv bound by the last recorded forward, and no state changed (no history, no
+    # running statistics: a checkpoint's recomputation updates them)
+    assert model[1].last_bind_status == BindStatus.CONV
+    after = model.state_dict()
     for k in before:
+        if k.endswith('history_index'):  # the iteration's entry is closed: the optimizer stepped
+            assert torch.equal(before[k][:2], after[k][:2])
+            continue
         assert torch.equal(before[k], after[k]), k
 
 

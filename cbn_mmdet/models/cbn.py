@@ -1,4 +1,5 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), a drop-in ``_BatchNorm``."""
+import contextlib
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -6,12 +7,14 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.statistics import (compensate_history, linear_term_mean, linear_term_var, merge_gradients,
-                              merge_moments, patch_mean, statistic_gradients_autograd,
-                              subsampled_output_size, variance_weight_gradient)
-from ..ops.window_norm import window_batch_norm
+from ..ops.statistics import (batch_moments, compensate_history, linear_term_mean, linear_term_var,
+                              merge_gradients, merge_moments, patch_mean,
+                              statistic_gradients_autograd, subsampled_output_size,
+                              variance_weight_gradient, window_moments)
+from ..ops.window_norm import WindowBatchNormFunction, statistics_dtype
 from . import iteration_clock
-from .conv_binding import BindStatus, ConvBinding, find_conv_producer
+from .conv_binding import (AutogradPass, BindStatus, ConvBinding, ConvWeights, autograd_pass,
+                           find_conv_producer, find_conv_weights)
 
 __all__ = ['CrossIterationBatchNorm2d']
 
@@ -26,8 +29,11 @@ _HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the sta
 _HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
                   'history_var_ref', 'history_compensable')
 _HISTORY_GRADS = ('history_patch_mean', 'history_var_grad')
-_HISTORY_INDEX = 'history_index'  # long [newest slot, entries held, newest entry still open]
-_HISTORY_BUFFERS = _HISTORY_STATS + _HISTORY_GRADS + (_HISTORY_INDEX, )
+# long [newest slot, entries held, newest entry still open, conv bias trainable (-1: unknown)]; kept
+# on the host while training and written only into state dicts
+_HISTORY_INDEX = 'history_index'
+_HISTORY_TENSORS = _HISTORY_STATS + _HISTORY_GRADS
+_HISTORY_BUFFERS = _HISTORY_TENSORS + (_HISTORY_INDEX, )
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -113,8 +119,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         >>> m = CrossIterationBatchNorm2d(64, window=4)
     """
     # 2: torch's BatchNorm (num_batches_tracked); 3: + CBN history (lazy), a ring of window slots;
-    # 4: the ring has window - 1 slots, its newest entry possibly the open current iteration
-    _version = 4
+    # 4: the ring has window - 1 slots, its newest entry possibly the open current iteration;
+    # 5: history_index also says whether the conv's bias was trainable
+    _version = 5
     _abbr_ = 'bn'  # mmcv's build_norm_layer names it like BN (bn1, ...), so BN checkpoints match
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -188,6 +195,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if window == self.window:
             return
         held = dict(self._history)
+        if held:
+            held[_HISTORY_INDEX] = self.history_index
         following = self._active_window == self.window
         self.window = window
         self._active_window = window if following else min(self._active_window, window)
@@ -220,43 +229,67 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                     False, 0.0, self.eps, torch.backends.cudnn.enabled)
         torch.nn.functional._verify_batch_size(input.size())
 
-        binding, status, detail = self._bind(input)
+        # Only a pass whose saved tensors are readable updates the state; the first pass of an
+        # activation checkpoint normalises the same way (same window, same weights) and leaves the
+        # update to its recomputation in backward, so the state is updated once per forward.
+        kind = autograd_pass()
+        recording = kind == AutogradPass.RECORD
+        binding, status, detail = self._bind(input, kind)
         self.last_bind_status = status
-        if status in (BindStatus.NO_GRAPH, BindStatus.NOT_CONV):
-            grad_off = not torch.is_grad_enabled()
-            if grad_off or self.fallback == 'bn':
+        if status == BindStatus.NOT_CONV:
+            if self.fallback == 'bn':
                 self._warn_once(status, f'input is not the output of a trainable conv ({detail}); '
-                                'normalising with the current batch like BN' +
-                                ('' if grad_off else " (fallback='bn')") + ', history not updated')
-                return super().forward(input)
+                                "normalising with the current batch like BN (fallback='bn'), "
+                                'history not updated')
+                if recording:
+                    return super().forward(input)
+                return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0,
+                                        self.eps, torch.backends.cudnn.enabled)
             self._warn_once(status, f'input is not the output of a conv ({detail}); using the window '
                             "without compensation (fallback='naive')")
         elif status == BindStatus.FROZEN_CONV:
             self._warn_once(status, 'its conv has frozen weights (or nothing upstream is trainable): '
                             'the window is used without compensation, exact since those weights '
                             'cannot change')
+        elif status == BindStatus.NO_GRAPH and self._filled > 0:
+            self._warn_once(status, 'a training forward without autograd before any forward with it '
+                            '(e.g. reentrant checkpointing right after loading a checkpoint): this '
+                            'iteration uses the past statistics without compensation')
         compensating = self.compensate and binding is not None
 
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_disabled(input.device.type):
             self._advance_iteration()
             past_mean, past_var, past_valid, past_count = self._past_statistics(
                 binding if compensating else None, input)
-        y, batch_mean, batch_var, mean, var, k = window_batch_norm(
-            input, self.weight, self.bias, past_mean, past_var, past_valid, self.eps)
-        with torch.no_grad():
-            count = float(input.shape[0] * input.shape[2] * input.shape[3])
-            finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-            self._update_running_stats(batch_mean, batch_var, mean, var, count, past_count, finite)
-            self._record(input, batch_mean, batch_var, count, finite, binding if compensating else None)
-        return y
+            batch_mean, batch_var = batch_moments(input)
+            mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
+            if recording:
+                # before the normalisation saves its tensors: a checkpoint's recomputation may stop
+                # right after that save
+                count = float(input.shape[0] * input.shape[2] * input.shape[3])
+                finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+                self._update_running_stats(batch_mean, batch_var, mean, var, count, past_count,
+                                           finite)
+                self._record(input, batch_mean, batch_var, count, finite,
+                             binding if compensating else None)
+        return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps)
 
-    def _bind(self, input: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
-        if not torch.is_grad_enabled():
+    def _bind(self, input: Tensor, kind: str) -> Tuple[Optional[ConvWeights], str, str]:
+        """The conv to compensate for, by the kind of pass (see :func:`autograd_pass`)."""
+        if kind == AutogradPass.RECORD:
+            if input.grad_fn is None:
+                # grad mode on but nothing upstream requires grad: every weight before us is fixed
+                return None, BindStatus.FROZEN_CONV, 'nothing upstream is trainable'
+            binding, status, detail = find_conv_producer(input)
+            self._producer = (binding, status, detail)
+            return binding, status, detail
+        if kind == AutogradPass.CHECKPOINT_FIRST and input.grad_fn is not None:
+            return find_conv_weights(input)
+        # no graph: the producer seen by this layer's last recorded forward (the same module runs)
+        if self._producer is None:
             return None, BindStatus.NO_GRAPH, 'grad mode disabled'
-        if input.grad_fn is None:
-            # grad mode on but nothing upstream requires grad: every weight before us is fixed
-            return None, BindStatus.FROZEN_CONV, 'nothing upstream is trainable'
-        return find_conv_producer(input)
+        binding, status, detail = self._producer
+        return (None if binding is None else binding.current()), status, detail
 
     def _check_input_like_module(self, input: Tensor) -> None:
         ref = self.running_mean if self.running_mean is not None else self.weight
@@ -280,12 +313,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not self.track_running_stats or self.running_mean is None:
             return
         self.num_batches_tracked.add_(1)
-        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+        factor = (self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
+                  if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
-            new_mean, new_var, n = mean, var, past_count + count
+            n = past_count + count
+            unbiased = var * (n / (n - 1.0).clamp_min(1.0))
+            new_mean = mean
         else:
-            new_mean, new_var, n = batch_mean, batch_var, torch.as_tensor(count, device=mean.device)
-        unbiased = new_var * (n / (n - 1.0).clamp_min(1.0))
+            unbiased = batch_var * (count / max(count - 1.0, 1.0))
+            new_mean = batch_mean
         rm = torch.lerp(self.running_mean, new_mean.to(self.running_mean.dtype), factor)
         rv = torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), factor)
         # non-finite statistics never enter the running stats (BN would write NaN into them)
@@ -309,15 +345,27 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._filled = 0               # entries held, the open one included (≤ window - 1)
         self._pending_open = False     # the newest entry is the current iteration's
         self._pending_clock: Optional[int] = None  # iteration clock when that entry was opened
-        self._geometry: Optional[Tuple[int, ...]] = None
-        self._window_cache: Optional[tuple] = None  # (key, compensated past statistics)
+        self._geometry: Optional[Tuple] = None     # ConvWeights.geometry of the recorded gradients
+        # (iteration, active window, weight state, compensated past): the past of this iteration's
+        # window, computed at its first call and reused by later calls and recomputations
+        self._window_cache: Optional[tuple] = None
+        self._slot_ids: Optional[Tensor] = None    # arange(slots) on the history's device
+        # (binding, status, detail) of the last recorded forward: what a pass without autograd uses
+        self._producer: Optional[tuple] = None
 
     @property
     def _slots(self) -> int:
         return max(self.window - 1, 1)
 
-    def _write_index(self) -> None:
-        self.history_index.copy_(torch.tensor([self._head, self._filled, int(self._pending_open)]))
+    @property
+    def history_index(self) -> Optional[Tensor]:
+        """``[newest slot, entries held, newest entry open, conv bias trainable (1/0, -1 unknown)]``
+        (the ring's cursor as saved in state dicts; None until the first recorded iteration)."""
+        if not self._history:
+            return None
+        bias = -1 if self._geometry is None or self._geometry[5] is None else int(self._geometry[5])
+        return torch.tensor([self._head, self._filled, int(self._pending_open), bias],
+                            dtype=torch.long, device=self.history_mean.device)
 
     @property
     def history_length(self) -> int:
@@ -339,42 +387,50 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         clock = iteration_clock.current_iteration()
         if self._pending_open and clock != self._pending_clock:
             self._pending_open = False
-            self._window_cache = None
-            self._write_index()
         self._pending_clock = clock
 
-    def _past_statistics(self, binding: Optional[ConvBinding], input: Tensor):
+    def _past_valid(self) -> Tensor:
+        """1 for the ring slots in the active window (past entries, newest first), on the device,
+        from host integers only (no host-to-device copy)."""
+        if self._slot_ids is None or self._slot_ids.device != self.history_count.device:
+            self._slot_ids = torch.arange(self._slots, device=self.history_count.device)
+        age = (self._head - self._slot_ids) % self._slots          # 0: newest entry
+        first = int(self._pending_open)                            # skip the open current entry
+        last = min(self._filled, first + self._active_window - 1)
+        return ((age >= first) & (age < last)).to(self.history_count.dtype) * (self.history_count > 0)
+
+    def _past_statistics(self, binding: Optional[ConvWeights], input: Tensor):
         """Compensated (Eqs. 7, 8, 10) statistics of the past iterations in the active window.
 
         Returns ``(μ̃, var̃, valid, count)`` over the ring's slots; ``valid`` marks the slots in the
-        window. Computed at the first call of an iteration and reused by its later calls.
+        window. Computed at the first call of an iteration and reused by its later calls (and by the
+        recomputation of a checkpointed forward, which must normalise exactly as the first pass did).
         """
-        key = (self._pending_clock, self._active_window, binding is not None,
-               None if binding is None else (binding.geometry, binding.weight._version,
-                                             binding.weight.data_ptr()))
-        if self._pending_open and self._window_cache is not None and self._window_cache[0] == key:
-            return self._window_cache[1]
-        c = self.num_features
-        if self.history_mean is None or self._filled - self._pending_open == 0:
-            dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-            empty = input.new_zeros((0, c), dtype=dtype)
-            return empty, empty, empty.new_zeros(0), empty.new_zeros(())
-        if self._pending_open:
-            # weights changed in place within one iteration: the oldest entry was overwritten
+        weight_state = None if binding is None else (binding.weight.data_ptr(),
+                                                     binding.weight._version)
+        key = (self._pending_clock, self._active_window)
+        cache = self._window_cache
+        if cache is not None and cache[0] == key:
+            cached_state = cache[1]
+            if weight_state is None or cached_state is None or cached_state == weight_state:
+                return cache[2]
+            # the same conv's weights changed in place within one iteration (no optimizer step)
             self._warn_once('midstep', 'its conv weights changed between two calls of one iteration '
                             '(no optimizer step in between); the window loses its oldest entry for '
                             'this iteration')
-        past = self.history_slots()[int(self._pending_open):]
-        in_window = [0.0] * self._slots
-        for slot in past[:self._active_window - 1]:
-            in_window[slot] = 1.0
-        valid = (torch.tensor(in_window, dtype=self.history_count.dtype).to(self.history_count.device)
-                 * (self.history_count > 0))
+        c = self.num_features
+        if self.history_mean is None or self._filled - self._pending_open == 0:
+            dtype = statistics_dtype(input)
+            empty = input.new_zeros((0, c), dtype=dtype)
+            result = (empty, empty, empty.new_zeros(0), empty.new_zeros(()))
+            self._window_cache = (key, weight_state, result, (empty, empty))
+            return result
+        valid = self._past_valid()
         past_count = (self.history_count * valid).sum()
         recorded = self.history_mean.clone(), self.history_var.clone()
         mean, var = recorded
         if binding is not None and self.history_patch_mean is not None and \
-                self._geometry == binding.geometry:
+                self._geometry_matches(binding):
             mean, var = compensate_history(
                 mean, var, self.history_mean_ref, self.history_var_ref, self.history_patch_mean,
                 self.history_var_grad, self.history_compensable, binding.weight, binding.bias,
@@ -382,8 +438,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if self.monitor:
                 self.last_correction = self._correction_size(mean, var, valid)
         result = (mean, var, valid, past_count)
-        self._window_cache = (key, result, recorded)
+        self._window_cache = (key, weight_state, result, recorded)
         return result
+
+    def _geometry_matches(self, binding: ConvWeights) -> bool:
+        """Whether the recorded gradients belong to a conv shaped like ``binding`` (a geometry
+        loaded from a version-4 checkpoint does not know the bias: it adopts the binding's)."""
+        if self._geometry is None:
+            return False
+        if self._geometry[5] is None and self._geometry[:5] == binding.geometry[:5]:
+            self._geometry = binding.geometry
+        return self._geometry == binding.geometry
 
     def past_window(self) -> Optional[Dict[str, Tensor]]:
         """The past iterations of the current iteration's window (for analysis and tests).
@@ -392,9 +457,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         current weights (Eqs. 7, 8, 10; equal to the recorded ones without compensation); ``'valid'``:
         1 for the ring slots in the window. ``None`` when the current iteration used no past entry.
         """
-        if self._window_cache is None:
+        if self._window_cache is None or self._window_cache[2][2].numel() == 0:
             return None
-        _, (mean, var, valid, _), (rec_mean, rec_var) = self._window_cache
+        _, _, (mean, var, valid, _), (rec_mean, rec_var) = self._window_cache
         return {'mean': rec_mean, 'var': rec_var, 'mean_compensated': mean, 'var_compensated': var,
                 'valid': valid}
 
@@ -408,19 +473,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _allocate_history(self, like: Tensor, binding: Optional[ConvBinding]) -> None:
         slots, c = self._slots, self.num_features
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        dtype = statistics_dtype(like)
         if self.history_mean is None:
             for name in _HISTORY_STATS:
                 self._history[name] = torch.zeros((slots, c) if name not in (
                     'history_count', 'history_compensable') else (slots, ), dtype=dtype,
                     device=like.device)
-            self._history[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=like.device)
-            self._write_index()
-        if binding is not None and self._geometry != binding.geometry:
+        if binding is not None and not self._geometry_matches(binding):
             if self._geometry is not None:
-                self._warn_once('geometry', 'its conv changed shape; past gradients are discarded')
+                self._warn_once('geometry', 'its conv changed shape, or its bias became trainable or '
+                                'frozen; past gradients are discarded')
                 self.history_compensable.zero_()
-            c_out, c_in, kh, kw, groups = binding.geometry
+            c_out, c_in, kh, kw, groups, _ = binding.geometry
             self._history['history_patch_mean'] = torch.zeros((slots, c_in, kh, kw), dtype=dtype,
                                                               device=like.device)
             self._history['history_var_grad'] = torch.zeros(
@@ -475,6 +539,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.history_compensable[slot] = 0
         else:
             patch, var_grad = self._statistic_gradients(input, batch_mean, binding)
+            # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
+            finite = finite & torch.isfinite(var_grad).all() & torch.isfinite(patch).all()
             zero = patch.new_zeros((), dtype=dtype)
             slot_grad = self.history_var_grad[slot]
             if pooling:
@@ -483,7 +549,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     new_mean, torch.where(finite, patch.to(dtype), zero),
                     torch.where(finite, var_grad.to(dtype), zero), pooled_mean, binding.groups)
                 slot_grad.copy_(var_grad)
-                compensable = self.history_compensable[slot]
+                compensable = self.history_compensable[slot] * finite.to(dtype)
             else:
                 # written straight into the slot: one weight-sized pass, non-finite values never enter
                 if slot_grad.dtype == dtype:
@@ -491,7 +557,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 else:
                     slot_grad.copy_(torch.where(finite, var_grad, zero.to(var_grad.dtype)))
                 patch = torch.where(finite, patch.to(dtype), zero)
-                compensable = torch.ones((), dtype=dtype, device=input.device)
+                compensable = finite.to(dtype)
             self.history_patch_mean[slot] = patch
             # the linear terms of Eqs. 7-8 at θ_{t} (this iteration's weights), kept instead of θ_t
             self.history_mean_ref[slot] = linear_term_mean(patch[None], binding.weight, binding.bias,
@@ -502,21 +568,28 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._head = slot
             self._filled = min(self._filled + 1, self._slots)
             self._pending_open = True
-            self._write_index()
 
     # ------------------------------------------------------------------ state dict, device moves
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        self._history = {name: fn(t) for name, t in self._history.items()}
+        # moved like the module, but never narrowed below the statistics' precision (the history
+        # of a .half() module stays float32, like the statistics BN's kernels compute)
+        for name, t in self._history.items():
+            target = fn(t.new_empty(0))
+            dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
+            self._history[name] = t.to(device=target.device, dtype=dtype)
         self._window_cache = None
+        self._slot_ids = None
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in _HISTORY_BUFFERS:
+        for name in _HISTORY_TENSORS:
             if name in self._history:
                 t = self._history[name]
                 destination[prefix + name] = t if keep_vars else t.detach()
+        if self._history:
+            destination[prefix + _HISTORY_INDEX] = self.history_index
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -550,7 +623,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not needed <= set(loaded):
             raise ValueError(f'incomplete CBN history in checkpoint (missing '
                              f'{sorted(needed - set(loaded))})')
-        head, filled, pending = (int(v) for v in loaded[_HISTORY_INDEX].tolist())
+        index = [int(v) for v in loaded[_HISTORY_INDEX].tolist()]
+        head, filled, pending = index[:3]
+        conv_bias = index[3] if len(index) > 3 else -1  # before version 5: not recorded
         slots = loaded['history_mean'].shape[0]
         if loaded['history_mean'].shape[1] != self.num_features:
             raise ValueError(f"CBN history has {loaded['history_mean'].shape[1]} channels, layer has "
@@ -578,7 +653,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             fresh[torch.tensor(dst, dtype=torch.long, device=value.device)] = value[
                 torch.tensor(src, dtype=torch.long, device=value.device)]
             self._history[name] = fresh
-        self._history[_HISTORY_INDEX] = torch.zeros(3, dtype=torch.long, device=device)
         self._filled = len(keep)
         self._head = head if same_layout else (len(keep) - 1) % self._slots
         self._pending_open = bool(pending) and bool(keep)
@@ -587,8 +661,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self.history_patch_mean is not None:
             c_in, kh, kw = self.history_patch_mean.shape[1:]
             groups = c_in // self.history_var_grad.shape[2]
-            self._geometry = (self.num_features, c_in, kh, kw, groups)
-        self._write_index()
+            self._geometry = (self.num_features, c_in, kh, kw, groups,
+                              None if conv_bias < 0 else bool(conv_bias))
 
 
 def _history_property(name: str) -> property:
@@ -596,7 +670,7 @@ def _history_property(name: str) -> property:
                     doc=f'CBN history tensor ``{name}`` (None until the first recorded iteration).')
 
 
-for _name in _HISTORY_BUFFERS:
+for _name in _HISTORY_TENSORS:
     setattr(CrossIterationBatchNorm2d, _name, _history_property(_name))
 
 
@@ -604,3 +678,12 @@ def _check_window(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f'CBN {name} must be a positive int (1 = plain BN, paper: 4 on COCO, '
                          f'min(ceil(16 / images per GPU), 8) in general), got {value!r}')
+
+
+def _autocast_disabled(device_type: str):
+    """The statistics and the Taylor terms are computed in float32 also inside ``torch.autocast``:
+    the correction is a small difference of large inner products, mostly rounding noise in 16 bits."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast
+        return contextlib.nullcontext()

@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['ConvBinding', 'BindStatus', 'find_conv_producer']
+__all__ = ['ConvWeights', 'ConvBinding', 'BindStatus', 'AutogradPass', 'autograd_pass',
+           'find_conv_producer', 'find_conv_weights']
 
 
 class BindStatus:
@@ -25,22 +26,57 @@ class BindStatus:
 
 
 @dataclass(frozen=True)
-class ConvBinding:
-    """What CBN needs of the producing conv ``x = conv(input; weight, bias)`` at this iteration."""
-    input: Tensor                 # the conv's input as saved by autograd (detached)
+class ConvWeights:
+    """The producing conv's current ``θ^l`` (and trainable bias): what compensation needs."""
     weight: Tensor                # θ_t^l, detached: the parameter itself (fp32 master under AMP) or,
                                   # for a weight computed from parameters, the weight the conv applied
     bias: Optional[Tensor]        # trainable bias (detached) or None (absent or frozen: constant)
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int]
     groups: int
+    # the leaf parameters behind weight and bias, when θ is a parameter (not computed)
+    parameters: Optional[Tuple[Tensor, Optional[Tensor]]] = None
 
     @property
     def geometry(self) -> Tuple[int, ...]:
-        """``(C_out, C_in, kh, kw, groups)``: history recorded under another geometry is unusable."""
+        """``(C_out, C_in, kh, kw, groups, trainable bias)``: history recorded under another
+        geometry is unusable (a bias that became frozen leaves its recorded term unmatched)."""
         c_out, c_in_g, kh, kw = self.weight.shape
-        return (c_out, c_in_g * self.groups, kh, kw, self.groups)
+        return (c_out, c_in_g * self.groups, kh, kw, self.groups, self.bias is not None)
+
+    def current(self) -> 'ConvWeights':
+        """The same conv's weights now (they are read through the parameters, which persist)."""
+        if self.parameters is None:
+            return self
+        weight, bias = self.parameters
+        return ConvWeights(weight.detach(), None if bias is None else bias.detach(), self.groups,
+                           self.parameters)
+
+
+@dataclass(frozen=True)
+class ConvBinding(ConvWeights):
+    """What CBN needs of the producing conv ``x = conv(input; weight, bias)`` at this iteration."""
+    input: Optional[Tensor] = None  # the conv's input as saved by autograd (detached)
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+
+
+class AutogradPass:
+    """What kind of forward a training-mode CBN call is (see :func:`autograd_pass`)."""
+    RECORD = 'record'          # saved tensors readable: normalise and update history/running stats
+    CHECKPOINT_FIRST = 'checkpoint_first'  # non-reentrant checkpoint, first pass: graph, no saved tensors
+    NO_GRAD = 'no_grad'        # no graph (torch.no_grad, reentrant checkpoint's first pass)
+
+
+def autograd_pass() -> str:
+    """Classify the current forward. The state update of a checkpointed region happens once, in the
+    pass whose saved tensors are readable (the recomputation during backward)."""
+    if not torch.is_grad_enabled():
+        return AutogradPass.NO_GRAD
+    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    hooks = top(False) if top is not None else None
+    if hooks is not None and getattr(hooks[0], '__qualname__', '').startswith('_checkpoint_hook.'):
+        return AutogradPass.CHECKPOINT_FIRST
+    return AutogradPass.RECORD
 
 
 def _leaf_parameter(fn) -> Optional[Tensor]:
@@ -56,12 +92,7 @@ def _leaf_parameter(fn) -> Optional[Tensor]:
     return None
 
 
-def find_conv_producer(x: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
-    """Bind ``x`` to the conv that produced it.
-
-    Returns ``(binding, status, detail)``: ``binding`` is set only for :attr:`BindStatus.CONV`;
-    ``detail`` names the producing autograd node for messages.
-    """
+def _conv_node(x: Tensor) -> Tuple[Optional[object], str, str]:
     fn = x.grad_fn
     if fn is None:
         return None, BindStatus.NO_GRAPH, 'no autograd graph'
@@ -70,24 +101,59 @@ def find_conv_producer(x: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
         return None, BindStatus.NOT_CONV, name
     if fn._saved_transposed or len(fn._saved_stride) != 2:
         return None, BindStatus.NOT_CONV, f'{name} (transposed or not 2-D)'
-    weight_fn = fn.next_functions[1][0]
-    if weight_fn is None:
+    if fn.next_functions[1][0] is None:
         return None, BindStatus.FROZEN_CONV, name
+    return fn, BindStatus.CONV, name
+
+
+def _bias(fn) -> Tuple[bool, Optional[Tensor]]:
+    """``(usable, bias parameter or None)`` of a conv node."""
+    bias_fn = fn.next_functions[2][0] if len(fn.next_functions) > 2 else None
+    if bias_fn is None:
+        return True, None
+    bias = _leaf_parameter(bias_fn)
+    return bias is not None, bias
+
+
+def find_conv_producer(x: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
+    """Bind ``x`` to the conv that produced it (reads the conv's saved input and weight).
+
+    Returns ``(binding, status, detail)``: ``binding`` is set only for :attr:`BindStatus.CONV`;
+    ``detail`` names the producing autograd node for messages.
+    """
+    fn, status, name = _conv_node(x)
+    if fn is None:
+        return None, status, name
     saved_weight = fn._saved_weight
-    weight = _leaf_parameter(weight_fn)
+    weight = _leaf_parameter(fn.next_functions[1][0])
+    parameters = None
     if weight is None or weight.shape != saved_weight.shape:
         # The weight is computed from parameters (e.g. weight standardization): θ^l is what the conv
         # actually applied, which autograd saved.
         weight = saved_weight
-    bias_fn = fn.next_functions[2][0] if len(fn.next_functions) > 2 else None
-    bias = None
-    if bias_fn is not None:
-        bias = _leaf_parameter(bias_fn)
-        if bias is None:
-            return None, BindStatus.NOT_CONV, f'{name} (its bias is computed, not a parameter)'
+    usable, bias = _bias(fn)
+    if not usable:
+        return None, BindStatus.NOT_CONV, f'{name} (its bias is computed, not a parameter)'
+    if weight is not saved_weight:
+        parameters = (weight, bias)
     binding = ConvBinding(
-        input=fn._saved_input.detach(), weight=weight.detach(),
-        bias=None if bias is None else bias.detach(),
+        weight=weight.detach(), bias=None if bias is None else bias.detach(),
+        groups=int(fn._saved_groups), parameters=parameters, input=fn._saved_input.detach(),
         stride=tuple(fn._saved_stride), padding=tuple(fn._saved_padding),
-        dilation=tuple(fn._saved_dilation), groups=int(fn._saved_groups))
+        dilation=tuple(fn._saved_dilation))
     return binding, BindStatus.CONV, name
+
+
+def find_conv_weights(x: Tensor) -> Tuple[Optional[ConvWeights], str, str]:
+    """Like :func:`find_conv_producer` but reads no saved tensor: the conv's weight and bias
+    parameters only (``None`` with ``NOT_CONV`` when the weight is computed: it is only saved)."""
+    fn, status, name = _conv_node(x)
+    if fn is None:
+        return None, status, name
+    weight = _leaf_parameter(fn.next_functions[1][0])
+    usable, bias = _bias(fn)
+    if weight is None or not usable:
+        return None, BindStatus.NOT_CONV, f'{name} (computed weight or bias)'
+    weights = ConvWeights(weight.detach(), None if bias is None else bias.detach(),
+                          int(fn._saved_groups), (weight, bias))
+    return weights, BindStatus.CONV, name

@@ -52,26 +52,19 @@ def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean
 
 
 class WindowBatchNormFunction(torch.autograd.Function):
-    """Normalise ``x`` with window statistics; returns ``(y, μ_t, var_t, μ̄, σ̄², k)``.
-
-    Only ``y`` is differentiable; the statistics are returned for the history and running stats.
-    ``batch_mean, batch_var`` are the moments of ``x`` when the caller has them already (else
-    computed here).
+    """``y = γ (x − μ̄)/sqrt(σ̄² + ε) + β`` for window statistics ``(μ̄, σ̄², k)`` computed by the caller
+    from ``x``'s own moments and the past (:func:`window_batch_norm`); the backward treats the past as
+    constants, so ``∂μ̄/∂x`` and ``∂σ̄²/∂x`` are ``1/k`` times BN's.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
-                past_var: Tensor, past_valid: Tensor, eps: float, batch_mean: Optional[Tensor],
-                batch_var: Optional[Tensor]):
-        if batch_mean is None:
-            batch_mean, batch_var = batch_moments(x)
-        mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                var: Tensor, k: Tensor, eps: float) -> Tensor:
         y = _normalize(x, weight, bias, mean, var, eps)
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, invstd, k)
         ctx.eps = eps
-        ctx.mark_non_differentiable(batch_mean, batch_var, mean, var, k)
-        return y, batch_mean, batch_var, mean, var, k
+        return y
 
     @staticmethod
     @once_differentiable
@@ -112,7 +105,7 @@ class WindowBatchNormFunction(torch.autograd.Function):
         # a gradient only for inputs that are tensors needing one, in their own dtype
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -122,12 +115,17 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], past_mean: Tensor,
-                      past_var: Tensor, past_valid: Tensor, eps: float,
-                      batch_mean: Optional[Tensor] = None, batch_var: Optional[Tensor] = None
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Functional form of :class:`WindowBatchNormFunction`."""
-    return WindowBatchNormFunction.apply(x, weight, bias, past_mean, past_var, past_valid, eps,
-                                         batch_mean, batch_var)
+                      past_var: Tensor, past_valid: Tensor,
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Eqs. 9-12 for ``x`` and the compensated past: ``(y, μ_t, var_t, μ̄, σ̄², k)``.
+
+    Only ``y`` is differentiable; the statistics are returned for the history and running stats.
+    """
+    with torch.no_grad():
+        batch_mean, batch_var = batch_moments(x)
+        mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
+    y = WindowBatchNormFunction.apply(x, weight, bias, mean, var, k, eps)
+    return y, batch_mean, batch_var, mean, var, k
 
 
 def window_batch_norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
