@@ -27,9 +27,10 @@ from .statistics import batch_moments, window_moments
 __all__ = ['WindowBatchNormFunction', 'window_batch_norm', 'window_batch_norm_reference',
            'cuda_kernels', 'statistics_dtype']
 
-#: The two CUDA kernels of the backward (torch's, used by SyncBatchNorm). Tests replace them with
-#: Python implementations that follow the same dtype and shape rules.
-cuda_kernels = SimpleNamespace(backward_reduce=torch.batch_norm_backward_reduce,
+#: The CUDA kernels of the backward (torch's, used by SyncBatchNorm) and when they apply. Tests point
+#: these at Python implementations with the same dtype and shape rules, to run this path on CPU.
+cuda_kernels = SimpleNamespace(applies=lambda x: x.is_cuda,
+                               backward_reduce=torch.batch_norm_backward_reduce,
                                backward_elemt=torch.batch_norm_backward_elemt)
 
 
@@ -77,7 +78,7 @@ class WindowBatchNormFunction(torch.autograd.Function):
         count = x.shape[0] * x.shape[2] * x.shape[3]
         # γ in the statistics' precision, as SyncBN does for its elementwise kernel
         gamma = None if weight is None else weight.to(mean.dtype)
-        if x.is_cuda:
+        if cuda_kernels.applies(x):
             # SyncBN's kernels: the elementwise pass divides the sums by a count we make k·m
             sum_dy, sum_dy_xmu, grad_w, grad_b = cuda_kernels.backward_reduce(
                 grad_y, x, mean, invstd, gamma, need_x, need_w, need_b)

@@ -1,0 +1,249 @@
+"""Precision and device paths on CPU: the CUDA backward through stand-ins of its kernels, autocast,
+half-precision modules, no host synchronisation in steady state, and the smaller numerical guards."""
+import copy
+import os.path as osp
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN, iteration_clock
+from cbn_mmdet.ops import statistics as S
+from cbn_mmdet.ops import window_norm
+
+sys.path.insert(0, osp.join(osp.dirname(__file__), 'helpers'))
+import cuda_batch_norm_kernels as cuda_standins  # noqa: E402
+
+
+def _net(c_in=3, c=6, dtype=torch.float64, affine=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1), CBN(c, window=3, affine=affine),
+                         nn.ReLU(), nn.Conv2d(c, c, 1, bias=False),
+                         CBN(c, window=3, affine=affine)).to(dtype)
+
+
+def _train(model, steps=3, dtype=torch.float64, channels_last=False, autocast=None, seed=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for _ in range(steps):
+        x = torch.randn(2, 3, 7, 6, generator=gen, dtype=torch.float64).to(dtype) + 0.3
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        if autocast:
+            with torch.autocast('cpu', dtype=autocast):
+                out = model(x)
+        else:
+            out = model(x)
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+        opt.zero_grad()
+        (out * g).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in model.parameters()
+                                          if p.grad is not None])
+        opt.step()
+    return grads
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """Route CBN's backward through the CUDA branch, with the stand-in kernels."""
+    monkeypatch.setattr(window_norm.cuda_kernels, 'applies', lambda x: True)
+    monkeypatch.setattr(window_norm.cuda_kernels, 'backward_reduce', cuda_standins.backward_reduce)
+    monkeypatch.setattr(window_norm.cuda_kernels, 'backward_elemt', cuda_standins.backward_elemt)
+
+
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_cuda_backward_equals_cpu_backward_float64(cuda_path, monkeypatch, affine, channels_last):
+    """Input, γ/β and conv gradients of the CUDA branch equal the CPU branch's (float64)."""
+    cuda_grads = _train(_net(affine=affine), channels_last=channels_last)
+    monkeypatch.setattr(window_norm.cuda_kernels, 'applies', lambda x: False)
+    cpu_grads = _train(_net(affine=affine), channels_last=channels_last)
+    for step_cuda, step_cpu in zip(cuda_grads, cpu_grads):
+        assert len(step_cuda) == len(step_cpu)
+        for a, b in zip(step_cuda, step_cpu):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('module_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_cuda_backward_of_half_precision_module(cuda_path, module_dtype, affine, channels_last):
+    """A .half()/.bfloat16() module passes the kernels' dtype rules (γ cast to the statistics'
+    precision, as SyncBN does) and gets gradients in its own dtype."""
+    model = _net(dtype=module_dtype, affine=affine)
+    grads = _train(model, dtype=module_dtype, channels_last=channels_last)
+    for step in grads:
+        for g in step:
+            assert g.dtype == module_dtype and torch.isfinite(g.float()).all()
+
+
+def test_standins_reject_what_cuda_rejects():
+    """The stand-ins are strict: a half γ with float32 statistics fails the contiguous elemt kernel,
+    and channels-last reduce without γ returns empty gradient tensors (not None)."""
+    x = torch.randn(2, 3, 4, 4).half()
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    sums = torch.zeros(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match='weight'):
+        cuda_standins.backward_elemt(x, x, mean, invstd, torch.ones(3).half(), *sums,
+                                     torch.tensor([32], dtype=torch.int32))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    _, _, gw, gb = cuda_standins.backward_reduce(cl, cl, mean, invstd, None, True, False, False)
+    assert gw is not None and gw.numel() == 0 and gb.numel() == 0
+
+
+# ---------------------------------------------------------------- autocast
+def test_autocast_correction_is_computed_in_float32():
+    """Inside torch.autocast (CPU bfloat16) the Taylor correction equals a float64 evaluation of the
+    same formula from the same (bfloat16) conv input and output, to 1e-3 of the correction."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(16, 32, 3, padding=1), CBN(32, window=2)
+    captured = []
+    conv.register_forward_hook(lambda m, inp, out: captured.append((inp[0], out)))
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 16, 12, 12, generator=gen).relu() + 0.5 for _ in range(2)]
+    w_old = conv.weight.detach().clone()
+    b_old = conv.bias.detach().clone()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        norm(conv(xs[0])).float().sum().backward()
+    with torch.no_grad():
+        conv.weight.add_(0.05 * torch.randn_like(conv.weight))
+        conv.bias.add_(0.05)
+    iteration_clock.next_iteration()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        norm(conv(xs[1]))
+    window = norm.past_window()
+    slot = window['valid'].nonzero()[0, 0]
+    got_mean = (window['mean_compensated'] - window['mean'])[slot].double()
+    got_var = (window['var_compensated'] - window['var'])[slot].double()
+
+    y = xs[0].to(torch.bfloat16).double()  # what the bf16 conv saw
+    x = captured[0][1].double()            # what it produced (bf16)
+    mean, var = S.batch_moments(x)
+    w0, w1 = w_old.double(), conv.weight.detach().double()
+    b0, b1 = b_old.double(), conv.bias.detach().double()
+    patch = S.patch_mean(y, (3, 3), x.shape[2:], (1, 1), (1, 1), (1, 1))
+    var_grad = S.variance_weight_gradient(y, x, mean, patch, w0, (1, 1), (1, 1), (1, 1), 1)
+    ref_mean, ref_var = S.compensate_history(
+        mean[None], var[None], S.linear_term_mean(patch[None], w0, b0, 1),
+        S.linear_term_var(var_grad[None], w0), patch[None], var_grad[None],
+        torch.ones(1, dtype=torch.float64), w1, b1, 1)
+    want_mean, want_var = ref_mean[0] - mean, ref_var[0] - var
+    assert want_var.abs().max() > 1e-3  # a correction worth measuring
+    assert (got_mean - want_mean).abs().max() <= 1e-3 * want_mean.abs().max()
+    assert (got_var - want_var).abs().max() <= 1e-3 * want_var.abs().max()
+
+
+def test_autocast_training_matches_float32_training():
+    """bf16 autocast training follows float32 training (loose: the convs run in bf16)."""
+    ref = _train(_net(dtype=torch.float32), dtype=torch.float32)
+    amp = _train(_net(dtype=torch.float32), dtype=torch.float32, autocast=torch.bfloat16)
+    for a, r in zip(amp[-1][1:], ref[-1][1:]):
+        assert (a.float() - r).abs().max() <= 0.1 * r.abs().max() + 1e-3
+
+
+# ---------------------------------------------------------------- half-precision modules
+@pytest.mark.parametrize('module_dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_module_keeps_float32_statistics(module_dtype):
+    model = _net(dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    model.to(module_dtype)
+    grads = _train(model, dtype=module_dtype)
+    ref_grads = _train(ref, dtype=torch.float32)
+    for norm in (model[1], model[4]):
+        assert norm.history_length == 2
+        for name in ('history_mean', 'history_var', 'history_var_grad', 'history_mean_ref'):
+            assert getattr(norm, name).dtype == torch.float32, name
+        assert norm.running_mean.dtype == module_dtype  # like BN's .half()
+    for a, r in zip(grads[-1][1:], ref_grads[-1][1:]):
+        assert (a.float() - r).abs().max() <= 0.1 * r.abs().max() + 1e-2
+    model.half()  # moving again keeps the history's precision
+    assert model[1].history_var.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- no host synchronisation
+class _HostTraffic(TorchDispatchMode):
+    """Records operations that move values between host and device: tensors read back to Python
+    (``.item()``, ``float(t)``, ``bool(t)``) and tensors made from Python data (``torch.tensor``)."""
+    FLAGGED = ('aten._local_scalar_dense', 'aten.lift_fresh', 'aten.lift_fresh_copy',
+               'aten.is_nonzero', 'aten.equal', 'aten.item')
+
+    def __init__(self):
+        super().__init__()
+        self.flagged = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith(self.FLAGGED):
+            self.flagged.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('options', [dict(), dict(momentum=None), dict(running_stats='batch'),
+                                     dict(monitor=True)])
+def test_no_host_sync_in_steady_state(options):
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window=3, **options)
+    opt = torch.optim.SGD(list(conv.parameters()) + list(norm.parameters()), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        x = torch.randn(2, 3, 6, 6, generator=gen)
+        mode = _HostTraffic()
+        with mode:
+            y = norm(conv(x))
+            y.square().sum().backward()
+        if step >= 1:  # the first call allocates the history
+            assert mode.flagged == [], (step, mode.flagged)
+        opt.step()
+        opt.zero_grad()
+    assert norm.history_length == 2
+
+
+# ---------------------------------------------------------------- smaller guards
+def test_conv_bias_frozen_midway_discards_its_gradients():
+    """A conv bias that stops training: the recorded mean reference included it, so the past entries
+    are used as recorded (with a warning), never compensated with an unmatched bias term."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1).double(), CBN(4, window=3).double()
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for x in xs[:2]:
+        norm(conv(x)).sum().backward()
+        with torch.no_grad():
+            conv.bias.add_(0.5)
+            conv.weight.mul_(1.1)
+        iteration_clock.next_iteration()
+    conv.bias.requires_grad_(False)
+    with pytest.warns(UserWarning, match='bias became trainable or frozen'):
+        norm(conv(xs[2]))
+    window = norm.past_window()
+    torch.testing.assert_close(window['mean_compensated'], window['mean'])
+
+
+def test_non_finite_statistic_gradients_never_enter_the_history(monkeypatch):
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window=3)
+    real = S.variance_weight_gradient
+    calls = []
+
+    def overflowing(*args, **kwargs):
+        calls.append(1)
+        grad = real(*args, **kwargs)
+        return grad.fill_(float('inf')) if len(calls) == 2 else grad
+
+    monkeypatch.setattr('cbn_mmdet.models.cbn.variance_weight_gradient', overflowing)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        norm(conv(torch.randn(2, 3, 6, 6, generator=gen))).sum().backward()
+        with torch.no_grad():
+            conv.weight.mul_(1.05)
+        iteration_clock.next_iteration()
+    assert torch.isfinite(norm.history_var_grad).all()
+    slots = norm.history_slots()  # newest first: iteration 3, iteration 2 (overflowed)
+    assert norm.history_compensable[slots[1]] == 0 and norm.history_compensable[slots[0]] == 1
+    out = norm(conv(torch.randn(2, 3, 6, 6, generator=gen)))
+    assert torch.isfinite(out).all() and torch.isfinite(norm.running_var).all()
