@@ -247,3 +247,34 @@ def test_non_finite_statistic_gradients_never_enter_the_history(monkeypatch):
     assert norm.history_compensable[slots[1]] == 0 and norm.history_compensable[slots[0]] == 1
     out = norm(conv(torch.randn(2, 3, 6, 6, generator=gen)))
     assert torch.isfinite(out).all() and torch.isfinite(norm.running_var).all()
+
+
+# ---------------------------------------------------------------- TF32
+def _tf32(t):
+    """Round float32 values to TF32 (10 explicit mantissa bits), as cuDNN/cuBLAS do to operands."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+@pytest.mark.parametrize('kernel,c_in,c_out', [(3, 8, 8), (1, 4, 16)])
+def test_centred_variance_gradient_survives_tf32(monkeypatch, kernel, c_in, c_out):
+    """With the product's operands rounded to TF32, the centred ∂var/∂θ (used on CUDA) stays within
+    1e-3 of the exact one even for outputs whose mean is 10× their spread; the uncentred form, exact
+    in float32, loses far more."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(2, c_in, 10, 10, generator=gen, dtype=torch.float64).relu() + 2.0
+    w = 0.2 * torch.randn(c_out, c_in, kernel, kernel, generator=gen, dtype=torch.float64)
+    x = F.conv2d(y, w, torch.full((c_out, ), 20.0, dtype=torch.float64), padding=kernel // 2)
+    pad = (kernel // 2, ) * 2
+    mean, _ = S.batch_moments(x)
+    patch = S.patch_mean(y, (kernel, kernel), x.shape[2:], (1, 1), pad, (1, 1))
+    exact = S.variance_weight_gradient(y, x, mean, patch, w, (1, 1), pad, (1, 1), 1)
+    real_wg, real_gram = S.weight_gradient, S.gram
+    monkeypatch.setattr(S, 'weight_gradient', lambda g, i, *a: real_wg(_tf32(g), _tf32(i), *a))
+    monkeypatch.setattr(S, 'gram', lambda flat: real_gram(_tf32(flat)))
+    args = (y.float(), x.float(), mean.float(), patch.float(), w.float(), (1, 1), pad, (1, 1), 1)
+    centred = S.variance_weight_gradient(*args, centred=True).double()
+    uncentred = S.variance_weight_gradient(*args, centred=False).double()
+    scale = exact.abs().max()
+    assert (centred - exact).abs().max() <= 1e-3 * scale
+    assert (uncentred - exact).abs().max() >= 5 * (centred - exact).abs().max()

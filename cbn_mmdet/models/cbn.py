@@ -508,8 +508,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         sub_patch = patch if sub == 1 else patch_mean(
             b.input, (kh, kw), subsampled_output_size(input.shape[2:], sub),
             [s * sub for s in b.stride], b.padding, b.dilation)
+        # centred on CUDA, where cuDNN may round the product's operands to TF32 (allowed by default)
         var_grad = variance_weight_gradient(b.input, input, batch_mean, sub_patch, b.weight, b.stride,
-                                            b.padding, b.dilation, b.groups, sub)
+                                            b.padding, b.dilation, b.groups, sub,
+                                            centred=input.is_cuda)
         return patch, var_grad
 
     def _record(self, input: Tensor, batch_mean: Tensor, batch_var: Tensor, count: float,

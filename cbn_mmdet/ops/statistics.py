@@ -81,14 +81,17 @@ def patch_mean(conv_input: Tensor, kernel_size: Sequence[int], output_size: Sequ
 
 def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, patch: Tensor,
                              weight: Tensor, stride: Sequence[int], padding: Sequence[int],
-                             dilation: Sequence[int], groups: int, subsample: int = 1) -> Tensor:
+                             dilation: Sequence[int], groups: int, subsample: int = 1,
+                             centred: bool = False) -> Tensor:
     """``∂var/∂θ = 2/m Σ_i (x_i − μ) y_i`` for the conv ``x = θ * y``: one weight-gradient convolution.
 
     This is Appendix B's ``∂ν/∂θ`` minus ``2μ ∂μ/∂θ`` (see the module docstring); it has the shape of
-    ``θ``, O(C_out·C_in·K). It is evaluated as ``2/m Σ_i x_i y_i − 2μ ⊗ patch``: the weight-gradient
-    convolution takes the conv output itself as its output gradient (no activation-sized centring
-    pass), and the centring is a rank-one, weight-sized correction with the mean input patch ``patch``
-    (from :func:`patch_mean` over the same positions).
+    ``θ``, O(C_out·C_in·K). By default it is evaluated as ``2/m Σ_i x_i y_i − 2μ ⊗ patch``: the
+    weight-gradient convolution takes the conv output itself as its output gradient (no activation-
+    sized centring pass), and the centring is a rank-one, weight-sized correction with the mean input
+    patch ``patch`` (from :func:`patch_mean` over the same positions). ``centred=True`` feeds
+    ``x − μ`` instead (one elementwise pass): then a product whose operands are rounded (TF32 on
+    CUDA, at about 3 decimal digits) rounds the small centred quantity, not the large uncentred one.
 
     ``subsample = r > 1`` is the approximate mode: the sum runs over every ``r``-th output row and
     column only (the same conv with stride ``r·s``), ``r²`` times fewer multiply-adds; ``patch`` must
@@ -96,18 +99,34 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     """
     dtype = _acc_dtype(x)
     if subsample == 1 and _input_covariance_is_cheaper(conv_input, x, weight, padding, groups):
-        return _variance_weight_gradient_1x1(conv_input, x, patch, weight, stride)
+        return _variance_weight_gradient_1x1(conv_input, x, patch, weight, stride, centred)
     if subsample > 1:
         x = x[:, :, ::subsample, ::subsample]
         stride = [s * subsample for s in stride]
     count = x.shape[0] * x.shape[2] * x.shape[3]
     w = weight.to(dtype)
-    second = torch.ops.aten.convolution_backward(
-        x.to(dtype), conv_input.to(dtype), w, None, list(stride), list(padding),
-        list(dilation), False, [0, 0], groups, [False, True, False])[1]
+    grad_out = x.to(dtype)
+    if centred:
+        grad_out = grad_out - batch_mean.to(dtype).view(1, -1, 1, 1)
+    second = weight_gradient(grad_out, conv_input.to(dtype), w, stride, padding, dilation, groups)
+    if centred:
+        return second.mul_(2.0 / count)
     centring = batch_mean.to(dtype).view(-1, 1, 1, 1) * patch_mean_as_weight(
         patch.to(dtype), w.shape[0], groups)
     return second.mul_(2.0 / count).sub_(centring, alpha=2.0)
+
+
+def weight_gradient(grad_out: Tensor, conv_input: Tensor, weight: Tensor, stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """``Σ_i grad_out_i ⊗ patch_i(conv_input)``: the conv's weight gradient for ``grad_out``."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, conv_input, weight, None, list(stride), list(padding), list(dilation), False,
+        [0, 0], groups, [False, True, False])[1]
+
+
+def gram(flat: Tensor) -> Tensor:
+    """``Σ_n Y_n Y_nᵀ`` of ``(N, C, P)`` samples: a ``C × C`` matrix."""
+    return torch.bmm(flat, flat.transpose(1, 2)).sum(0)
 
 
 def _input_covariance_is_cheaper(conv_input: Tensor, x: Tensor, weight: Tensor,
@@ -122,7 +141,7 @@ def _input_covariance_is_cheaper(conv_input: Tensor, x: Tensor, weight: Tensor,
 
 
 def _variance_weight_gradient_1x1(conv_input: Tensor, x: Tensor, patch: Tensor, weight: Tensor,
-                                  stride: Sequence[int]) -> Tensor:
+                                  stride: Sequence[int], centred: bool = False) -> Tensor:
     """``∂var/∂θ = 2 θ Cov(y)`` for a 1×1 conv ``x = θ y + b``: ``2/m Σ (x − μ) yᵀ`` with ``x − μ =
     θ (y − ȳ)``. ``Cov(y)`` is a ``C_in × C_in`` Gram matrix, cheaper than the weight-gradient conv
     when ``C_in`` is small against ``C_out`` (a bottleneck's expanding 1×1 conv: 4× fewer).
@@ -136,7 +155,10 @@ def _variance_weight_gradient_1x1(conv_input: Tensor, x: Tensor, patch: Tensor, 
     flat = y.reshape(n, c_in, -1)
     positions = n * flat.shape[2]
     mean = patch.to(dtype).reshape(c_in, 1)
-    cov = torch.bmm(flat, flat.transpose(1, 2)).sum(0).div_(positions).sub_(mean @ mean.T)
+    if centred:
+        cov = gram(flat - mean).div_(positions)
+    else:
+        cov = gram(flat).div_(positions).sub_(mean @ mean.T)
     w = weight.to(dtype).reshape(weight.shape[0], c_in)
     return (w @ cov).mul_(2.0).reshape(weight.shape)
 
