@@ -19,6 +19,8 @@ from .conv_binding import (AutogradPass, BindStatus, ConvBinding, ConvWeights, a
 __all__ = ['CrossIterationBatchNorm2d']
 
 _FALLBACKS = ('bn', 'naive')
+# the layer keeps host-side state (ring cursor, iteration, caches) that graph capture cannot follow
+_eager = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 _RUNNING_STATS = ('window', 'batch')
 _STAT_GRADIENTS = ('closed_form', 'subsampled', 'autograd')
 _HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the statistics' precision
@@ -218,6 +220,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'CBN expects 4D (N, C, H, W) input (got {input.dim()}D input)')
 
     # ------------------------------------------------------------------ forward
+    @_eager  # under torch.compile: a graph break, and the layer runs as in eager mode
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training or self.window == 1 or self._active_window == 1:
@@ -236,6 +239,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         recording = kind == AutogradPass.RECORD
         binding, status, detail = self._bind(input, kind)
         self.last_bind_status = status
+        if status == BindStatus.COMPILED:
+            raise RuntimeError(
+                f'CBN({self.num_features}) got its input from a torch.compile graph ({detail}), so it '
+                'cannot see the conv whose weights it compensates for. CBN layers themselves always '
+                'run eagerly under torch.compile; keep the conv that feeds each CBN eager as well '
+                '(torch.compiler.disable on the module holding conv and CBN, e.g. mmcv ConvModule, '
+                'or compile only parts without CBN), or train without torch.compile.')
         if status == BindStatus.NOT_CONV:
             if self.fallback == 'bn':
                 self._warn_once(status, f'input is not the output of a trainable conv ({detail}); '

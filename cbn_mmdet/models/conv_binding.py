@@ -23,6 +23,7 @@ class BindStatus:
     FROZEN_CONV = 'frozen_conv'  # conv weights do not require grad: they cannot change, Naive CBN is exact
     NOT_CONV = 'not_conv'        # input produced by something else (add, activation, pooling, ...)
     NO_GRAPH = 'no_graph'        # no autograd graph (no_grad, or nothing upstream requires grad)
+    COMPILED = 'compiled'        # produced inside a torch.compile graph: the conv is not visible
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def _conv_node(x: Tensor) -> Tuple[Optional[object], str, str]:
     if fn is None:
         return None, BindStatus.NO_GRAPH, 'no autograd graph'
     name = type(fn).__name__
+    if name.startswith('CompiledFunction'):
+        return None, BindStatus.COMPILED, name
     if name != 'ConvolutionBackward0':
         return None, BindStatus.NOT_CONV, name
     if fn._saved_transposed or len(fn._saved_stride) != 2:
