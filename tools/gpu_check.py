@@ -1,0 +1,406 @@
+"""GPU acceptance check for CBN: correctness on CUDA against a float64 CPU reference, AMP and
+half-precision modules, no host synchronisation in steady state, and the step-time / peak-memory cost
+of CBN against BN on a ResNet-50 + FPN, in fp32 and AMP. Writes one Markdown report (and its JSON).
+
+Needs only torch (>= 2.4) with CUDA, plus torchvision for the model rows: no mmcv/mmengine/mmdet, no
+network. About 2-4 minutes on one modern GPU.
+
+    python tools/gpu_check.py --out DIR [--device cuda] [--quick] [--image-size 800 1216]
+        [--images 2] [--steps 20] [--skip-models]
+
+Without CUDA (``--device cuda`` on a machine that has none) it writes a report saying so and exits 0.
+``--device cpu --quick`` runs every check that does not need CUDA (CI does). Exit code 1 when a check
+fails.
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN, convert_to_cbn  # noqa: E402
+from cbn_mmdet.models import iteration_clock  # noqa: E402
+from cbn_mmdet.ops import statistics as S  # noqa: E402
+
+WINDOW = 3
+
+
+# ---------------------------------------------------------------------------- small models
+def conv_norm_net(affine=True, c=16):
+    """Two conv + CBN stages (a 3×3 and an expanding 1×1), as in a bottleneck."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, c, 3, padding=1, bias=False), CBN(c, window=WINDOW, affine=affine),
+                         nn.ReLU(), nn.Conv2d(c, 4 * c, 1, bias=False),
+                         CBN(4 * c, window=WINDOW, affine=affine))
+
+
+def _batches(steps, shape=(2, 8, 24, 20), seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen, dtype=torch.float64) + 0.3,
+             torch.randn((shape[0], 64) + shape[2:], generator=gen, dtype=torch.float64))
+            for _ in range(steps)]
+
+
+def _train_steps(model, data, device, dtype, channels_last=False, autocast=None):
+    """SGD steps; per step the output, input gradient and parameter gradients (on the CPU, float64)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    record = []
+    for x, g in data:
+        x = x.detach().to(device=device, dtype=dtype, copy=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast or torch.float16,
+                            enabled=autocast is not None):
+            out = model(x)
+        opt.zero_grad()
+        (out * g.to(device=device, dtype=out.dtype)).sum().backward()
+        record.append([out.detach().double().cpu(), x.grad.double().cpu()]
+                      + [p.grad.double().cpu() for p in model.parameters() if p.grad is not None])
+        opt.step()
+    return record
+
+
+def _state(model):
+    return {k: v.double().cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------- checks
+def check_reference(device, steps):
+    """The device in float32 (TF32 off) against the CPU in float64: outputs, gradients, history and
+    running statistics after every step, NCHW and channels_last, affine on and off."""
+    rows = []
+    for affine in (True, False):
+        for channels_last in (False, True):
+            data = _batches(steps)
+            ref = conv_norm_net(affine).double()
+            test = copy.deepcopy(ref).float().to(device)
+            ref_rec = _train_steps(ref, data, 'cpu', torch.float64, channels_last)
+            test_rec = _train_steps(test, data, device, torch.float32, channels_last)
+            err = max(_rel(a, b) for sa, sb in zip(test_rec, ref_rec) for a, b in zip(sa, sb))
+            ref_state, test_state = _state(ref), _state(test)
+            err_state = max(_rel(test_state[k], v) for k, v in ref_state.items())
+            ok = err < 1e-4 and err_state < 1e-4 and test[1].history_length == WINDOW - 1
+            rows.append(dict(check=f'{device} float32 vs CPU float64, affine={affine}, '
+                             f'{"channels_last" if channels_last else "NCHW"}',
+                             ok=ok, measured=f'outputs/grads {err:.1e}, history/running {err_state:.1e}',
+                             limit='< 1e-4 relative'))
+    return rows
+
+
+def autocast_correction_error(device, dtype):
+    """Error of CBN's Taylor correction under autocast against a float64 evaluation of the same
+    formula from the same (reduced-precision) conv input and output, relative to the correction."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 64, 3, padding=1).to(device)
+    norm = CBN(64, window=2).to(device)
+    captured = []
+    conv.register_forward_hook(lambda m, inp, out: captured.append(out.detach()))
+    gen = torch.Generator().manual_seed(3)
+    xs = [(torch.randn(2, 32, 24, 24, generator=gen).relu() + 0.5).to(device) for _ in range(2)]
+    w_old, b_old = conv.weight.detach().double().cpu(), conv.bias.detach().double().cpu()
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        norm(conv(xs[0])).float().square().mean().backward()
+    with torch.no_grad():  # an optimizer step of about 2 % of the weights
+        conv.weight.add_(0.02 * conv.weight.abs().mean() * torch.randn_like(conv.weight))
+        conv.bias.add_(0.02 * conv.bias.abs().mean())
+    iteration_clock.next_iteration()
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        norm(conv(xs[1]))
+    window = norm.past_window()
+    slot = int(window['valid'].nonzero()[0, 0])
+    got_mean = (window['mean_compensated'] - window['mean'])[slot].double().cpu()
+    got_var = (window['var_compensated'] - window['var'])[slot].double().cpu()
+    y, x = xs[0].to(dtype).double().cpu(), captured[0].double().cpu()
+    mean, var = S.batch_moments(x)
+    w1, b1 = conv.weight.detach().double().cpu(), conv.bias.detach().double().cpu()
+    patch = S.patch_mean(y, (3, 3), x.shape[2:], (1, 1), (1, 1), (1, 1))
+    var_grad = S.variance_weight_gradient(y, x, mean, patch, w_old, (1, 1), (1, 1), (1, 1), 1)
+    ref_mean, ref_var = S.compensate_history(
+        mean[None], var[None], S.linear_term_mean(patch[None], w_old, b_old, 1),
+        S.linear_term_var(var_grad[None], w_old), patch[None], var_grad[None],
+        torch.ones(1, dtype=torch.float64), w1, b1, 1)
+    return max(_rel(got_mean, ref_mean[0] - mean), _rel(got_var, ref_var[0] - var))
+
+
+def check_autocast(device):
+    dtypes = [torch.bfloat16] + ([torch.float16] if torch.device(device).type == 'cuda' else [])
+    rows = []
+    for dtype in dtypes:
+        err = autocast_correction_error(device, dtype)
+        rows.append(dict(check=f'{device} autocast {str(dtype)[6:]}: Taylor correction vs float64',
+                         ok=err < 1e-3, measured=f'{err:.1e} of the correction',
+                         limit='< 1e-3'))
+    return rows
+
+
+def half_module_error(make, device, dtype, steps):
+    """Largest relative error of a ``dtype`` copy of ``make()`` against the float32 model, per step,
+    over outputs and gradients; the copy takes the float32 weights before each step (so errors do not
+    compound), its own state (running statistics, CBN history) evolves by itself."""
+    ref = make()
+    model = copy.deepcopy(ref).to(device=device, dtype=dtype)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    worst = 0.0
+    for x, g in _batches(steps):
+        with torch.no_grad():
+            for p, p_ref in zip(model.parameters(), ref.parameters()):
+                p.copy_(p_ref)
+        outs = []
+        for net, dev, dt in ((ref, 'cpu', torch.float32), (model, device, dtype)):
+            xin = x.to(device=dev, dtype=dt).requires_grad_(True)
+            out = net(xin)
+            net.zero_grad()
+            (out * g.to(device=dev, dtype=dt)).sum().backward()
+            outs.append([out.detach().double().cpu(), xin.grad.double().cpu()]
+                        + [p.grad.double().cpu() for p in net.parameters()])
+        worst = max([worst] + [_rel(a, b) for a, b in zip(outs[1], outs[0])])
+        if not all(torch.isfinite(t).all() for t in outs[1]):
+            return float('inf'), model
+        opt.step()
+    return worst, model
+
+
+def check_half_module(device, steps):
+    """A ``.to(float16/bfloat16)`` CBN model against float32, beside BN's own error the same way."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        err, model = half_module_error(conv_norm_net, device, dtype, steps)
+        bn_err, _ = half_module_error(lambda: _with_bn(conv_norm_net()), device, dtype, steps)
+        history_fp32 = all(m.history_var.dtype == torch.float32 for m in model.modules()
+                           if isinstance(m, CBN))
+        rows.append(dict(check=f'{device} .to({str(dtype)[6:]}) module (history kept float32)',
+                         ok=history_fp32 and err <= 3 * bn_err + 1e-3,
+                         measured=f'error vs float32 {err:.1e} (BN: {bn_err:.1e})',
+                         limit='≤ 3 × BN\'s + 1e-3, finite'))
+    return rows
+
+
+def _with_bn(model):
+    for name, m in list(model.named_children()):
+        if isinstance(m, CBN):
+            bn = nn.BatchNorm2d(m.num_features, affine=m.affine)
+            bn.load_state_dict(m.state_dict())
+            setattr(model, name, bn)
+    return model
+
+
+def check_no_sync(device, steps):
+    """Steady-state training steps with ``torch.cuda.set_sync_debug_mode('error')``."""
+    model = conv_norm_net().to(device)
+    data = _batches(steps + 2)
+    _train_steps(model, data[:2], device, torch.float32)  # allocates the history
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        _train_steps_no_readback(model, data[2:], device)
+        ok, measured = True, 'no synchronising call'
+    except RuntimeError as err:
+        ok, measured = False, str(err).splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    return [dict(check=f'{device} training steps under set_sync_debug_mode("error")', ok=ok,
+                 measured=measured, limit='no host sync')]
+
+
+def _train_steps_no_readback(model, data, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    xs = [(x.float().to(device, non_blocking=True), g.float().to(device, non_blocking=True))
+          for x, g in data]
+    torch.cuda.synchronize()
+    for x, g in xs:
+        out = model(x)
+        opt.zero_grad()
+        (out * g).sum().backward()
+        opt.step()
+
+
+# ---------------------------------------------------------------------------- cost
+def resnet50_fpn(norm):
+    """torchvision's ResNet-50 backbone with an FPN (BN in both), ``norm`` 'bn', 'cbn' or 'naive'."""
+    from torchvision.models import resnet50
+    from torchvision.ops import FeaturePyramidNetwork
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = resnet50()
+            self.fpn = FeaturePyramidNetwork([256, 512, 1024, 2048], 256, norm_layer=nn.BatchNorm2d)
+
+        def forward(self, x):
+            b = self.body
+            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+            feats, out = {}, x
+            for i, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4)):
+                out = layer(out)
+                feats[str(i)] = out
+            return self.fpn(feats)
+
+    torch.manual_seed(0)
+    model = Detector()
+    if norm != 'bn':
+        convert_to_cbn(model, window=4, compensate=norm == 'cbn')
+    return model
+
+
+def measure_step(build, norm, device, amp, images, size, steps, warmup):
+    """Median step time (forward + backward + SGD) and peak memory of one variant."""
+    model = build(norm).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device=torch.device(device).type, enabled=amp)
+    x = torch.randn(images, 3, *size, device=device)
+    cuda = torch.device(device).type == 'cuda'
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=amp):
+            loss = sum(f.float().square().mean() for f in model(x).values())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float('nan')
+    del model, opt, x
+    if cuda:
+        torch.cuda.empty_cache()
+    times.sort()
+    return times[len(times) // 2], peak
+
+
+def benchmark(build, device, images, size, steps, warmup, amp_modes):
+    rows = []
+    for amp in amp_modes:
+        base = None
+        for norm in ('bn', 'naive', 'cbn'):
+            t, peak = measure_step(build, norm, device, amp, images, size, steps, warmup)
+            base = base or (t, peak)
+            rows.append(dict(precision='AMP fp16' if amp else 'fp32', norm=norm, step_ms=1e3 * t,
+                             peak_mb=peak, time_ratio=t / base[0], memory_ratio=peak / base[1]))
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+def environment(device):
+    env = dict(torch=torch.__version__, device=device, python=sys.version.split()[0])
+    if torch.device(device).type == 'cuda':
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(),
+                   cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_precision=torch.get_float32_matmul_precision())
+    try:
+        import torchvision
+        env['torchvision'] = torchvision.__version__
+    except Exception:  # noqa: BLE001  (an absent or broken torchvision only skips the model rows)
+        env['torchvision'] = None
+    return env
+
+
+def write_report(out, env, checks, cost, notes):
+    os.makedirs(out, exist_ok=True)
+    lines = ['# CBN GPU acceptance check', '', ', '.join(f'{k}: {v}' for k, v in env.items()), '']
+    lines += ['| check | result | measured | limit |', '|---|---|---|---|']
+    lines += [f"| {r['check']} | {'PASS' if r['ok'] else 'FAIL'} | {r['measured']} | {r['limit']} |"
+              for r in checks]
+    if cost:
+        lines += ['', 'ResNet-50 + FPN (torchvision), CBN k = 4 in every norm layer; ratios against BN '
+                  'in the same run:', '',
+                  '| precision | norm | step (ms) | peak (MiB) | step / BN | memory / BN |',
+                  '|---|---|---|---|---|---|']
+        lines += [f"| {r['precision']} | {r['norm']} | {r['step_ms']:.1f} | {r['peak_mb']:.0f} | "
+                  f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |" for r in cost]
+    lines += [''] + [f'* {n}' for n in notes]
+    text = '\n'.join(lines) + '\n'
+    with open(osp.join(out, 'gpu_check.md'), 'w') as f:
+        f.write(text)
+    with open(osp.join(out, 'gpu_check.json'), 'w') as f:
+        json.dump(dict(environment=env, checks=checks, cost=cost, notes=notes), f, indent=1,
+                  default=str)
+    return text
+
+
+def run(args):
+    device = args.device
+    notes = []
+    if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+        text = write_report(args.out, environment('cpu'), [], [],
+                            ['skipped: CUDA is not available on this machine'])
+        print(text)
+        return 0
+    if torch.device(device).type == 'cuda':
+        # exactness checks compare against float64: no TF32 rounding of the convolutions there
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    steps = 3 if args.quick else 5
+    checks = []
+    sections = [('reference', lambda: check_reference(device, steps)),
+                ('autocast', lambda: check_autocast(device)),
+                ('half', lambda: check_half_module(device, steps))]
+    if torch.device(device).type == 'cuda':
+        sections.append(('sync', lambda: check_no_sync(device, steps)))
+    else:
+        notes.append('host-sync check skipped: it needs CUDA (on CPU, tests/test_cbn_precision.py '
+                     'checks that no tensor is read back or made from Python data)')
+    for name, section in sections:
+        try:
+            checks += section()
+        except Exception as err:  # noqa: BLE001  (report the failure, run the other checks)
+            checks.append(dict(check=name, ok=False, measured=f'{type(err).__name__}: {err}'[:200],
+                               limit='runs'))
+            traceback.print_exc()
+    cost = []
+    if torch.device(device).type == 'cuda':
+        torch.backends.cudnn.allow_tf32 = True  # the defaults users train with
+        torch.backends.cudnn.benchmark = True
+    if not args.skip_models:
+        try:
+            import torchvision  # noqa: F401
+            build = resnet50_fpn
+        except Exception:  # noqa: BLE001
+            build = None
+            notes.append('model rows skipped: torchvision is not installed')
+        if build is not None:
+            amp_modes = (False, True) if torch.device(device).type == 'cuda' else (False, )
+            cost = benchmark(build, device, args.images, tuple(args.image_size), args.steps,
+                             args.warmup, amp_modes)
+            notes.append(f'{args.images} images of {args.image_size[0]}×{args.image_size[1]}, median '
+                         f'of {args.steps} steps after {args.warmup} warm-up steps; loss = mean '
+                         'square of the FPN outputs; naive = CBN without compensation')
+    text = write_report(args.out, environment(device), checks, cost, notes)
+    print(text)
+    return 0 if all(r['ok'] for r in checks) else 1
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--out', required=True, help='folder for gpu_check.md / gpu_check.json')
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--quick', action='store_true', help='fewer steps (CI on CPU)')
+    parser.add_argument('--skip-models', action='store_true', help='no ResNet-50 + FPN cost rows')
+    parser.add_argument('--image-size', type=int, nargs=2, default=(800, 1216))
+    parser.add_argument('--images', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=20)
+    parser.add_argument('--warmup', type=int, default=5)
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    sys.exit(run(parse_args()))
