@@ -125,3 +125,38 @@ def test_no_grad_training_forward_normalises_like_training_and_changes_nothing()
             assert torch.equal(value, state[key]), key
     out = model(x)  # same iteration, recorded: the same normalisation
     torch.testing.assert_close(out_no_grad, out.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _mmdet_resnet_run(with_cp, steps=3):
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(0)
+    model = ResNet(depth=50, base_channels=16, norm_cfg=dict(type='CBN', window=3), norm_eval=False,
+                   frozen_stages=-1, with_cp=with_cp, out_indices=(0, 1, 2, 3)).double()
+    model.init_weights()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(2)
+    record = []
+    for _ in range(steps):
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=gen)
+        loss = sum((f * torch.randn(f.shape, dtype=f.dtype, generator=gen)).mean()
+                   for f in model(x))
+        opt.zero_grad()
+        loss.backward()
+        record.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    norms = [m for m in model.modules() if isinstance(m, CBN)]
+    assert len(norms) == 53 and all(m.last_bind_status == 'conv' for m in norms)
+    assert all(m.history_length == 2 for m in norms)
+    return record, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_mmdet_resnet_with_cp_equals_without():
+    """mmdet's ResNet-50 with ``with_cp=True`` (reentrant torch.utils.checkpoint per bottleneck) and
+    CBN in every norm layer trains exactly like ``with_cp=False``."""
+    pytest.importorskip('mmdet')
+    import cbn_mmdet  # noqa: F401  (registers CBN)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*use_reentrant.*')
+        _assert_same(_mmdet_resnet_run(True), _mmdet_resnet_run(False))
