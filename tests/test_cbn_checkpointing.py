@@ -160,3 +160,16 @@ def test_mmdet_resnet_with_cp_equals_without():
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*use_reentrant.*')
         _assert_same(_mmdet_resnet_run(True), _mmdet_resnet_run(False))
+
+
+def test_layer_keeps_no_activation_alive_between_iterations():
+    """What a pass without autograd reuses (the bound conv) holds weights only, not the conv input."""
+    import gc
+    import weakref
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window=3)
+    x = torch.randn(2, 3, 8, 8).relu()
+    ref = weakref.ref(x)
+    norm(conv(x)).sum().backward()
+    del x
+    gc.collect()
+    assert ref() is None

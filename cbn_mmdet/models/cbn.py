@@ -291,15 +291,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 # grad mode on but nothing upstream requires grad: every weight before us is fixed
                 return None, BindStatus.FROZEN_CONV, 'nothing upstream is trainable'
             binding, status, detail = find_conv_producer(input)
-            self._producer = (binding, status, detail)
+            self._producer = (None if binding is None else binding.weights(), status, detail)
             return binding, status, detail
         if kind == AutogradPass.CHECKPOINT_FIRST and input.grad_fn is not None:
             return find_conv_weights(input)
         # no graph: the producer seen by this layer's last recorded forward (the same module runs)
         if self._producer is None:
             return None, BindStatus.NO_GRAPH, 'grad mode disabled'
-        binding, status, detail = self._producer
-        return (None if binding is None else binding.current()), status, detail
+        weights, status, detail = self._producer
+        if weights is not None and weights.parameters is None:
+            self._warn_once('stale_weights', 'its conv weight is computed from parameters (e.g. '
+                            'weight standardisation) and this pass has no autograd graph: the window '
+                            "is compensated to the weight of this layer's last recorded forward")
+        return (None if weights is None else weights.current()), status, detail
 
     def _check_input_like_module(self, input: Tensor) -> None:
         ref = self.running_mean if self.running_mean is not None else self.weight

@@ -60,6 +60,10 @@ class ConvBinding(ConvWeights):
     padding: Tuple[int, int] = (0, 0)
     dilation: Tuple[int, int] = (1, 1)
 
+    def weights(self) -> ConvWeights:
+        """The weights alone, without the (activation-sized) input."""
+        return ConvWeights(self.weight, self.bias, self.groups, self.parameters)
+
 
 class AutogradPass:
     """What kind of forward a training-mode CBN call is (see :func:`autograd_pass`)."""
