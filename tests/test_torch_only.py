@@ -27,6 +27,8 @@ _SCRIPT = textwrap.dedent('''
         return (safe and list(safe), torch.load, torch.cuda.set_device, nn.Module.__call__,
                 torch.nn.parallel.DistributedDataParallel.__init__)
 
+    import torch._dynamo  # torch's own submodule (CBN opts out of graph capture); it allow-lists its
+                          # own types for torch.load when imported, which is not ours to count
     before = torch_state()
     import cbn_mmdet
     from cbn_mmdet import CrossIterationBatchNorm2d, BatchRenorm2d, convert_to_cbn
