@@ -1,5 +1,7 @@
 # Table 6, R101: faster-rcnn_r50_fpn_syncbn-head_1x_coco.py with ResNet-101.
-# Pretrained: torchvision://resnet101 (ImageNet, BN).
+# Pretrained: torchvision's ResNet-101 (ImageNet, BN).
 _base_ = './faster-rcnn_r50_fpn_syncbn-head_1x_coco.py'
 model = dict(
-    backbone=dict(depth=101, init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet101')))
+    backbone=dict(depth=101, init_cfg=dict(
+        type='Pretrained',
+        checkpoint='https://download.pytorch.org/models/resnet101-63fe2227.pth')))

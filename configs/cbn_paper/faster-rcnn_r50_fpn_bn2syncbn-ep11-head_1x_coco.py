@@ -1,6 +1,6 @@
 # Table 7, "Epoch-11": BN in the FPN and the box head, switched to SyncBN before runner.epoch 11
 # (11 epochs BN, 1 SyncBN). See faster-rcnn_r50_fpn_bn2syncbn-ep8-head_1x_coco.py for the
-# epoch numbering. Pretrained: torchvision://resnet50.
+# epoch numbering. Pretrained: torchvision's ResNet-50.
 _base_ = './faster-rcnn_r50_fpn_bn2syncbn-ep8-head_1x_coco.py'
 switch_epoch = 11
 custom_hooks = [

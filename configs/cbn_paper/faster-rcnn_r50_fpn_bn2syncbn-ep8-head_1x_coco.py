@@ -6,7 +6,7 @@
 # switch happens before runner.epoch N (0-based), so `switch_epoch=N`. Epoch-8 = 8 epochs BN, 4
 # SyncBN (the last 4, which include both lr decays); Epoch-11 = SyncBN in the 12th epoch only.
 # The backbone's frozen BN is not touched (only the FPN and the RoI head are switched).
-# Needs a distributed run (SyncBN). Pretrained: torchvision://resnet50.
+# Needs a distributed run (SyncBN). Pretrained: torchvision's ResNet-50.
 _base_ = './faster-rcnn_r50_fpn_bn-head_1x_coco.py'
 switch_epoch = 8
 custom_hooks = [

@@ -1,4 +1,4 @@
 # Figure 3, Naive CBN k=2: faster-rcnn_r50_fpn_naive-cbn-head_1x_coco.py (k=4) with window k=2
-# after the 3-epoch burn-in (the hook sets every CBN layer's window). Pretrained: torchvision://resnet50.
+# after the 3-epoch burn-in (the hook sets every CBN layer's window). Pretrained: torchvision's ResNet-50.
 _base_ = './faster-rcnn_r50_fpn_naive-cbn-head_1x_coco.py'
 custom_hooks = [dict(type='CBNBurnInHook', burn_in=3, window=2, by_epoch=True)]

@@ -1,6 +1,6 @@
 # Table 6, R50 Mask R-CNN GN: GN in the FPN, the 4conv1fc box head and the FCN mask head over
 # the fixed-BN backbone (see _base_/mask-rcnn_r50_fpn_4conv1fc_1x_coco.py).
-# Pretrained: torchvision://resnet50.
+# Pretrained: torchvision's ResNet-50.
 _base_ = './_base_/mask-rcnn_r50_fpn_4conv1fc_1x_coco.py'
 norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
 model = dict(

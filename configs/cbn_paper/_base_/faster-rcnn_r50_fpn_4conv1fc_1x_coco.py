@@ -9,7 +9,7 @@
 #   trainable (`requires_grad=True`; mmdet-0.6's `frozen=False`).
 # * Schedule, optimizer: _base_/paper_1x.py. 4 images per GPU here.
 #
-# Pretrained weights: torchvision://resnet50 (ImageNet, BN). Train on 4 GPUs with
+# Pretrained weights: torchvision's ResNet-50 (ImageNet, BN). Train on 4 GPUs with
 #   tools/dist_train.sh CONFIG 4     or tools/run_table.py (README: "Reproducing the paper").
 _base_ = [
     'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
@@ -24,7 +24,9 @@ model = dict(
         frozen_stages=1,
         norm_cfg=dict(type='BN', requires_grad=True),
         norm_eval=True,
-        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet50')),
+        # the file mmengine's 'torchvision://resnet50' names, by its URL: no torchvision needed
+        init_cfg=dict(type='Pretrained',
+                      checkpoint='https://download.pytorch.org/models/resnet50-0676ba61.pth')),
     roi_head=dict(
         bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256)))
 

@@ -4,7 +4,7 @@
 # head (4 convs), which the leaves normalize like the FPN and the box head. Evaluated on boxes and
 # masks.
 #
-# Pretrained weights: torchvision://resnet50 (ImageNet, BN).
+# Pretrained weights: torchvision's ResNet-50 (ImageNet, BN).
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -18,7 +18,9 @@ model = dict(
         frozen_stages=1,
         norm_cfg=dict(type='BN', requires_grad=True),
         norm_eval=True,
-        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet50')),
+        # the file mmengine's 'torchvision://resnet50' names, by its URL: no torchvision needed
+        init_cfg=dict(type='Pretrained',
+                      checkpoint='https://download.pytorch.org/models/resnet50-0676ba61.pth')),
     roi_head=dict(
         bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256)))
 
