@@ -243,3 +243,43 @@ def test_hooks_name_unknown_keys_and_list_allowed_ones(hook, allowed):
     from mmdet.registry import HOOKS
     with pytest.raises(TypeError, match=f"unknown option.*'typo'.*allowed:.*{allowed}"):
         HOOKS.build(dict(type=hook, typo=1))
+
+
+def _switch_runner(tmp_path, max_epochs, resume=False, hooks=()):
+    torch.manual_seed(0)  # the same initial weights in every run
+    return Runner(
+        model=BNToyModel(), work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
+        custom_hooks=[dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3)),
+                      *hooks],
+        default_hooks=dict(logger=None, checkpoint=dict(type='CheckpointHook', interval=1)),
+        resume=resume, default_scope='mmdet', randomness=dict(seed=0))
+
+
+def test_norm_switch_then_resume_restores_the_cbn_history(tmp_path):
+    """A run switched BN → CBN, resumed from a checkpoint after the switch, continues with the
+    checkpoint's CBN history (not an empty window) and equals the uninterrupted run."""
+    states = {}
+
+    class Snapshot(Hook):
+        priority = 'VERY_LOW'
+
+        def before_train_epoch(self, runner):
+            norm = runner.model.norm
+            states.setdefault(runner.epoch, (type(norm), getattr(norm, 'history_length', None)))
+
+    full = _switch_runner(tmp_path / 'full', 3)
+    full.train()
+    first = _switch_runner(tmp_path / 'part', 2)
+    first.train()
+    saved = torch.load(tmp_path / 'part' / 'epoch_2.pth', map_location='cpu')
+    assert saved['state_dict']['norm.history_index'][1] == 2
+    resumed = _switch_runner(tmp_path / 'part', 3, resume=True, hooks=[Snapshot()])
+    resumed.train()
+    assert states[2] == (CBN, 2)  # the history of epoch 1, restored before epoch 2 starts
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)

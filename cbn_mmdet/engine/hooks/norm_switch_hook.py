@@ -97,14 +97,12 @@ class NormSwitchHook(Hook):
             if part:
                 model.get_submodule(part)  # fail now, not at the switch, on a typo
 
-    def _due(self, runner) -> bool:
+    def _due(self, epoch: int, iteration: int) -> bool:
         if self.switch_epoch is not None:
-            return runner.epoch >= self.switch_epoch
-        return runner.iter >= self.switch_iter
+            return epoch >= self.switch_epoch
+        return iteration >= self.switch_iter
 
-    def _maybe_switch(self, runner) -> None:
-        if self.switched or not self._due(runner):
-            return
+    def _switch(self, runner, when: str) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         total = 0
         for part in self.parts:
@@ -112,8 +110,22 @@ class NormSwitchHook(Hook):
                                         tuple(self.from_classes))
         self.switched = True
         runner.logger.info(f"NormSwitchHook: switched {total} norm layers in "
-                           f"{[p or '<model>' for p in self.parts]} to {self.to_cfg} at epoch "
-                           f'{runner.epoch}, iter {runner.iter}')
+                           f"{[p or '<model>' for p in self.parts]} to {self.to_cfg} {when}")
+
+    def _maybe_switch(self, runner) -> None:
+        if not self.switched and self._due(runner.epoch, runner.iter):
+            self._switch(runner, f'at epoch {runner.epoch}, iter {runner.iter}')
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """On ``--resume`` past the switch point, switch before the checkpoint's state is loaded, so
+        the new layers' state (e.g. CBN's history) is restored instead of dropped as unexpected keys.
+        (mmengine calls this hook between reading a checkpoint and loading it into the model.)"""
+        if self.switched or not getattr(runner, '_resume', False):
+            return  # load_from starts a new run at its own epoch 0: nothing to switch yet
+        meta = checkpoint.get('meta', {})
+        epoch, iteration = meta.get('epoch', 0), meta.get('iter', 0)
+        if self._due(epoch, iteration):
+            self._switch(runner, f'before resuming from epoch {epoch}, iter {iteration}')
 
     def before_train_epoch(self, runner) -> None:
         self._maybe_switch(runner)
