@@ -106,11 +106,13 @@ def test_norms_per_part_hooks_and_weights(name):
         assert backbone.norm_cfg.type == norm_type and backbone.norm_eval is False
     else:  # fixed BN: statistics frozen, affine trained (mmdet's and the authors' default)
         assert backbone.norm_cfg == dict(type='BN', requires_grad=True) and backbone.norm_eval
+    torchvision_urls = {50: 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+                        101: 'https://download.pytorch.org/models/resnet101-63fe2227.pth'}
     weights = ('open-mmlab://detectron/resnet50_gn' if all_layers and norm_type == 'GN'
-               else f'torchvision://resnet{depth}')
+               else torchvision_urls[depth])
     assert backbone.init_cfg == dict(type='Pretrained', checkpoint=weights)
     source = open(osp.join(CONFIG_DIR, name + '.py')).read()
-    assert weights in source or (f'resnet{depth}' in source and depth == 50), \
+    assert weights in source or f'ResNet-{depth}' in source, \
         f'{name}: name its pretrained weights in a comment'
     assert [dict(h) for h in cfg.get('custom_hooks', [])] == hooks
 
@@ -129,7 +131,7 @@ def test_readme_lists_every_config():
             names += [head + o + tail for o in options.split(',')]
         listed.update(names)
     assert set(CONFIGS) <= listed, sorted(set(CONFIGS) - listed)
-    for weights in ('torchvision://resnet50', 'torchvision://resnet101',
+    for weights in ('resnet50-0676ba61.pth', 'resnet101-63fe2227.pth',
                     'open-mmlab://detectron/resnet50_gn'):
         assert weights in section
 
