@@ -1,11 +1,34 @@
+import os.path as osp
+import re
+import sys
+
 from setuptools import find_packages, setup
+
+if sys.version_info < (3, 9):
+    sys.exit(f'cbn_mmdet needs Python >= 3.9 (this is {sys.version.split()[0]})')
+
+HERE = osp.dirname(osp.abspath(__file__))
+
+
+def read_version():
+    """The version from cbn_mmdet/version.py, without importing the package (and torch)."""
+    with open(osp.join(HERE, 'cbn_mmdet', 'version.py')) as f:
+        return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
+
 
 setup(
     name='cbn_mmdet',
-    version='0.1.0',
-    description='Cross-Iteration Batch Normalization (CBN) for mmdetection 3.x',
+    version=read_version(),
+    description='Cross-Iteration Batch Normalization (CBN) for PyTorch and mmdetection 3.x',
+    license='Apache-2.0',
     packages=find_packages(include=['cbn_mmdet', 'cbn_mmdet.*']),
     python_requires='>=3.9',
-    install_requires=['torch>=2.0', 'mmcv>=2.0.0,<2.2.0', 'mmengine>=0.10.0', 'mmdet>=3.3.0',
-                      'pycocotools'],
+    # the layers need torch only; the OpenMMLab stack is an extra, so installing into an existing
+    # mmdet environment never replaces the user's torch, mmcv or mmdet
+    install_requires=['torch>=2.1'],
+    extras_require={
+        'mmdet': ['mmcv>=2.0.0,<2.2.0', 'mmengine>=0.10.0', 'mmdet>=3.3.0', 'pycocotools'],
+        'tests': ['pytest'],
+        'analysis': ['matplotlib', 'scikit-learn'],
+    },
 )

@@ -7,8 +7,8 @@ stack needs: all listed in :mod:`cbn_mmdet.openmmlab`.
 """
 from . import models, openmmlab
 from .models import BatchRenorm2d, CrossIterationBatchNorm2d, convert_to_cbn
+from .version import __version__
 
-__version__ = '0.1.0'
 __all__ = ['CrossIterationBatchNorm2d', 'BatchRenorm2d', 'convert_to_cbn', '__version__']
 
 openmmlab.setup()
