@@ -118,34 +118,66 @@ def test_unknown_table_is_refused():
         collect_table.main(['table9'])
 
 
+def _commands(out):
+    return [x for x in out.splitlines() if x.startswith(('tools/', 'GPUS='))]
+
+
 def test_run_table_dry_run_commands(tmp_path, capsys):
     root = str(tmp_path)
     assert run_table.main(['table7', '--gpus', '2', '--trials', '2', '--seed-start', '3',
                            '--rows', 'bn2syncbn-ep11-head', '--work-root', root, '--dry-run',
                            '--cfg-options', 'env_cfg.dist_cfg.backend=gloo']) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = _commands(capsys.readouterr().out)
     cfg = 'faster-rcnn_r50_fpn_bn2syncbn-ep11-head_1x_coco'
     assert lines == [
         f'tools/dist_train.sh configs/cbn_paper/{cfg}.py 2 --work-dir '
-        f'{root}/table7/{cfg}/seed{s} --cfg-options randomness.seed={s} '
+        f'{root}/table7/{cfg}/seed{s} --resume --cfg-options randomness.seed={s} '
         'env_cfg.dist_cfg.backend=gloo' for s in (3, 4)]
     for line in lines:  # every command names a config that exists
         assert osp.isfile(osp.join(REPO, line.split()[1]))
 
 
-def test_run_table_filters_and_skip_done(tmp_path, capsys):
+def test_run_table_slurm_commands(tmp_path, capsys):
+    root = str(tmp_path)
+    run_table.main(['table5', '--rows', 'cbn-head', '--trials', '1', '--gpus', '16',
+                    '--launcher', 'slurm', '--partition', 'gpu', '--work-root', root, '--dry-run'])
+    cfg = 'faster-rcnn_r50_fpn_cbn-head_1x_coco'
+    assert _commands(capsys.readouterr().out) == [
+        f'GPUS=16 GPUS_PER_NODE=8 tools/slurm_train.sh gpu {cfg}-seed0 '
+        f'configs/cbn_paper/{cfg}.py {root}/table5/{cfg}/seed0 --resume --cfg-options '
+        'randomness.seed=0']
+    with pytest.raises(SystemExit):
+        run_table.parse_args(['table5', '--launcher', 'slurm'])  # no partition
+
+
+def test_run_table_done_means_final_checkpoint(tmp_path, capsys):
+    """A run with a result but no final checkpoint (cut off, or validated early) is resumed; one
+    with epoch_12.pth is done, also for another table that shares the config and seed."""
     root = str(tmp_path)
     write_run(root, 'table5', CFG, 0, [_val(0.377)])
+    write_run(root, 'table5', CFG, 1, [_val(0.377)])
+    open(osp.join(root, 'table5', CFG, 'seed1', 'epoch_12.pth'), 'w').close()
     run_table.main(['table5', 'table6', '--rows', 'cbn-head', 'r101', '--trials', '2',
-                    '--work-root', root, '--dry-run', '--skip-done'])
-    out = capsys.readouterr().out.splitlines()
-    runs = [x for x in out if x.startswith('tools/')]
-    skips = [x for x in out if x.startswith('# skip')]
+                    '--work-root', root, '--dry-run'])
+    out = capsys.readouterr().out
+    runs, skips = _commands(out), [x for x in out.splitlines() if x.startswith('# skip')]
     # 'cbn-head' is a whole name field: syncbn-head does not match it.
     assert not any('syncbn-head' in x and 'r50' in x for x in runs)
-    assert f'# skip (done): table5 {CFG} seed0' in skips  # has a result
-    assert f'# skip (done): table6 {CFG} seed0' in skips  # Table 6 reuses Table 5's run
-    assert f'# skip (done): table6 {CFG} seed1' in skips  # planned under table5 already
+    assert any(f'table5/{CFG}/seed0 --resume' in x for x in runs)  # not done: resumed
+    assert f'# skip (done): table5 {CFG} seed1' in skips
+    assert f'# skip (done): table6 {CFG} seed1' in skips  # Table 6 reuses Table 5's run
+    assert f'# skip (trained under table5): table6 {CFG} seed0' in skips
     assert sum('r101' in x for x in runs) == 6 * 2
     with pytest.raises(SystemExit, match='no row'):
         run_table.main(['table5', '--rows', 'nothing', '--dry-run'])
+
+
+def test_run_table_budget(tmp_path, capsys):
+    run_table.main(['table5', '--rows', 'cbn-head', 'gn-head', '--trials', '5', '--iter-time', '0.4',
+                    '--work-root', str(tmp_path), '--dry-run'])
+    out = capsys.readouterr().out
+    iters = 12 * -(-117266 // 16)
+    per_run = iters * 0.4 * 4 / 3600
+    assert f'# budget: {iters} iterations per run' in out
+    assert f'= {per_run:.1f} GPU-hours per run' in out
+    assert f'# total: 10 runs, {10 * per_run:.1f} GPU-hours; to train: 10 runs' in out

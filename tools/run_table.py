@@ -1,24 +1,37 @@
-"""Train the rows of the paper's COCO tables, several trials (seeds) each, with tools/dist_train.sh.
+"""Train the rows of the paper's COCO tables, several trials (seeds) each, resuming what was cut off.
 
     .venv/bin/python tools/run_table.py TABLE [TABLE ...] [--gpus 4] [--trials 5] [--seed-start 0]
-        [--rows ROW ...] [--work-root work_dirs] [--skip-done] [--dry-run]
+        [--rows ROW ...] [--work-root work_dirs] [--final-epoch 12] [--force] [--dry-run]
+        [--launcher dist|slurm] [--partition P] [--gpus-per-node 8]
+        [--iter-time 0.5] [--images-per-gpu 4] [--train-images 117266]
         [--cfg-options KEY=VALUE ...]
 
 For every selected row (``cbn_mmdet/paper_results.py``) and seed ``k`` it runs, one after another:
 
     tools/dist_train.sh configs/cbn_paper/<config>.py GPUS \\
-        --work-dir <work-root>/<table>/<config>/seed<k> --cfg-options randomness.seed=<k> [...]
+        --work-dir <work-root>/<table>/<config>/seed<k> --resume --cfg-options randomness.seed=<k> [...]
+
+or, with ``--launcher slurm``, ``GPUS=... GPUS_PER_NODE=... tools/slurm_train.sh PARTITION
+<config>-seed<k> CONFIG WORK_DIR --resume ...`` (srun waits for the job). ``--resume`` continues an
+interrupted run from its latest checkpoint (a run without one starts from the beginning).
+
+A run is **done** when its final checkpoint (``epoch_<final-epoch>.pth``) exists, under this table or
+another one (rows shared by Tables 5 and 6, Figures 3 and 5 are trained once); done runs are skipped
+unless ``--force``. Before starting, the compute budget is printed: GPU-hours per row and in total,
+from ``--iter-time`` (seconds per iteration of one run on its GPUs: an assumption, measure yours
+with the smoke run in the README) and the COCO schedule (``--train-images`` /
+(``--gpus`` × ``--images-per-gpu``) iterations per epoch, ``--final-epoch`` epochs).
 
 ``--rows`` keeps the rows whose label or config name equals one of the given strings, or whose
 config name has it as one of its ``_``-separated fields (``--rows cbn-head gn-head``, ``--rows r101``).
-``--skip-done`` skips a config and seed that already has a final COCO result, under this table or
-another one, and runs a config and seed shared by several selected tables once (rows shared by
-Tables 5 and 6, Figures 3 and 5).
 ``--cfg-options`` is passed through to tools/train.py after the seed (e.g.
 ``env_cfg.dist_cfg.backend=gloo`` on CPU, ``train_cfg.val_interval=1``). Failed runs are reported at
 the end and make the exit status non-zero; the remaining runs still go.
 """
 import argparse
+import glob
+import math
+import os
 import os.path as osp
 import shlex
 import subprocess
@@ -26,7 +39,7 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from collect_table import REPO, find_run, load_paper_results, select_tables  # noqa: E402
+from collect_table import REPO, load_paper_results, select_tables  # noqa: E402
 
 
 def select_rows(table, filters):
@@ -38,65 +51,135 @@ def select_rows(table, filters):
             if any(f in (r.label, r.config) or f in fields(r.config) for f in filters)]
 
 
-def build_commands(tables, gpus, seeds, filters, work_root, cfg_options):
+def run_dir(work_root, table, config, seed):
+    return osp.join(work_root, table, config, f'seed{seed}')
+
+
+def is_done(work_root, table, config, seed, final_epoch):
+    """Whether this config and seed has its final checkpoint, under this table or another."""
+    dirs = [run_dir(work_root, table, config, seed)]
+    dirs += glob.glob(osp.join(work_root, '*', config, f'seed{seed}'))
+    return any(osp.isfile(osp.join(d, f'epoch_{final_epoch}.pth')) for d in dirs)
+
+
+def launch_argv(args, config_path, work_dir, seed, job_name):
+    train_args = ['--resume', '--cfg-options', f'randomness.seed={seed}', *args.cfg_options]
+    if args.launcher == 'slurm':
+        return ['tools/slurm_train.sh', args.partition, job_name, config_path, work_dir, *train_args]
+    return ['tools/dist_train.sh', config_path, str(args.gpus), '--work-dir', work_dir, *train_args]
+
+
+def launch_env(args):
+    if args.launcher == 'slurm':
+        return dict(GPUS=str(args.gpus), GPUS_PER_NODE=str(min(args.gpus, args.gpus_per_node)))
+    return {}
+
+
+def build_commands(args, tables, seeds):
     """[(table name, config, seed, argv)] in table, row, seed order."""
     pr = load_paper_results()
     out = []
     for table in tables:
-        for row in select_rows(table, filters):
+        for row in select_rows(table, args.rows):
             for seed in seeds:
-                work_dir = osp.join(work_root, table.name, row.config, f'seed{seed}')
-                argv = ['tools/dist_train.sh', osp.join(pr.CONFIG_DIR, row.config + '.py'), str(gpus),
-                        '--work-dir', work_dir, '--cfg-options', f'randomness.seed={seed}',
-                        *cfg_options]
+                argv = launch_argv(args, osp.join(pr.CONFIG_DIR, row.config + '.py'),
+                                   run_dir(args.work_root, table.name, row.config, seed), seed,
+                                   f'{row.config}-seed{seed}')
                 out.append((table.name, row.config, seed, argv))
     return out
+
+
+def budget_lines(args, commands, todo):
+    """GPU-hours per config and in total, for all selected runs and for those still to train."""
+    iters = args.final_epoch * math.ceil(args.train_images / (args.gpus * args.images_per_gpu))
+    hours = iters * args.iter_time * args.gpus / 3600  # one run, all its GPUs
+    runs, left = {}, {}
+    for table, config, seed, _ in commands:
+        runs.setdefault(config, set()).add(seed)
+        if (table, config, seed) in todo:
+            left.setdefault(config, set()).add(seed)
+    lines = [f'# budget: {iters} iterations per run ({args.final_epoch} epochs of '
+             f'{args.train_images} images, {args.gpus} GPUs x {args.images_per_gpu} images), '
+             f'{args.iter_time} s per iteration (assumed; --iter-time) = {hours:.1f} GPU-hours per '
+             'run']
+    for config, seeds in runs.items():
+        n_left = len(left.get(config, ()))
+        lines.append(f'#   {config}: {len(seeds)} runs, {len(seeds) * hours:.1f} GPU-hours '
+                     f'({n_left} to train: {n_left * hours:.1f})')
+    total, total_left = sum(map(len, runs.values())), sum(map(len, left.values()))
+    lines.append(f'# total: {total} runs, {total * hours:.1f} GPU-hours; to train: {total_left} runs, '
+                 f'{total_left * hours:.1f} GPU-hours ({total_left * hours / args.gpus:.1f} hours '
+                 f'on {args.gpus} GPUs)')
+    return lines
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('tables', nargs='+', help='table5 table6 table7 figure3 figure5 or all')
-    parser.add_argument('--gpus', type=int, default=4, help='processes per run (paper: 4 GPUs)')
+    parser.add_argument('--gpus', type=int, default=4, help='GPUs per run (paper: 4)')
     parser.add_argument('--trials', type=int, default=5, help='seeds per row (paper: 5)')
     parser.add_argument('--seed-start', type=int, default=0)
     parser.add_argument('--rows', nargs='+', default=[], metavar='ROW')
     parser.add_argument('--work-root', default='work_dirs')
-    parser.add_argument('--skip-done', action='store_true',
-                        help='skip runs that already have a final COCO result')
-    parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+    parser.add_argument('--final-epoch', type=int, default=12,
+                        help='a run is done when epoch_<final-epoch>.pth exists (1x schedule: 12)')
+    parser.add_argument('--force', action='store_true', help='train done runs again')
+    parser.add_argument('--dry-run', action='store_true', help='print the budget and commands only')
+    parser.add_argument('--launcher', choices=('dist', 'slurm'), default='dist',
+                        help='tools/dist_train.sh (default) or tools/slurm_train.sh')
+    parser.add_argument('--partition', help='Slurm partition (--launcher slurm)')
+    parser.add_argument('--gpus-per-node', type=int, default=8, help='Slurm: GPUs per node')
+    parser.add_argument('--iter-time', type=float, default=0.5,
+                        help='seconds per training iteration of one run, for the budget')
+    parser.add_argument('--images-per-gpu', type=int, default=4,
+                        help="the configs' train_dataloader.batch_size, for the budget")
+    parser.add_argument('--train-images', type=int, default=117266,
+                        help='COCO train2017 images with annotations (mmdet filters the rest)')
     parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='passed through to tools/train.py')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.launcher == 'slurm' and not args.partition:
+        parser.error('--launcher slurm needs --partition PARTITION')
+    for name in ('gpus', 'trials', 'final_epoch', 'images_per_gpu', 'train_images',
+                 'gpus_per_node'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.iter_time <= 0:
+        parser.error(f'--iter-time must be > 0, got {args.iter_time}')
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.gpus < 1 or args.trials < 1:
-        raise SystemExit(f'--gpus and --trials must be >= 1, got {args.gpus}, {args.trials}')
     seeds = list(range(args.seed_start, args.seed_start + args.trials))
-    commands = build_commands(select_tables(args.tables), args.gpus, seeds, args.rows,
-                              args.work_root, args.cfg_options)
+    commands = build_commands(args, select_tables(args.tables), seeds)
     if not commands:
         raise SystemExit(f'no row matches --rows {args.rows}')
-    failed, done = [], set()
+    todo, planned = [], {}
     for table, config, seed, argv in commands:
-        if (config, seed) in done or (args.skip_done
-                                      and find_run(args.work_root, table, config, seed)[1]):
+        if (config, seed) in planned:
+            print(f'# skip (trained under {planned[config, seed]}): {table} {config} seed{seed}',
+                  flush=True)
+        elif not args.force and is_done(args.work_root, table, config, seed, args.final_epoch):
             print(f'# skip (done): {table} {config} seed{seed}', flush=True)
-            continue
-        line = ' '.join(shlex.quote(a) for a in argv)
+        else:
+            planned[config, seed] = table
+            todo.append((table, config, seed, argv))
+    for line in budget_lines(args, commands, {t[:3] for t in todo}):
+        print(line, flush=True)
+    env = dict(os.environ, **launch_env(args))
+    prefix = ' '.join(f'{k}={v}' for k, v in launch_env(args).items())
+    failed = []
+    for table, config, seed, argv in todo:
+        line = ' '.join(filter(None, [prefix, *(shlex.quote(a) for a in argv)]))
         if args.dry_run:
             print(line, flush=True)
-            if args.skip_done:
-                done.add((config, seed))
             continue
         print(f'# [{time.strftime("%H:%M:%S")}] {line}', flush=True)
-        rc = subprocess.call(argv, cwd=REPO)
+        rc = subprocess.call(argv, cwd=REPO, env=env)
         if rc != 0:
             failed.append((line, rc))
-        elif args.skip_done:
-            done.add((config, seed))
     for line, rc in failed:
         print(f'# FAILED (exit {rc}): {line}', file=sys.stderr)
     return 1 if failed else 0

@@ -1,6 +1,8 @@
 # Copyright (c) OpenMMLab. All rights reserved.
-# Mirrors mmdet 3.3.0's tools/test.py; the only change is that ``cbn_mmdet`` is imported first (see
-# tools/train.py), so CKPT loads under torch >= 2.6 with torch's restricted unpickler.
+# Mirrors mmdet 3.3.0's tools/test.py with two changes: ``cbn_mmdet`` is imported first (see
+# tools/train.py), so CKPT loads under torch >= 2.6 with torch's restricted unpickler; and a CBN
+# training checkpoint given to a model without CBN layers is explained in one line
+# (CBNHistoryNotice).
 import argparse
 import os
 import os.path as osp
@@ -12,12 +14,40 @@ from copy import deepcopy
 from mmengine import ConfigDict
 import torch
 from mmengine.config import Config, DictAction
+from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
 from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
 from mmdet.registry import RUNNERS
 from mmdet.utils import setup_cache_size_limit_of_dynamo
+
+from cbn_mmdet.models import CrossIterationBatchNorm2d
+from cbn_mmdet.models.cbn import HISTORY_STATE_KEYS
+
+
+class CBNHistoryNotice(Hook):
+    """Drop the CBN history of a checkpoint loaded into a model without CBN layers, saying so once.
+
+    Without it, mmengine lists every ``<layer>.history_*`` key as unexpected, although a BN model
+    has no use for them: in evaluation CBN is BN with the running statistics.
+    """
+
+    def __init__(self, checkpoint: str):
+        self.checkpoint = checkpoint
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state_dict = checkpoint.get('state_dict', checkpoint)
+        history = [k for k in state_dict if k.rsplit('.', 1)[-1] in HISTORY_STATE_KEYS]
+        if not history or any(
+                isinstance(m, CrossIterationBatchNorm2d) for m in runner.model.modules()):
+            return
+        for key in history:
+            del state_dict[key]
+        runner.logger.info(
+            f'{self.checkpoint} is a CBN training checkpoint: its CBN history ({len(history)} '
+            'tensors) is ignored by this model, which has no CBN layer, and is not needed for '
+            'inference; tools/model_converters/publish_model.py makes a deployable file without it')
 
 
 # TODO: support fuse_conv_bn and format_only
@@ -138,6 +168,7 @@ def main():
         # build customized runner from the registry
         # if 'runner_type' is set in the cfg
         runner = RUNNERS.build(cfg)
+    runner.register_hook(CBNHistoryNotice(args.checkpoint))
 
     # add `DumpResults` dummy metric
     if args.out is not None:

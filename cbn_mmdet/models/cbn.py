@@ -16,7 +16,7 @@ from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvBinding, ConvWeights, autograd_pass,
                            find_conv_producer, find_conv_weights)
 
-__all__ = ['CrossIterationBatchNorm2d']
+__all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
 
 _FALLBACKS = ('bn', 'naive')
 # the layer keeps host-side state (ring cursor, iteration, caches) that graph capture cannot follow
@@ -36,6 +36,8 @@ _HISTORY_GRADS = ('history_patch_mean', 'history_var_grad')
 _HISTORY_INDEX = 'history_index'
 _HISTORY_TENSORS = _HISTORY_STATS + _HISTORY_GRADS
 _HISTORY_BUFFERS = _HISTORY_TENSORS + (_HISTORY_INDEX, )
+#: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
+HISTORY_STATE_KEYS = _HISTORY_BUFFERS
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
