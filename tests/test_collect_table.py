@@ -181,3 +181,36 @@ def test_run_table_budget(tmp_path, capsys):
     assert f'# budget: {iters} iterations per run' in out
     assert f'= {per_run:.1f} GPU-hours per run' in out
     assert f'# total: 10 runs, {10 * per_run:.1f} GPU-hours; to train: 10 runs' in out
+
+
+def test_model_zoo_files_are_the_tools_output(tmp_path):
+    """configs/cbn_paper/README.md and metafile.yml are what collect_table.py writes (no runs yet)."""
+    collect_table.main(['all', '--format', 'csv', '--work-root', str(tmp_path / 'none'),
+                        '--model-zoo', str(tmp_path)])
+    for name in ('README.md', 'metafile.yml'):
+        committed = open(osp.join(REPO, 'configs', 'cbn_paper', name)).read()
+        assert (tmp_path / name).read_text() == committed, \
+            f'regenerate with: tools/collect_table.py all --model-zoo configs/cbn_paper ({name})'
+
+
+def test_model_zoo_fills_ours_log_and_checkpoint(tmp_path, capsys):
+    import yaml
+    root = str(tmp_path / 'runs')
+    write_run(root, 'table5', CFG, 0, [_val(0.377)])
+    write_run(root, 'table6', CFG, 1, [_val(0.381)])
+    run = osp.join(root, 'table6', CFG, 'seed1')
+    open(osp.join(run, 'epoch_12.pth'), 'w').close()
+    stamp = next(d for d in os.listdir(run) if osp.isdir(osp.join(run, d)))
+    open(osp.join(run, stamp, f'{stamp}.log'), 'w').close()
+    collect_table.main(['all', '--format', 'csv', '--work-root', root, '--trials', '2',
+                        '--model-zoo', str(tmp_path)])
+    line = next(x for x in (tmp_path / 'README.md').read_text().splitlines()
+                if x.startswith(f'| [{CFG}]'))
+    cells = [c.strip() for c in line.split('|')[1:-1]]
+    assert cells[2:7] == ['CBN', 'FPN + heads', '4', '3', '37.7']
+    assert cells[7] == '37.9 ± 0.3' and cells[10] == '2/2'
+    assert cells[11].endswith('.log`') and cells[12] == f'`{run}/epoch_12.pth`'
+    meta = yaml.safe_load((tmp_path / 'metafile.yml').read_text())
+    model = next(m for m in meta['Models'] if m['Name'] == CFG)
+    assert model['Results'][0]['Metrics'] == {'box AP': 37.9}
+    assert model['Paper Results'] == {'box AP': 37.7} and model['Metadata']['Window'] == 4

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import os.path as osp
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -190,6 +191,122 @@ def render_csv(dict_rows: List[dict]) -> str:
     return buf.getvalue()
 
 
+NORMALIZERS = {'none': '-', 'bn': 'BN', 'syncbn': 'SyncBN', 'gn': 'GN', 'brn': 'BRN', 'cbn': 'CBN',
+               'naive-cbn': 'Naive CBN'}
+
+
+def describe_config(config: str) -> dict:
+    """Normalizer, where, window and burn-in of a paper config, read from its name
+    (``tests/test_paper_configs.py`` checks each name against the config's content)."""
+    norm_part = config.split('_')[3]                         # e.g. 'cbn-k8-head', 'bn2syncbn-ep8-head'
+    where = norm_part.rsplit('-', 1)[1]                       # 'head' or 'all'
+    tokens = norm_part[:-len(where) - 1]
+    burn_in = re.search(r'-burnin(\d+)', tokens)
+    window = re.search(r'-k(\d+)', tokens)
+    switch = re.match(r'bn2syncbn-ep(\d+)$', tokens)
+    base = re.sub(r'-(k|burnin)\d+', '', tokens)
+    if switch:
+        normalizer = f'BN → SyncBN at epoch {switch.group(1)}'
+    else:
+        normalizer = NORMALIZERS[base]
+    cbn = base in ('cbn', 'naive-cbn')
+    return dict(normalizer=normalizer, where='FPN + heads' if where == 'head' else 'all layers',
+                window=int(window.group(1)) if window else (4 if cbn else None),
+                burn_in=int(burn_in.group(1)) if burn_in else (3 if cbn else None),
+                depth=int(config.split('_')[1][1:]))
+
+
+def model_zoo_rows(work_root: str, seeds: Sequence[int], final_step: Optional[int] = None):
+    """One entry per paper config: the paper's AP (first table row with one), ours over seeds, and
+    the latest run's log and final checkpoint."""
+    pr = load_paper_results()
+    out = []
+    for config in pr.all_configs():
+        paper = next((r.paper for t in pr.TABLES.values() for r in t.rows
+                      if r.config == config and r.paper), {})
+        box, mask, runs = [], [], []
+        for seed in seeds:
+            run_dir, metrics = find_run(work_root, '*', config, seed, final_step)
+            if metrics is None:
+                continue
+            runs.append(run_dir)
+            box.append(100.0 * metrics['coco/bbox_mAP'])
+            if metrics.get('coco/segm_mAP') is not None:
+                mask.append(100.0 * metrics['coco/segm_mAP'])
+        latest = sorted(runs)[-1] if runs else None
+        logs = sorted(glob.glob(osp.join(latest, '*', '*.log'))) if latest else []
+        checkpoints = sorted(glob.glob(osp.join(latest, 'epoch_*.pth'))) if latest else []
+        out.append(dict(config=config, **describe_config(config), paper=paper, box=box, mask=mask,
+                        runs=len(runs), log=logs[-1] if logs else None,
+                        checkpoint=checkpoints[-1] if checkpoints else None))
+    return out
+
+
+def to_zoo_readme(rows, n_expected: int) -> str:
+    """``configs/cbn_paper/README.md``: the model-zoo table in mmdet's layout."""
+    lines = ['# Cross-Iteration Batch Normalization (CBN) on COCO', '',
+             '> [Cross-Iteration Batch Normalization](https://arxiv.org/abs/2002.05712), Yao et al., '
+             'CVPR 2021', '',
+             'The configs of the paper\'s COCO experiments (Tables 5-7, Figures 3 and 5): Faster / Mask '
+             'R-CNN with FPN and the 4conv1fc box head, 1x schedule, 4 GPUs x 4 images, statistics per '
+             'GPU. The main README ("Reproducing the paper") says how to run them. This file is '
+             'written by `tools/collect_table.py --model-zoo configs/cbn_paper`; rerun it after '
+             'training.', '',
+             '"paper" columns are the paper\'s numbers (mmdet v1, mean of 5 trials); "ours" are mean '
+             '± sample std over the runs found with this code base (mmdet 3.x), empty until run; log '
+             'and checkpoint are those of the latest run found (publish a checkpoint with '
+             '`tools/model_converters/publish_model.py`).', '',
+             '| config | backbone | normalizer | where | k | burn-in (epochs) | box AP (paper) | '
+             'box AP (ours) | mask AP (paper) | mask AP (ours) | runs | log | checkpoint |',
+             '|' + '---|' * 13]
+    for r in rows:
+        def paper(key):
+            return '' if r['paper'].get(key) is None else f"{r['paper'][key]:.1f}"
+        mask_paper = paper('mAP')
+        lines.append(' | '.join([
+            f"| [{r['config']}](./{r['config']}.py)", f"R-{r['depth']}", r['normalizer'], r['where'],
+            '' if r['window'] is None else str(r['window']),
+            '' if r['burn_in'] is None else str(r['burn_in']), paper('AP'),
+            _fmt(*mean_std(r['box']), digits=1), mask_paper,
+            _fmt(*mean_std(r['mask']), digits=1) if r['mask'] else '',
+            f"{r['runs']}/{n_expected}", f"`{r['log']}`" if r['log'] else '',
+            f"`{r['checkpoint']}`" if r['checkpoint'] else '']) + ' |')
+    lines += ['', 'Figures 3 and 5 are plots in the paper: their values are not given in its text, so '
+              'those rows have no paper column.']
+    return '\n'.join(lines).replace('| — |', '|  |') + '\n'
+
+
+def to_metafile(rows) -> str:
+    """``configs/cbn_paper/metafile.yml`` in OpenMMLab's model-index format."""
+    import yaml
+    models = []
+    for r in rows:
+        metrics = {}
+        if r['box']:
+            metrics['box AP'] = round(mean_std(r['box'])[0], 1)
+        if r['mask']:
+            metrics['mask AP'] = round(mean_std(r['mask'])[0], 1)
+        results = [dict(Task='Object Detection', Dataset='COCO', Metrics=metrics)] if metrics else []
+        meta = {'Training Data': 'COCO', 'Epochs': 12, 'Batch Size': 16,
+                'Normalization': r['normalizer'], 'Normalized Layers': r['where']}
+        if r['window'] is not None:
+            meta['Window'] = r['window']
+        paper = {k: v for k, v in r['paper'].items() if k in ('AP', 'mAP')}
+        models.append({
+            'Name': r['config'], 'In Collection': 'CBN',
+            'Config': f'configs/cbn_paper/{r["config"]}.py', 'Metadata': meta,
+            'Results': results,
+            'Paper Results': {('box AP' if k == 'AP' else 'mask AP'): v for k, v in paper.items()},
+            'Weights': r['checkpoint'] or ''})
+    collection = {'Name': 'CBN', 'Metadata': {'Training Techniques': ['SGD with Momentum'],
+                                               'Architecture': ['Cross-Iteration Batch Normalization']},
+                  'Paper': {'URL': 'https://arxiv.org/abs/2002.05712',
+                            'Title': 'Cross-Iteration Batch Normalization'},
+                  'README': 'configs/cbn_paper/README.md'}
+    return yaml.safe_dump({'Collections': [collection], 'Models': models}, sort_keys=False,
+                          allow_unicode=True)
+
+
 def select_tables(names: Sequence[str]):
     tables = load_paper_results().TABLES
     if not names or 'all' in names:
@@ -211,6 +328,8 @@ def parse_args(argv=None):
                         help='count a run only if its last validation is at this epoch (e.g. 12)')
     parser.add_argument('--format', choices=['markdown', 'csv', 'both'], default='both')
     parser.add_argument('--out', help='also write PREFIX.md / PREFIX.csv')
+    parser.add_argument('--model-zoo', metavar='DIR',
+                        help='also write DIR/README.md and DIR/metafile.yml (one row per config)')
     return parser.parse_args(argv)
 
 
@@ -233,6 +352,12 @@ def main(argv=None) -> int:
             f.write(markdown)
         with open(args.out + '.csv', 'w') as f:
             f.write(csv_text)
+    if args.model_zoo:
+        zoo = model_zoo_rows(args.work_root, seeds, args.final_step)
+        with open(osp.join(args.model_zoo, 'README.md'), 'w') as f:
+            f.write(to_zoo_readme(zoo, len(seeds)))
+        with open(osp.join(args.model_zoo, 'metafile.yml'), 'w') as f:
+            f.write(to_metafile(zoo))
     return 0
 
 
