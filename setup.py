@@ -1,5 +1,7 @@
+import os
 import os.path as osp
 import re
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -16,12 +18,26 @@ def read_version():
         return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
 
 
+def add_configs_to_package():
+    """Copy configs/ into cbn_mmdet/.mim/configs for built distributions (mmdet's layout), so an
+    installed package carries them; an editable install reads the repository's configs/."""
+    if not {'bdist_wheel', 'sdist', 'build', 'build_py'} & set(sys.argv):
+        return
+    target = osp.join(HERE, 'cbn_mmdet', '.mim', 'configs')
+    if osp.lexists(target):
+        shutil.rmtree(target) if osp.isdir(target) and not osp.islink(target) else os.remove(target)
+    shutil.copytree(osp.join(HERE, 'configs'), target)
+
+
+add_configs_to_package()
 setup(
     name='cbn_mmdet',
     version=read_version(),
     description='Cross-Iteration Batch Normalization (CBN) for PyTorch and mmdetection 3.x',
     license='Apache-2.0',
     packages=find_packages(include=['cbn_mmdet', 'cbn_mmdet.*']),
+    package_data={'cbn_mmdet': ['.mim/configs/**/*.py', '.mim/configs/**/*.md',
+                                '.mim/configs/**/*.yml']},
     python_requires='>=3.9',
     # the layers need torch only; the OpenMMLab stack is an extra, so installing into an existing
     # mmdet environment never replaces the user's torch, mmcv or mmdet

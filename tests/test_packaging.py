@@ -22,3 +22,28 @@ def test_license_and_citation_are_there():
     assert 'Apache License' in license_text and 'Version 2.0' in license_text
     assert 'OpenMMLab' in license_text  # the tools derived from mmdet say so
     assert 'Cross-Iteration Batch Normalization' in open(osp.join(REPO, 'CITATION.cff')).read()
+
+
+def test_configs_are_findable_from_the_package():
+    from cbn_mmdet.configs import config_file
+    path = config_file('cbn_paper/faster-rcnn_r50_fpn_cbn-head_1x_coco.py')
+    assert osp.isfile(path)
+    import pytest
+    with pytest.raises(FileNotFoundError, match='no config'):
+        config_file('cbn_paper/nothing.py')
+
+
+def test_built_wheel_carries_the_configs(tmp_path):
+    """A non-editable install has the configs under cbn_mmdet/.mim/configs (mmdet's layout)."""
+    import shutil
+    import zipfile
+    src = tmp_path / 'src'
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        '.venv', '.git', 'work_dirs', 'data', '__pycache__', '*.egg-info', 'build', 'dist'))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+                    '-w', str(tmp_path / 'dist'), str(src)], check=True, capture_output=True)
+    wheel = next((tmp_path / 'dist').glob('cbn_mmdet-*.whl'))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert 'cbn_mmdet/.mim/configs/cbn_paper/faster-rcnn_r50_fpn_cbn-head_1x_coco.py' in names
+    assert 'cbn_mmdet/.mim/configs/cbn_paper/_base_/paper_1x.py' in names
+    assert 'cbn_mmdet/.mim/configs/cbn_paper/metafile.yml' in names
