@@ -1,6 +1,6 @@
 # The two user commands (see README.md): `make demo` and `make test`.
 # Both first run tools/setup_env.sh, which creates .venv on the first run (the mmcv ops build takes
-# 16-30 minutes on 2 cores, once) and returns in about a second afterwards.
+# 10-20 minutes on 2 cores, once) and returns in about a second afterwards.
 #
 #   make demo [DEMO_CONFIG=configs/demo/...py] [DEMO_WORK_DIR=work_dirs/demo] [DEMO_TRAIN_ARGS='--cfg-options ...']
 #   make test [PYTEST_ARGS='-m "not slow"']
