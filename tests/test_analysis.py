@@ -190,7 +190,7 @@ def test_window_statistics_cbn_matches_compensation():
     opt = torch.optim.SGD(conv.parameters(), lr=0.5)
     for step in range(4):
         x = torch.randn(2, 3, 5, 5)
-        h = {name: t.clone() for name, t in norm._history.items()}  # before the forward writes
+        h = {name: t.clone() for name, t in norm.history.tensors.items()}  # before the forward writes
         slots = norm.history_slots()
         out = norm(conv(x))
         if step == 3:

@@ -173,3 +173,33 @@ def test_layer_keeps_no_activation_alive_between_iterations():
     del x
     gc.collect()
     assert ref() is None
+
+
+def test_no_grad_pass_follows_the_parameter_and_warns_only_for_computed_weights():
+    """A pass without autograd compensates to the conv parameter's current value, also after the
+    module was moved (``.double()`` replaces parameter storage); a weight computed from parameters
+    (weight standardisation) warns that its last recorded value is used."""
+    import warnings
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window=3)
+    opt = torch.optim.SGD(list(conv.parameters()) + list(norm.parameters()), lr=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        norm(conv(x)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    conv.double(), norm.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with torch.no_grad():
+            out = norm(conv(x.double()))
+    torch.testing.assert_close(out, norm(conv(x.double())).detach())  # same window with autograd
+
+    class StandardisedConv(nn.Conv2d):
+        def forward(self, inp):
+            w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+            return nn.functional.conv2d(inp, w, self.bias, self.stride, self.padding)
+
+    ws_conv, ws_norm = StandardisedConv(3, 4, 3, padding=1), CBN(4, window=3)
+    ws_norm(ws_conv(x)).sum().backward()
+    with pytest.warns(UserWarning, match='computed from parameters'), torch.no_grad():
+        ws_norm(ws_conv(x))

@@ -622,12 +622,12 @@ def test_soak_history_is_bounded():
     for _ in range(20):
         step()
     norm = model[1]
-    sizes = {k: (tuple(v.shape), v.data_ptr()) for k, v in norm._history.items()}
+    sizes = {k: (tuple(v.shape), v.data_ptr()) for k, v in norm.history.tensors.items()}
     gc.collect()
     tensors_before = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
     for _ in range(100):
         step()
     gc.collect()
     tensors_after = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
-    assert {k: (tuple(v.shape), v.data_ptr()) for k, v in norm._history.items()} == sizes
+    assert {k: (tuple(v.shape), v.data_ptr()) for k, v in norm.history.tensors.items()} == sizes
     assert tensors_after <= tensors_before + 5

@@ -7,14 +7,13 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.statistics import (batch_moments, compensate_history, linear_term_mean, linear_term_var,
-                              merge_gradients, merge_moments, patch_mean,
-                              statistic_gradients_autograd, subsampled_output_size,
-                              variance_weight_gradient, window_moments)
-from ..ops.window_norm import WindowBatchNormFunction, statistics_dtype
+from ..ops.statistics import (batch_moments, patch_mean, statistic_gradients_autograd,
+                              subsampled_output_size, variance_weight_gradient, window_moments)
+from ..ops.window_norm import WindowBatchNormFunction
 from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvBinding, ConvWeights, autograd_pass,
                            find_conv_producer, find_conv_weights)
+from .window_history import HISTORY_KEYS, PastWindow, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
 
@@ -25,19 +24,13 @@ _RUNNING_STATS = ('window', 'batch')
 _STAT_GRADIENTS = ('closed_form', 'subsampled', 'autograd')
 _HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the statistics' precision
 
-# History buffers, created lazily at the first recorded iteration (so that a fresh CBN has exactly BN's
-# state-dict keys and a BN checkpoint loads with strict=True). Leading dimension: a ring of window - 1
-# slots, one per iteration (the newest may be the current iteration's, still open).
-_HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
-                  'history_var_ref', 'history_compensable')
-_HISTORY_GRADS = ('history_patch_mean', 'history_var_grad')
-# long [newest slot, entries held, newest entry still open, conv bias trainable (-1: unknown)]; kept
-# on the host while training and written only into state dicts
-_HISTORY_INDEX = 'history_index'
-_HISTORY_TENSORS = _HISTORY_STATS + _HISTORY_GRADS
-_HISTORY_BUFFERS = _HISTORY_TENSORS + (_HISTORY_INDEX, )
 #: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
-HISTORY_STATE_KEYS = _HISTORY_BUFFERS
+HISTORY_STATE_KEYS = HISTORY_KEYS
+
+
+def _history_tensor(name: str) -> property:
+    return property(lambda self: self.history.get(name),
+                    doc=f'History tensor ``{name}`` (None until the first recorded iteration).')
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -170,8 +163,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # The history is state (saved, loaded, moved by .to()) but deliberately not registered as
         # buffers: DDP's broadcast_buffers and mmengine's SyncBuffersHook operate on buffers(), and
         # would overwrite or average the per-GPU history across processes.
-        self._history: Dict[str, Tensor] = {}
-        self._reset_history_mirror()
+        self.history = WindowHistory(num_features, self._slots, _HISTORY_DTYPES[history_dtype],
+                                     self._warn_once)
+        # (binding, status, detail) of the last recorded forward: what a pass without autograd uses
+        self._producer: Optional[tuple] = None
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
         self.last_bind_status: Optional[str] = None
         #: with ``monitor=True``: size of the Taylor correction at the last compensated forward,
@@ -198,17 +193,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         _check_window('window', window)
         if window == self.window:
             return
-        held = dict(self._history)
-        if held:
-            held[_HISTORY_INDEX] = self.history_index
+        held, clock = self.history.state(), self.history.opened_at
         following = self._active_window == self.window
         self.window = window
         self._active_window = window if following else min(self._active_window, window)
-        clock = self._pending_clock
-        self.reset_history()
+        self.history = WindowHistory(self.num_features, self._slots,
+                                     _HISTORY_DTYPES[self.history_dtype], self._warn_once)
         if held:
-            self._restore_history(held)
-            self._pending_clock = clock  # same process: the open entry is still this iteration's
+            self.history.load(held, self._version, self._home_device())
+            self.history.opened_at = clock  # same process: the open entry is still this iteration's
 
     def extra_repr(self) -> str:
         extra = '' if self.history_dtype == 'float32' else f', history_dtype={self.history_dtype!r}'
@@ -263,27 +256,29 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._warn_once(status, 'its conv has frozen weights (or nothing upstream is trainable): '
                             'the window is used without compensation, exact since those weights '
                             'cannot change')
-        elif status == BindStatus.NO_GRAPH and self._filled > 0:
+        elif status == BindStatus.NO_GRAPH and self.history.filled > 0:
             self._warn_once(status, 'a training forward without autograd before any forward with it '
                             '(e.g. reentrant checkpointing right after loading a checkpoint): this '
                             'iteration uses the past statistics without compensation')
         compensating = self.compensate and binding is not None
 
         with torch.no_grad(), _autocast_disabled(input.device.type):
-            self._advance_iteration()
-            past_mean, past_var, past_valid, past_count = self._past_statistics(
-                binding if compensating else None, input)
+            self.history.advance(iteration_clock.current_iteration())
+            past = self.history.past(binding if compensating else None, input, self._active_window)
+            if self.monitor and past.compensated:
+                self.last_correction = self._correction_size(past)
             batch_mean, batch_var = batch_moments(input)
-            mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
+            mean, var, k = window_moments(batch_mean, batch_var, past.mean, past.var, past.valid)
             if recording:
                 # before the normalisation saves its tensors: a checkpoint's recomputation may stop
                 # right after that save
                 count = float(input.shape[0] * input.shape[2] * input.shape[3])
                 finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-                self._update_running_stats(batch_mean, batch_var, mean, var, count, past_count,
+                self._update_running_stats(batch_mean, batch_var, mean, var, count, past.count,
                                            finite)
-                self._record(input, batch_mean, batch_var, count, finite,
-                             binding if compensating else None)
+                self.history.record(input, batch_mean, batch_var, count, finite,
+                                    binding if compensating else None,
+                                    lambda: self._statistic_gradients(input, batch_mean, binding))
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps)
 
     def _bind(self, input: Tensor, kind: str) -> Tuple[Optional[ConvWeights], str, str]:
@@ -345,126 +340,46 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.running_var.copy_(torch.where(finite, rv, self.running_var))
 
     # ------------------------------------------------------------------ history
-    # A ring of ``window - 1`` slots holds one entry per iteration, newest at ``_head``. The first
-    # call of an iteration compensates the ``window - 1`` past entries to the current weights (kept
-    # for the iteration's later calls: the weights do not change before the optimizer steps), then
-    # overwrites the oldest slot with its own entry, which is open until the optimizer steps; later
-    # calls of the same iteration are pooled into it. So the weight-sized ∂var/∂θ history is
-    # ``window - 1`` copies of the conv weight, not ``window``.
-    def reset_history(self) -> None:
-        """Forget all past iterations (the next forward is BN on its batch)."""
-        self._history = {}
-        self._reset_history_mirror()
-
-    def _reset_history_mirror(self) -> None:
-        self._head = self._slots - 1   # ring slot of the newest entry (the next one goes to slot 0)
-        self._filled = 0               # entries held, the open one included (≤ window - 1)
-        self._pending_open = False     # the newest entry is the current iteration's
-        self._pending_clock: Optional[int] = None  # iteration clock when that entry was opened
-        self._geometry: Optional[Tuple] = None     # ConvWeights.geometry of the recorded gradients
-        # (iteration, active window, weight state, compensated past): the past of this iteration's
-        # window, computed at its first call and reused by later calls and recomputations
-        self._window_cache: Optional[tuple] = None
-        self._slot_ids: Optional[Tensor] = None    # arange(slots) on the history's device
-        # (binding, status, detail) of the last recorded forward: what a pass without autograd uses
-        self._producer: Optional[tuple] = None
-
-    @property
-    def _slots(self) -> int:
-        return max(self.window - 1, 1)
+    # The ring of past iterations is a :class:`WindowHistory` (``self.history``); these are its
+    # public views on the layer.
+    history_mean = _history_tensor('history_mean')
+    history_var = _history_tensor('history_var')
+    history_count = _history_tensor('history_count')
+    history_mean_ref = _history_tensor('history_mean_ref')
+    history_var_ref = _history_tensor('history_var_ref')
+    history_compensable = _history_tensor('history_compensable')
+    history_patch_mean = _history_tensor('history_patch_mean')
+    history_var_grad = _history_tensor('history_var_grad')
 
     @property
     def history_index(self) -> Optional[Tensor]:
         """``[newest slot, entries held, newest entry open, conv bias trainable (1/0, -1 unknown)]``
         (the ring's cursor as saved in state dicts; None until the first recorded iteration)."""
-        if not self._history:
-            return None
-        bias = -1 if self._geometry is None or self._geometry[5] is None else int(self._geometry[5])
-        return torch.tensor([self._head, self._filled, int(self._pending_open), bias],
-                            dtype=torch.long, device=self.history_mean.device)
+        return self.history.index()
 
     @property
     def history_length(self) -> int:
         """Iterations held (at most ``window - 1``), the current one included once it has run."""
-        return self._filled
+        return self.history.filled
 
     def history_slots(self) -> list:
         """Ring slots of the entries held, newest first (the first is the current iteration's while
         ``history_open``)."""
-        return [(self._head - age) % self._slots for age in range(self._filled)]
+        return self.history.slots_newest_first()
 
     @property
     def history_open(self) -> bool:
         """Whether the newest entry belongs to the current iteration (no optimizer step since)."""
-        return self._pending_open
+        return self.history.open
 
-    def _advance_iteration(self) -> None:
-        """Close the current iteration's entry when the optimizer has stepped since it was opened."""
-        clock = iteration_clock.current_iteration()
-        if self._pending_open and clock != self._pending_clock:
-            self._pending_open = False
-        self._pending_clock = clock
+    @property
+    def _slots(self) -> int:
+        return max(self.window - 1, 1)
 
-    def _past_valid(self) -> Tensor:
-        """1 for the ring slots in the active window (past entries, newest first), on the device,
-        from host integers only (no host-to-device copy)."""
-        if self._slot_ids is None or self._slot_ids.device != self.history_count.device:
-            self._slot_ids = torch.arange(self._slots, device=self.history_count.device)
-        age = (self._head - self._slot_ids) % self._slots          # 0: newest entry
-        first = int(self._pending_open)                            # skip the open current entry
-        last = min(self._filled, first + self._active_window - 1)
-        return ((age >= first) & (age < last)).to(self.history_count.dtype) * (self.history_count > 0)
-
-    def _past_statistics(self, binding: Optional[ConvWeights], input: Tensor):
-        """Compensated (Eqs. 7, 8, 10) statistics of the past iterations in the active window.
-
-        Returns ``(μ̃, var̃, valid, count)`` over the ring's slots; ``valid`` marks the slots in the
-        window. Computed at the first call of an iteration and reused by its later calls (and by the
-        recomputation of a checkpointed forward, which must normalise exactly as the first pass did).
-        """
-        weight_state = None if binding is None else (binding.weight.data_ptr(),
-                                                     binding.weight._version)
-        key = (self._pending_clock, self._active_window)
-        cache = self._window_cache
-        if cache is not None and cache[0] == key:
-            cached_state = cache[1]
-            if weight_state is None or cached_state is None or cached_state == weight_state:
-                return cache[2]
-            # the same conv's weights changed in place within one iteration (no optimizer step)
-            self._warn_once('midstep', 'its conv weights changed between two calls of one iteration '
-                            '(no optimizer step in between); the window loses its oldest entry for '
-                            'this iteration')
-        c = self.num_features
-        if self.history_mean is None or self._filled - self._pending_open == 0:
-            dtype = statistics_dtype(input)
-            empty = input.new_zeros((0, c), dtype=dtype)
-            result = (empty, empty, empty.new_zeros(0), empty.new_zeros(()))
-            self._window_cache = (key, weight_state, result, (empty, empty))
-            return result
-        valid = self._past_valid()
-        past_count = (self.history_count * valid).sum()
-        recorded = self.history_mean.clone(), self.history_var.clone()
-        mean, var = recorded
-        if binding is not None and self.history_patch_mean is not None and \
-                self._geometry_matches(binding):
-            mean, var = compensate_history(
-                mean, var, self.history_mean_ref, self.history_var_ref, self.history_patch_mean,
-                self.history_var_grad, self.history_compensable, binding.weight, binding.bias,
-                binding.groups)
-            if self.monitor:
-                self.last_correction = self._correction_size(mean, var, valid)
-        result = (mean, var, valid, past_count)
-        self._window_cache = (key, weight_state, result, recorded)
-        return result
-
-    def _geometry_matches(self, binding: ConvWeights) -> bool:
-        """Whether the recorded gradients belong to a conv shaped like ``binding`` (a geometry
-        loaded from a version-4 checkpoint does not know the bias: it adopts the binding's)."""
-        if self._geometry is None:
-            return False
-        if self._geometry[5] is None and self._geometry[:5] == binding.geometry[:5]:
-            self._geometry = binding.geometry
-        return self._geometry == binding.geometry
+    def reset_history(self) -> None:
+        """Forget all past iterations (the next forward is BN on its batch)."""
+        self.history.reset()
+        self._producer = None
 
     def past_window(self) -> Optional[Dict[str, Tensor]]:
         """The past iterations of the current iteration's window (for analysis and tests).
@@ -473,40 +388,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         current weights (Eqs. 7, 8, 10; equal to the recorded ones without compensation); ``'valid'``:
         1 for the ring slots in the window. ``None`` when the current iteration used no past entry.
         """
-        if self._window_cache is None or self._window_cache[2][2].numel() == 0:
+        past = self.history.last_window()
+        if past is None:
             return None
-        _, _, (mean, var, valid, _), (rec_mean, rec_var) = self._window_cache
-        return {'mean': rec_mean, 'var': rec_var, 'mean_compensated': mean, 'var_compensated': var,
-                'valid': valid}
+        return {'mean': past.recorded_mean, 'var': past.recorded_var,
+                'mean_compensated': past.mean, 'var_compensated': past.var, 'valid': past.valid}
 
-    def _correction_size(self, mean: Tensor, var: Tensor, valid: Tensor) -> Dict[str, Tensor]:
+    def _correction_size(self, past: PastWindow) -> Dict[str, Tensor]:
         """How far Eqs. 7-8 moved the window's past statistics, relative to their scale (no sync)."""
-        scale = (self.history_var + self.eps).sqrt()
-        weights = valid.unsqueeze(1) / (valid.sum() * self.num_features).clamp_min(1.0)
-        rel_mean = ((mean - self.history_mean).abs() / scale * weights).sum()
-        rel_var = ((var - self.history_var).abs() / (self.history_var + self.eps) * weights).sum()
+        rec_mean, rec_var = past.recorded_mean, past.recorded_var
+        weights = past.valid.unsqueeze(1) / (past.valid.sum() * self.num_features).clamp_min(1.0)
+        rel_mean = ((past.mean - rec_mean).abs() / (rec_var + self.eps).sqrt() * weights).sum()
+        rel_var = ((past.var - rec_var).abs() / (rec_var + self.eps) * weights).sum()
         return {'mean': rel_mean, 'var': rel_var}
-
-    def _allocate_history(self, like: Tensor, binding: Optional[ConvBinding]) -> None:
-        slots, c = self._slots, self.num_features
-        dtype = statistics_dtype(like)
-        if self.history_mean is None:
-            for name in _HISTORY_STATS:
-                self._history[name] = torch.zeros((slots, c) if name not in (
-                    'history_count', 'history_compensable') else (slots, ), dtype=dtype,
-                    device=like.device)
-        if binding is not None and not self._geometry_matches(binding):
-            if self._geometry is not None:
-                self._warn_once('geometry', 'its conv changed shape, or its bias became trainable or '
-                                'frozen; past gradients are discarded')
-                self.history_compensable.zero_()
-            c_out, c_in, kh, kw, groups, _ = binding.geometry
-            self._history['history_patch_mean'] = torch.zeros((slots, c_in, kh, kw), dtype=dtype,
-                                                              device=like.device)
-            self._history['history_var_grad'] = torch.zeros(
-                (slots, c_out, c_in // groups, kh, kw),
-                dtype=_HISTORY_DTYPES[self.history_dtype] or dtype, device=like.device)
-            self._geometry = binding.geometry
 
     def _statistic_gradients(self, input: Tensor, batch_mean: Tensor,
                              b: ConvBinding) -> Tuple[Tensor, Tensor]:
@@ -530,89 +424,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                             centred=input.is_cuda)
         return patch, var_grad
 
-    def _record(self, input: Tensor, batch_mean: Tensor, batch_var: Tensor, count: float,
-                finite: Tensor, binding: Optional[ConvBinding]) -> None:
-        """Write the current iteration's history entry (over the oldest), or pool into it."""
-        self._allocate_history(input, binding)
-        pooling = self._pending_open
-        slot = self._head if pooling else (self._head + 1) % self._slots
-        dtype = self.history_mean.dtype
-        new_count = finite.to(dtype) * count
-        new_mean = torch.where(finite, batch_mean, 0.0).to(dtype)
-        new_var = torch.where(finite, batch_var, 0.0).to(dtype)
-        if pooling:
-            old_count = self.history_count[slot]
-            share_old = torch.where(old_count + new_count > 0,
-                                    old_count / (old_count + new_count).clamp_min(1e-12), 1.0)
-            old_mean = self.history_mean[slot].clone()
-            pooled_count, pooled_mean, pooled_var = merge_moments(
-                old_count, old_mean, self.history_var[slot], new_count, new_mean, new_var)
-        else:
-            pooled_count, pooled_mean, pooled_var = new_count, new_mean, new_var
-        self.history_count[slot] = pooled_count
-        self.history_mean[slot] = pooled_mean
-        self.history_var[slot] = pooled_var
-
-        if binding is None or self._geometry != binding.geometry:
-            self.history_compensable[slot] = 0
-        else:
-            patch, var_grad = self._statistic_gradients(input, batch_mean, binding)
-            # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
-            finite = finite & torch.isfinite(var_grad).all() & torch.isfinite(patch).all()
-            zero = patch.new_zeros((), dtype=dtype)
-            slot_grad = self.history_var_grad[slot]
-            if pooling:
-                patch, var_grad = merge_gradients(
-                    share_old, old_mean, self.history_patch_mean[slot], slot_grad,
-                    new_mean, torch.where(finite, patch.to(dtype), zero),
-                    torch.where(finite, var_grad.to(dtype), zero), pooled_mean, binding.groups)
-                slot_grad.copy_(var_grad)
-                compensable = self.history_compensable[slot] * finite.to(dtype)
-            else:
-                # written straight into the slot: one weight-sized pass, non-finite values never enter
-                if slot_grad.dtype == dtype:
-                    torch.where(finite, var_grad.to(dtype), zero, out=slot_grad)
-                else:
-                    slot_grad.copy_(torch.where(finite, var_grad, zero.to(var_grad.dtype)))
-                patch = torch.where(finite, patch.to(dtype), zero)
-                compensable = finite.to(dtype)
-            self.history_patch_mean[slot] = patch
-            # the linear terms of Eqs. 7-8 at θ_{t} (this iteration's weights), kept instead of θ_t
-            self.history_mean_ref[slot] = linear_term_mean(patch[None], binding.weight, binding.bias,
-                                                           binding.groups)[0]
-            self.history_var_ref[slot] = linear_term_var(slot_grad[None], binding.weight)[0]
-            self.history_compensable[slot] = compensable
-        if not pooling:
-            self._head = slot
-            self._filled = min(self._filled + 1, self._slots)
-            self._pending_open = True
-
     # ------------------------------------------------------------------ state dict, device moves
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        # moved like the module, but never narrowed below the statistics' precision (the history
-        # of a .half() module stays float32, like the statistics BN's kernels compute)
-        for name, t in self._history.items():
-            target = fn(t.new_empty(0))
-            dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
-            self._history[name] = t.to(device=target.device, dtype=dtype)
-        self._window_cache = None
-        self._slot_ids = None
+        self.history.apply(fn)
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in _HISTORY_TENSORS:
-            if name in self._history:
-                t = self._history[name]
-                destination[prefix + name] = t if keep_vars else t.detach()
-        if self._history:
-            destination[prefix + _HISTORY_INDEX] = self.history_index
+        for name, t in self.history.state().items():
+            destination[prefix + name] = t if keep_vars else t.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        keys = {prefix + name for name in _HISTORY_BUFFERS}
-        loaded: Dict[str, Tensor] = {name: state_dict[prefix + name] for name in _HISTORY_BUFFERS
+        keys = {prefix + name for name in HISTORY_KEYS}
+        loaded: Dict[str, Tensor] = {name: state_dict[prefix + name] for name in HISTORY_KEYS
                                      if prefix + name in state_dict}
         self.reset_history()  # a checkpoint without history (e.g. BN's) starts an empty window
         # torch's loader sees neither our history keys nor our (now empty) history buffers
@@ -621,7 +447,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                       error_msgs)
         if loaded:
             try:
-                self._restore_history(loaded, local_metadata.get('version') or self._version)
+                self.history.load(loaded, local_metadata.get('version') or self._version,
+                                  self._home_device())
             except ValueError as err:
                 error_msgs.append(f'{prefix[:-1] or "CBN"}: {err}')
                 self.reset_history()
@@ -631,65 +458,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if tensor is not None:
                 return tensor.device
         return torch.device('cpu')
-
-    def _restore_history(self, loaded: Dict[str, Tensor], version: int = None) -> None:
-        """Load a saved ring, re-packed by age into this layer's ``window - 1`` slots (newest kept).
-
-        Version-3 checkpoints kept ``window`` slots, ``filled`` counting closed entries only.
-        """
-        needed = set(_HISTORY_STATS) | {_HISTORY_INDEX}
-        if not needed <= set(loaded):
-            raise ValueError(f'incomplete CBN history in checkpoint (missing '
-                             f'{sorted(needed - set(loaded))})')
-        index = [int(v) for v in loaded[_HISTORY_INDEX].tolist()]
-        head, filled, pending = index[:3]
-        conv_bias = index[3] if len(index) > 3 else -1  # before version 5: not recorded
-        slots = loaded['history_mean'].shape[0]
-        if loaded['history_mean'].shape[1] != self.num_features:
-            raise ValueError(f"CBN history has {loaded['history_mean'].shape[1]} channels, layer has "
-                             f'{self.num_features}')
-        if (version or self._version) < 4:
-            newest_first = [(head - age) % slots for age in range(1 - pending, filled + 1)]
-        else:
-            newest_first = [(head - age) % slots for age in range(filled)]
-        keep = newest_first[:self._slots][::-1]  # oldest .. newest
-        same_layout = (version or self._version) >= 4 and slots == self._slots
-        if same_layout:  # slots as saved: a resumed run sums in the same order, bit-exact
-            src = dst = list(range(slots))
-        else:
-            src, dst = keep, list(range(len(keep)))
-        device = self._home_device()
-        for name, value in loaded.items():
-            if name == _HISTORY_INDEX:
-                continue
-            value = value.detach().to(device=device)
-            if name == 'history_var_grad' and _HISTORY_DTYPES[self.history_dtype] is not None:
-                value = value.to(_HISTORY_DTYPES[self.history_dtype])
-            elif name == 'history_var_grad' and value.dtype == torch.bfloat16:
-                value = value.to(loaded['history_mean'].dtype)
-            fresh = value.new_zeros((self._slots, ) + tuple(value.shape[1:]))
-            fresh[torch.tensor(dst, dtype=torch.long, device=value.device)] = value[
-                torch.tensor(src, dtype=torch.long, device=value.device)]
-            self._history[name] = fresh
-        self._filled = len(keep)
-        self._head = head if same_layout else (len(keep) - 1) % self._slots
-        self._pending_open = bool(pending) and bool(keep)
-        self._pending_clock = None  # checkpoints are taken between iterations: close it on next use
-        self._window_cache = None
-        if self.history_patch_mean is not None:
-            c_in, kh, kw = self.history_patch_mean.shape[1:]
-            groups = c_in // self.history_var_grad.shape[2]
-            self._geometry = (self.num_features, c_in, kh, kw, groups,
-                              None if conv_bias < 0 else bool(conv_bias))
-
-
-def _history_property(name: str) -> property:
-    return property(lambda self: self._history.get(name),
-                    doc=f'CBN history tensor ``{name}`` (None until the first recorded iteration).')
-
-
-for _name in _HISTORY_TENSORS:
-    setattr(CrossIterationBatchNorm2d, _name, _history_property(_name))
 
 
 def _check_window(name: str, value) -> None:

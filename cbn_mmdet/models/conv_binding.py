@@ -133,16 +133,15 @@ def find_conv_producer(x: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
         return None, status, name
     saved_weight = fn._saved_weight
     weight = _leaf_parameter(fn.next_functions[1][0])
-    parameters = None
-    if weight is None or weight.shape != saved_weight.shape:
-        # The weight is computed from parameters (e.g. weight standardization): θ^l is what the conv
-        # actually applied, which autograd saved.
-        weight = saved_weight
     usable, bias = _bias(fn)
     if not usable:
         return None, BindStatus.NOT_CONV, f'{name} (its bias is computed, not a parameter)'
-    if weight is not saved_weight:
+    if weight is not None and weight.shape == saved_weight.shape:
         parameters = (weight, bias)
+    else:
+        # The weight is computed from parameters (e.g. weight standardization): θ^l is what the conv
+        # actually applied, which autograd saved.
+        weight, parameters = saved_weight, None
     binding = ConvBinding(
         weight=weight.detach(), bias=None if bias is None else bias.detach(),
         groups=int(fn._saved_groups), parameters=parameters, input=fn._saved_input.detach(),

@@ -53,7 +53,7 @@ def time_steps(norm_factory, shape, c_out, kernel, stride, repeats, warmup=2):
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    history_bytes = sum(t.numel() * t.element_size() for t in getattr(norm, '_history', {}).values())
+    history_bytes = sum(t.numel() * t.element_size() for t in norm.history.tensors.values())
     del x
     weight_bytes = conv.weight.numel() * conv.weight.element_size()
     return statistics.median(times), history_bytes / weight_bytes

@@ -165,7 +165,7 @@ def run_one(args):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     history = sum(t.numel() * t.element_size() for m in model.modules()
-                  if isinstance(m, CrossIterationBatchNorm2d) for t in m._history.values())
+                  if isinstance(m, CrossIterationBatchNorm2d) for t in m.history.tensors.values())
     print(json.dumps(dict(variant=args.variant, train_s=statistics.median(times),
                           infer_s=statistics.median(infer), peak_mb=peak,
                           above_import_mb=peak - import_mb, history_mb=history / 2**20,

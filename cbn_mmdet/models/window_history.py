@@ -1,0 +1,299 @@
+"""The past iterations of one CBN layer: a ring of ``window - 1`` entries, their compensation to the
+current weights (Eqs. 7, 8, 10) and their state-dict form.
+
+One entry per iteration holds μ and var of the batch (pooled over the iteration's calls), the
+number of values, ∂μ/∂θ as a mean input patch, ∂var/∂θ, and the two linear terms of Eqs. 7-8 at the
+weights it was recorded with (which replace storing old weights). The first call of an iteration
+compensates the past entries, keeps the result for the iteration's later calls, then overwrites the
+oldest slot with its own entry, open until the optimizer steps.
+"""
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.statistics import (compensate_history, linear_term_mean, linear_term_var, merge_gradients,
+                              merge_moments)
+from ..ops.window_norm import statistics_dtype
+from .conv_binding import ConvWeights
+
+__all__ = ['WindowHistory', 'PastWindow', 'HISTORY_STATS', 'HISTORY_GRADS', 'HISTORY_TENSORS',
+           'HISTORY_INDEX', 'HISTORY_KEYS']
+
+HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
+                 'history_var_ref', 'history_compensable')
+HISTORY_GRADS = ('history_patch_mean', 'history_var_grad')
+HISTORY_TENSORS = HISTORY_STATS + HISTORY_GRADS
+#: long [newest slot, entries held, newest entry open, conv bias trainable (-1: unknown)]: the
+#: cursor lives on the host and is written only into state dicts
+HISTORY_INDEX = 'history_index'
+HISTORY_KEYS = HISTORY_TENSORS + (HISTORY_INDEX, )
+
+Geometry = Tuple  # ConvWeights.geometry; its last item may be None when loaded from version 4
+
+
+class PastWindow(NamedTuple):
+    """The past iterations of the current iteration's window, over the ring's slots."""
+    mean: Tensor            # (slots, C) μ̃, moved to the current weights (Eq. 7) when compensated
+    var: Tensor             # (slots, C) var̃ = max(ν̃ − μ̃², 0) (Eqs. 8, 10)
+    valid: Tensor           # (slots,) 1 for the slots in the window
+    count: Tensor           # () number of values in the valid entries
+    recorded_mean: Tensor   # (slots, C) as recorded
+    recorded_var: Tensor
+    compensated: bool
+
+
+class WindowHistory:
+    """The ring of past iterations of one layer (see the module docstring).
+
+    Args:
+        num_features: channels ``C``.
+        slots: ring size, ``window - 1`` (at least 1).
+        grad_dtype: storage dtype of ∂var/∂θ, or None for the statistics' precision.
+        warn: ``warn(key, message)`` for the layer's once-per-key warnings.
+    """
+
+    def __init__(self, num_features: int, slots: int, grad_dtype: Optional[torch.dtype],
+                 warn: Callable[[str, str], None]):
+        self.num_features, self.slots, self.grad_dtype, self._warn = (
+            num_features, slots, grad_dtype, warn)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every entry."""
+        self.tensors: Dict[str, Tensor] = {}
+        self.head = self.slots - 1        # slot of the newest entry (the next one goes to slot 0)
+        self.filled = 0                   # entries held, the open one included
+        self.open = False                 # the newest entry is the current iteration's
+        self.opened_at: Optional[int] = None  # iteration clock when that entry was opened
+        self.geometry: Optional[Geometry] = None  # of the conv whose gradients are recorded
+        # ((iteration, active window), weight state, PastWindow) of the current iteration
+        self._cache: Optional[tuple] = None
+        self._slot_ids: Optional[Tensor] = None  # arange(slots) on the history's device
+
+    # ------------------------------------------------------------------ queries
+    def get(self, name: str) -> Optional[Tensor]:
+        return self.tensors.get(name)
+
+    def slots_newest_first(self) -> List[int]:
+        return [(self.head - age) % self.slots for age in range(self.filled)]
+
+    def index(self) -> Optional[Tensor]:
+        """The cursor as a state-dict tensor (None while empty)."""
+        if not self.tensors:
+            return None
+        bias = -1 if self.geometry is None or self.geometry[5] is None else int(self.geometry[5])
+        return torch.tensor([self.head, self.filled, int(self.open), bias], dtype=torch.long,
+                            device=self.tensors['history_mean'].device)
+
+    def last_window(self) -> Optional[PastWindow]:
+        """The past window computed for the current (or last) iteration, if it had entries."""
+        if self._cache is None or self._cache[2].valid.numel() == 0:
+            return None
+        return self._cache[2]
+
+    # ------------------------------------------------------------------ per iteration
+    def advance(self, clock: int) -> None:
+        """Close the open entry when the optimizer has stepped since it was opened."""
+        if self.open and clock != self.opened_at:
+            self.open = False
+        self.opened_at = clock
+
+    def past(self, weights: Optional[ConvWeights], like: Tensor, active_window: int) -> PastWindow:
+        """Compensated past of the active window; computed at the first call of an iteration and
+        reused by its later calls (and by the recomputation of a checkpointed forward, which must
+        normalise exactly as the first pass did)."""
+        weight_state = None if weights is None else (weights.weight.data_ptr(),
+                                                     weights.weight._version)
+        key = (self.opened_at, active_window)
+        if self._cache is not None and self._cache[0] == key:
+            cached_state = self._cache[1]
+            if weight_state is None or cached_state is None or cached_state == weight_state:
+                return self._cache[2]
+            self._warn('midstep', 'its conv weights changed between two calls of one iteration (no '
+                       'optimizer step in between); the window loses its oldest entry for this '
+                       'iteration')
+        if not self.tensors or self.filled - self.open == 0:
+            empty = like.new_zeros((0, self.num_features), dtype=statistics_dtype(like))
+            result = PastWindow(empty, empty, empty.new_zeros(0), empty.new_zeros(()), empty, empty,
+                                False)
+        else:
+            t = self.tensors
+            valid = self._valid(active_window)
+            recorded = t['history_mean'].clone(), t['history_var'].clone()
+            mean, var = recorded
+            compensated = (weights is not None and 'history_patch_mean' in t
+                           and self.geometry_matches(weights))
+            if compensated:
+                mean, var = compensate_history(
+                    mean, var, t['history_mean_ref'], t['history_var_ref'], t['history_patch_mean'],
+                    t['history_var_grad'], t['history_compensable'], weights.weight, weights.bias,
+                    weights.groups)
+            result = PastWindow(mean, var, valid, (t['history_count'] * valid).sum(), *recorded,
+                                compensated)
+        self._cache = (key, weight_state, result)
+        return result
+
+    def _valid(self, active_window: int) -> Tensor:
+        """1 for the slots in the window, on the device, from host integers only."""
+        count = self.tensors['history_count']
+        if self._slot_ids is None or self._slot_ids.device != count.device:
+            self._slot_ids = torch.arange(self.slots, device=count.device)
+        age = (self.head - self._slot_ids) % self.slots     # 0: the newest entry
+        first = int(self.open)                              # the open entry is this iteration's
+        last = min(self.filled, first + active_window - 1)
+        return ((age >= first) & (age < last)).to(count.dtype) * (count > 0)
+
+    def geometry_matches(self, weights: ConvWeights) -> bool:
+        """Whether the recorded gradients belong to a conv shaped like ``weights`` (a geometry
+        loaded from a version-4 checkpoint does not know the bias: it adopts the binding's)."""
+        if self.geometry is None:
+            return False
+        if self.geometry[5] is None and self.geometry[:5] == weights.geometry[:5]:
+            self.geometry = weights.geometry
+        return self.geometry == weights.geometry
+
+    def record(self, like: Tensor, batch_mean: Tensor, batch_var: Tensor, count: float,
+               finite: Tensor, weights: Optional[ConvWeights],
+               gradients: Callable[[], Tuple[Tensor, Tensor]]) -> None:
+        """Write the current iteration's entry over the oldest, or pool into it when open.
+
+        ``gradients()`` gives ``(∂μ/∂θ patch, ∂var/∂θ)`` of the batch; called only with ``weights``.
+        """
+        self._allocate(like, weights)
+        t = self.tensors
+        pooling = self.open
+        slot = self.head if pooling else (self.head + 1) % self.slots
+        dtype = t['history_mean'].dtype
+        new_count = finite.to(dtype) * count
+        new_mean = torch.where(finite, batch_mean, 0.0).to(dtype)
+        new_var = torch.where(finite, batch_var, 0.0).to(dtype)
+        if pooling:
+            old_count = t['history_count'][slot]
+            share_old = torch.where(old_count + new_count > 0,
+                                    old_count / (old_count + new_count).clamp_min(1e-12), 1.0)
+            old_mean = t['history_mean'][slot].clone()
+            pooled_count, pooled_mean, pooled_var = merge_moments(
+                old_count, old_mean, t['history_var'][slot], new_count, new_mean, new_var)
+        else:
+            pooled_count, pooled_mean, pooled_var = new_count, new_mean, new_var
+        t['history_count'][slot] = pooled_count
+        t['history_mean'][slot] = pooled_mean
+        t['history_var'][slot] = pooled_var
+
+        if weights is None:
+            t['history_compensable'][slot] = 0
+        else:
+            patch, var_grad = gradients()
+            # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
+            finite = finite & torch.isfinite(var_grad).all() & torch.isfinite(patch).all()
+            zero = patch.new_zeros((), dtype=dtype)
+            slot_grad = t['history_var_grad'][slot]
+            if pooling:
+                patch, var_grad = merge_gradients(
+                    share_old, old_mean, t['history_patch_mean'][slot], slot_grad,
+                    new_mean, torch.where(finite, patch.to(dtype), zero),
+                    torch.where(finite, var_grad.to(dtype), zero), pooled_mean, weights.groups)
+                slot_grad.copy_(var_grad)
+                compensable = t['history_compensable'][slot] * finite.to(dtype)
+            else:
+                # written straight into the slot: one weight-sized pass, non-finite values never enter
+                if slot_grad.dtype == dtype:
+                    torch.where(finite, var_grad.to(dtype), zero, out=slot_grad)
+                else:
+                    slot_grad.copy_(torch.where(finite, var_grad, zero.to(var_grad.dtype)))
+                patch = torch.where(finite, patch.to(dtype), zero)
+                compensable = finite.to(dtype)
+            t['history_patch_mean'][slot] = patch
+            # the linear terms of Eqs. 7-8 at this iteration's weights, kept instead of the weights
+            t['history_mean_ref'][slot] = linear_term_mean(patch[None], weights.weight, weights.bias,
+                                                           weights.groups)[0]
+            t['history_var_ref'][slot] = linear_term_var(slot_grad[None], weights.weight)[0]
+            t['history_compensable'][slot] = compensable
+        if not pooling:
+            self.head = slot
+            self.filled = min(self.filled + 1, self.slots)
+            self.open = True
+
+    def _allocate(self, like: Tensor, weights: Optional[ConvWeights]) -> None:
+        slots, c, dtype = self.slots, self.num_features, statistics_dtype(like)
+        if not self.tensors:
+            for name in HISTORY_STATS:
+                shape = (slots, ) if name in ('history_count', 'history_compensable') else (slots, c)
+                self.tensors[name] = torch.zeros(shape, dtype=dtype, device=like.device)
+        if weights is not None and not self.geometry_matches(weights):
+            if self.geometry is not None:
+                self._warn('geometry', 'its conv changed shape, or its bias became trainable or '
+                           'frozen; past gradients are discarded')
+                self.tensors['history_compensable'].zero_()
+            c_out, c_in, kh, kw, groups, _ = weights.geometry
+            self.tensors['history_patch_mean'] = torch.zeros((slots, c_in, kh, kw), dtype=dtype,
+                                                             device=like.device)
+            self.tensors['history_var_grad'] = torch.zeros(
+                (slots, c_out, c_in // groups, kh, kw), dtype=self.grad_dtype or dtype,
+                device=like.device)
+            self.geometry = weights.geometry
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> Dict[str, Tensor]:
+        """The tensors and the cursor, as saved in state dicts (empty while empty)."""
+        if not self.tensors:
+            return {}
+        return dict(self.tensors, **{HISTORY_INDEX: self.index()})
+
+    def apply(self, fn) -> None:
+        """Move like the module's ``_apply(fn)``, never narrowing below the statistics' precision
+        (the history of a ``.half()`` module stays float32, like the statistics BN's kernels use)."""
+        for name, t in self.tensors.items():
+            target = fn(t.new_empty(0))
+            dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
+            self.tensors[name] = t.to(device=target.device, dtype=dtype)
+        self._cache = None
+        self._slot_ids = None
+
+    def load(self, loaded: Dict[str, Tensor], version: int, device: torch.device) -> None:
+        """Restore a saved ring, re-packed by age into this ring's slots (newest kept).
+
+        Version-3 checkpoints kept ``window`` slots, ``filled`` counting closed entries only;
+        version 4 did not record whether the conv's bias was trainable.
+        """
+        needed = set(HISTORY_STATS) | {HISTORY_INDEX}
+        if not needed <= set(loaded):
+            raise ValueError(f'incomplete CBN history in checkpoint (missing '
+                             f'{sorted(needed - set(loaded))})')
+        index = [int(v) for v in loaded[HISTORY_INDEX].tolist()]
+        head, filled, pending = index[:3]
+        conv_bias = index[3] if len(index) > 3 else -1
+        saved_slots, channels = loaded['history_mean'].shape
+        if channels != self.num_features:
+            raise ValueError(f'CBN history has {channels} channels, layer has {self.num_features}')
+        if version < 4:
+            newest_first = [(head - age) % saved_slots for age in range(1 - pending, filled + 1)]
+        else:
+            newest_first = [(head - age) % saved_slots for age in range(filled)]
+        keep = newest_first[:self.slots][::-1]  # oldest .. newest
+        same_layout = version >= 4 and saved_slots == self.slots
+        if same_layout:  # slots as saved: a resumed run sums in the same order, bit-exact
+            src = dst = list(range(saved_slots))
+        else:
+            src, dst = keep, list(range(len(keep)))
+        self.reset()
+        for name, value in loaded.items():
+            if name == HISTORY_INDEX:
+                continue
+            value = value.detach().to(device=device)
+            if name == 'history_var_grad':
+                value = value.to(self.grad_dtype or loaded['history_mean'].dtype)
+            fresh = value.new_zeros((self.slots, ) + tuple(value.shape[1:]))
+            fresh[torch.tensor(dst, dtype=torch.long, device=device)] = value[
+                torch.tensor(src, dtype=torch.long, device=device)]
+            self.tensors[name] = fresh
+        self.filled = len(keep)
+        self.head = head if same_layout else (len(keep) - 1) % self.slots
+        self.open = bool(pending) and bool(keep)
+        self.opened_at = None  # checkpoints are taken between iterations: closed at the next use
+        if 'history_patch_mean' in self.tensors:
+            c_in, kh, kw = self.tensors['history_patch_mean'].shape[1:]
+            groups = c_in // self.tensors['history_var_grad'].shape[2]
+            self.geometry = (self.num_features, c_in, kh, kw, groups,
+                             None if conv_bias < 0 else bool(conv_bias))
