@@ -15,7 +15,9 @@ from cbn_mmdet.ops import statistics as S
 from cbn_mmdet.ops import window_norm
 
 sys.path.insert(0, osp.join(osp.dirname(__file__), 'helpers'))
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
 import cuda_batch_norm_kernels as cuda_standins  # noqa: E402
+import gpu_check  # noqa: E402
 
 
 def _net(c_in=3, c=6, dtype=torch.float64, affine=True, seed=0):
@@ -121,18 +123,9 @@ def test_autocast_correction_is_computed_in_float32():
     got_mean = (window['mean_compensated'] - window['mean'])[slot].double()
     got_var = (window['var_compensated'] - window['var'])[slot].double()
 
-    y = xs[0].to(torch.bfloat16).double()  # what the bf16 conv saw
-    x = captured[0][1].double()            # what it produced (bf16)
-    mean, var = S.batch_moments(x)
-    w0, w1 = w_old.double(), conv.weight.detach().double()
-    b0, b1 = b_old.double(), conv.bias.detach().double()
-    patch = S.patch_mean(y, (3, 3), x.shape[2:], (1, 1), (1, 1), (1, 1))
-    var_grad = S.variance_weight_gradient(y, x, mean, patch, w0, (1, 1), (1, 1), (1, 1), 1)
-    ref_mean, ref_var = S.compensate_history(
-        mean[None], var[None], S.linear_term_mean(patch[None], w0, b0, 1),
-        S.linear_term_var(var_grad[None], w0), patch[None], var_grad[None],
-        torch.ones(1, dtype=torch.float64), w1, b1, 1)
-    want_mean, want_var = ref_mean[0] - mean, ref_var[0] - var
+    want_mean, want_var = gpu_check.float64_correction(  # from what the bf16 conv saw and made
+        xs[0].to(torch.bfloat16), captured[0][1], (w_old, b_old),
+        (conv.weight.detach(), conv.bias.detach()))
     assert want_var.abs().max() > 1e-3  # a correction worth measuring
     assert (got_mean - want_mean).abs().max() <= 1e-3 * want_mean.abs().max()
     assert (got_var - want_var).abs().max() <= 1e-3 * want_var.abs().max()

@@ -110,7 +110,7 @@ def autocast_correction_error(device, dtype):
     conv.register_forward_hook(lambda m, inp, out: captured.append(out.detach()))
     gen = torch.Generator().manual_seed(3)
     xs = [(torch.randn(2, 32, 24, 24, generator=gen).relu() + 0.5).to(device) for _ in range(2)]
-    w_old, b_old = conv.weight.detach().double().cpu(), conv.bias.detach().double().cpu()
+    w_old, b_old = conv.weight.detach().cpu().clone(), conv.bias.detach().cpu().clone()
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
         norm(conv(xs[0])).float().square().mean().backward()
     with torch.no_grad():  # an optimizer step of about 2 % of the weights
@@ -123,16 +123,25 @@ def autocast_correction_error(device, dtype):
     slot = int(window['valid'].nonzero()[0, 0])
     got_mean = (window['mean_compensated'] - window['mean'])[slot].double().cpu()
     got_var = (window['var_compensated'] - window['var'])[slot].double().cpu()
-    y, x = xs[0].to(dtype).double().cpu(), captured[0].double().cpu()
+    want_mean, want_var = float64_correction(
+        xs[0].to(dtype).cpu(), captured[0].cpu(), (w_old, b_old),
+        (conv.weight.detach().cpu(), conv.bias.detach().cpu()))
+    return max(_rel(got_mean, want_mean), _rel(got_var, want_var))
+
+
+def float64_correction(conv_input, conv_output, old, new):
+    """Eqs. 7-8's correction ``(Δμ, Δvar)`` of a 3×3, padding-1 conv's output statistics from the
+    ``old`` to the ``new`` ``(weight, bias)``, evaluated in float64 from the given input and output."""
+    y, x = conv_input.double(), conv_output.double()
+    (w0, b0), (w1, b1) = [tuple(t.double() for t in pair) for pair in (old, new)]
     mean, var = S.batch_moments(x)
-    w1, b1 = conv.weight.detach().double().cpu(), conv.bias.detach().double().cpu()
     patch = S.patch_mean(y, (3, 3), x.shape[2:], (1, 1), (1, 1), (1, 1))
-    var_grad = S.variance_weight_gradient(y, x, mean, patch, w_old, (1, 1), (1, 1), (1, 1), 1)
+    var_grad = S.variance_weight_gradient(y, x, mean, patch, w0, (1, 1), (1, 1), (1, 1), 1)
     ref_mean, ref_var = S.compensate_history(
-        mean[None], var[None], S.linear_term_mean(patch[None], w_old, b_old, 1),
-        S.linear_term_var(var_grad[None], w_old), patch[None], var_grad[None],
+        mean[None], var[None], S.linear_term_mean(patch[None], w0, b0, 1),
+        S.linear_term_var(var_grad[None], w0), patch[None], var_grad[None],
         torch.ones(1, dtype=torch.float64), w1, b1, 1)
-    return max(_rel(got_mean, ref_mean[0] - mean), _rel(got_var, ref_var[0] - var))
+    return ref_mean[0] - mean, ref_var[0] - var
 
 
 def check_autocast(device):
