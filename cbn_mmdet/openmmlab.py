@@ -4,13 +4,16 @@ Each step runs only when the package it needs is installed; with torch alone non
 in torch is modified (the one process-wide effect of the layer itself is the optimizer-step hook of
 :mod:`cbn_mmdet.models.iteration_clock`).
 
-* mmengine: ``CBN``/``BRN`` registered in mmengine's ``MODELS`` (where mmcv's ``BN`` lives);
-  :mod:`cbn_mmdet.compat` (checkpoint allow-list on torch >= 2.4, CPU distributed init and DDP);
-  the ``cfg.sync_bn`` guard of :mod:`cbn_mmdet.engine.sync_bn_guard`.
-* mmdet: the hooks (``CBNBurnInHook``, ``CBNMonitorHook``, ``NormSwitchHook``, ``RNGStateHook``) and
-  the demo dataset, registered in mmdet's registries.
+| effect | needs | applies to | off |
+|---|---|---|---|
+| ``CBN``/``BRN`` in mmengine's ``MODELS`` (where mmcv's ``BN`` lives) | mmengine | all | – |
+| checkpoint allow-list for ``torch.load(weights_only=True)`` (:mod:`.compat`) | mmengine | torch >= 2.4 (needed from 2.6, where it is the default) with mmengine <= 0.10.7 | ``CBN_MMDET_COMPAT=0`` |
+| CPU distributed init and CPU DDP (:mod:`.compat`) | mmengine | machines without CUDA only | ``CBN_MMDET_COMPAT=0`` |
+| ``cfg.sync_bn`` refuses to replace CBN (:mod:`.engine.sync_bn_guard`) | mmdet | mmengine's ``Runner.wrap_model`` | – (remove ``sync_bn``) |
+| hooks and the demo dataset in mmdet's registries | mmdet | all | – |
 """
 import importlib.util
+import os
 
 __all__ = ['available', 'setup']
 
@@ -31,7 +34,8 @@ def setup() -> None:
 
     from . import compat
     from .models import BatchRenorm2d, CrossIterationBatchNorm2d
-    compat.apply()
+    if os.environ.get('CBN_MMDET_COMPAT', '1') != '0':
+        compat.apply()
     MODELS.register_module('CBN', module=CrossIterationBatchNorm2d, force=True)
     MODELS.register_module('BRN', module=BatchRenorm2d, force=True)
     if not available('mmdet'):

@@ -1,4 +1,5 @@
 """The layer library works where only torch is installed, and importing it changes nothing in torch."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,18 @@ def test_openmmlab_setup_registers_when_installed():
     from mmengine.registry import MODELS
     assert MODELS.get('CBN') is cbn_mmdet.CrossIterationBatchNorm2d
     assert MODELS.get('BRN') is cbn_mmdet.BatchRenorm2d
+
+
+def test_compat_fixes_can_be_turned_off():
+    pytest.importorskip('mmengine')
+    script = ('import torch._dynamo, torch.serialization as s; before = len(s.get_safe_globals()); '
+              'import cbn_mmdet; from mmengine.registry import MODELS; '
+              'print(len(s.get_safe_globals()) - before, MODELS.get("CBN") is not None)')
+    runs = {}
+    for value in ('0', '1'):
+        env = dict(os.environ, CBN_MMDET_COMPAT=value)
+        out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[value] = out.stdout.split()
+    assert runs['0'] == ['0', 'True'] and int(runs['1'][0]) > 0 and runs['1'][1] == 'True'
