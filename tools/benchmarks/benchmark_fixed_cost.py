@@ -1,0 +1,116 @@
+"""Per-layer fixed cost of CBN: many tiny conv + norm + ReLU layers, where the arithmetic is
+negligible and what is left is bookkeeping (small tensor operations, Python control flow).
+
+For BN, Naive CBN and CBN (exact compensation) it reports the training-step time per layer
+(forward + backward + SGD step, median over steps, variants interleaved round-robin in one process
+so that drifts of the machine's speed hit all alike), the time above BN per layer, and the number of
+tensor operations per layer and step (counted with a dispatch mode: every aten call, forward and
+backward).
+
+    .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
+        [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--out FILE.json]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
+from cbn_mmdet.models import CrossIterationBatchNorm2d  # noqa: E402
+
+VARIANTS = {
+    'bn': lambda c: nn.BatchNorm2d(c),
+    'naive': lambda c: CrossIterationBatchNorm2d(c, window=4, compensate=False),
+    'cbn': lambda c: CrossIterationBatchNorm2d(c, window=4),
+}
+
+
+def build(variant, layers, channels):
+    torch.manual_seed(0)
+    mods = []
+    for _ in range(layers):
+        mods += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), VARIANTS[variant](channels),
+                 nn.ReLU()]
+    return nn.Sequential(*mods)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step(model, opt, x):
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, args.channels, args.size, args.size)
+    setups = {}
+    for name in VARIANTS:
+        model = build(name, args.layers, args.channels)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        for _ in range(args.warmup):
+            step(model, opt, x)
+        setups[name] = (model, opt)
+    times = {name: [] for name in VARIANTS}
+    for _ in range(args.steps):  # round-robin
+        for name, (model, opt) in setups.items():
+            start = time.perf_counter()
+            step(model, opt, x)
+            times[name].append(time.perf_counter() - start)
+    rows = {}
+    for name, (model, opt) in setups.items():
+        counter = OpCounter()
+        with counter:
+            step(model, opt, x)
+        rows[name] = dict(step_ms=1e3 * statistics.median(times[name]),
+                          ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
+    base = rows['bn']
+    lines = [f'{args.layers} layers of conv {args.channels}->{args.channels} 3x3 + norm + ReLU, input '
+             f'{args.batch}x{args.channels}x{args.size}x{args.size}, {args.threads} thread(s), '
+             f'median of {args.steps} interleaved steps', '',
+             '| variant | step ms | ms per layer | above BN, ms per layer | ops per layer and step |',
+             '|---|---|---|---|---|']
+    for name, r in rows.items():
+        per_layer = r['step_ms'] / args.layers
+        above = (r['step_ms'] - base['step_ms']) / args.layers
+        lines.append(f"| {name} | {r['step_ms']:.2f} | {per_layer:.3f} | {above:.3f} | "
+                     f"{r['ops'] / args.layers:.0f} |")
+    print('\n'.join(lines))
+    for name, r in rows.items():
+        print(f"{name}: most frequent ops per step: {r['top_ops']}")
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--layers', type=int, default=20)
+    parser.add_argument('--channels', type=int, default=16)
+    parser.add_argument('--size', type=int, default=8)
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=200)
+    parser.add_argument('--warmup', type=int, default=20)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--out')
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    run(parse_args())
