@@ -299,6 +299,7 @@ def test_detector_statistics_known_answers_at_lr0(detector_statistics_lr0):
 
 
 # ---------------------------------------------------------------------------- item 2: gradient ratios
+@pytest.mark.slow
 def test_gradient_ratios_outputs(tmp_path):
     stdout, data, md = run('gradient_ratios', tmp_path)
     archs = [r['arch'] for r in data['records']]
@@ -337,6 +338,7 @@ def test_gradient_ratio_known_answers():
 
 
 # ---------------------------------------------------------------------------- item 3: batch sizes
+@pytest.mark.slow
 def test_batch_size_table_outputs(tmp_path):
     stdout, data, md = run('batch_size_table', tmp_path)
     runs = data['runs']

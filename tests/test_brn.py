@@ -82,6 +82,16 @@ def test_equals_batchnorm(kwargs, channels_last):
     assert int(brn.num_batches_tracked) == 4  # eval forwards are not counted
 
 
+def test_cumulative_momentum_equals_batchnorm():
+    """momentum=None (1/n, n counting training forwards) in the warm-up is BN's cumulative average."""
+    brn, bn = BRN(C, momentum=None).double(), nn.BatchNorm2d(C, momentum=None).double()
+    for step in range(4):
+        x = _batch(step)
+        torch.testing.assert_close(brn(x), bn(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(brn.running_mean, bn.running_mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(brn.running_var, bn.running_var, rtol=1e-12, atol=1e-14)
+
+
 def test_batchnorm_equivalence_ends_with_warmup():
     """Guard for the test above: once r and d are free, the same data no longer gives BN's output."""
     brn, bn = BRN(C, warmup_iters=1, rmax_iters=2, dmax_iters=2).double(), nn.BatchNorm2d(C).double()

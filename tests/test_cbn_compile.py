@@ -42,6 +42,9 @@ def _train(model, forward, steps=6):
     return outs
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split('.')[:2]) < (2, 4),
+                    reason='torch 2.1 under torch.compile skips the global optimizer step hooks '
+                           "that advance CBN's iteration clock (README: modes)")
 def test_compiled_model_with_eager_producer_convs_equals_eager():
     """Everything compiled but the convs that feed CBN: same outputs and state as eager."""
     torch._dynamo.reset()

@@ -4,9 +4,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), 'helpers', 'dist_cbn_worker.py')
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port():
@@ -25,33 +28,29 @@ def _run_two(work_dir, *extra):
         assert p.returncode == 0, out[-3000:]
 
 
-def test_per_process_history_survives_sync_buffers_and_resumes_from_rank0(tmp_path):
+def test_switch_to_cbn_under_ddp_keeps_per_process_history_and_resumes_from_rank0(tmp_path):
+    """BN → CBN at epoch 1 in a 2-process DDP run with SyncBuffersHook: the same tensors and
+    optimizer state, parameters in sync, running statistics averaged, but a history per process;
+    the checkpoint (rank 0's) restores rank 0's history on both processes after a switch on resume."""
     _run_two(tmp_path)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
-    # SyncBuffersHook averaged the running statistics (buffers) ...
-    torch.testing.assert_close(ranks[0]['running_mean'], ranks[1]['running_mean'])
-    torch.testing.assert_close(ranks[0]['running_var'], ranks[1]['running_var'])
-    # ... but each process kept its own history: statistics are per GPU, with no collective in CBN
-    assert int(ranks[0]['history_index'][1]) == 2 and torch.equal(ranks[0]['history_index'],
-                                                                  ranks[1]['history_index'])
-    assert not torch.allclose(ranks[0]['history_mean'], ranks[1]['history_mean'])
-    assert not torch.allclose(ranks[0]['history_var_grad'], ranks[1]['history_var_grad'])
-    # the checkpoint (written by rank 0) restores rank 0's history on both processes
-    _run_two(tmp_path, '--resume')
-    for r in range(2):
-        resumed = torch.load(tmp_path / f'resumed_rank{r}.pt', weights_only=True)
-        for key in ('history_mean', 'history_var_grad', 'history_index'):
-            torch.testing.assert_close(resumed[key], ranks[0][key])
-
-
-def test_norm_switch_under_ddp_hands_over_parameters_and_optimizer_state(tmp_path):
-    """BN → CBN at epoch 1 in a 2-process DDP run: same tensors, optimizer state kept, ranks in sync."""
-    _run_two(tmp_path, '--switch')
-    ranks = [torch.load(tmp_path / f'switch_rank{r}.pt', weights_only=True) for r in range(2)]
     for r in ranks:
         assert r['type'] == 'CrossIterationBatchNorm2d'
         assert r['same_weight'] and r['in_optimizer'] and r['has_momentum']
-        assert int(r['state']['history_index'][1]) == 2
     for name, value in ranks[0]['params'].items():  # DDP still averages every gradient
         torch.testing.assert_close(value, ranks[1]['params'][name])
-    assert not torch.allclose(ranks[0]['state']['history_mean'], ranks[1]['state']['history_mean'])
+    states = [r['state'] for r in ranks]
+    # SyncBuffersHook averaged the running statistics (buffers) ...
+    torch.testing.assert_close(states[0]['running_mean'], states[1]['running_mean'])
+    torch.testing.assert_close(states[0]['running_var'], states[1]['running_var'])
+    # ... but each process kept its own history: statistics are per GPU, with no collective in CBN
+    assert int(states[0]['history_index'][1]) == 2 and torch.equal(states[0]['history_index'],
+                                                                   states[1]['history_index'])
+    assert not torch.allclose(states[0]['history_mean'], states[1]['history_mean'])
+    assert not torch.allclose(states[0]['history_var_grad'], states[1]['history_var_grad'])
+    _run_two(tmp_path, '--resume')
+    for r in range(2):
+        resumed = torch.load(tmp_path / f'resumed_rank{r}.pt', weights_only=True)
+        assert resumed['type'] == 'CrossIterationBatchNorm2d'
+        for key in ('history_mean', 'history_var_grad', 'history_index'):
+            torch.testing.assert_close(resumed['state'][key], states[0][key])

@@ -68,17 +68,33 @@ def _run(cmd):
     return proc.stdout + proc.stderr
 
 
-def _run_killed_after_checkpoint(cmd, checkpoint):
+def _wait_for_checkpoint(work_dir, name, proc, timeout=600):
+    """Poll until mmengine has finished writing ``work_dir/name``: its CheckpointHook names a
+    checkpoint in ``last_checkpoint`` only once the file is complete. False if the run ended first."""
+    marker = osp.join(work_dir, 'last_checkpoint')
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if osp.exists(marker):
+            with open(marker) as f:
+                if osp.basename(f.read().strip()) == name:
+                    return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise AssertionError(f'{name} was not written within {timeout} s')
+
+
+def _run_killed_after_checkpoint(cmd, work_dir, name):
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not osp.exists(checkpoint) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)  # let mmengine finish writing it; training goes on
-    finished = proc.poll() is not None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not finished, 'the run ended before it could be killed'
+    try:
+        written = _wait_for_checkpoint(work_dir, name, proc)
+        finished = proc.poll() is not None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert written and not finished, 'the run ended before it could be killed'
 
 
 @pytest.mark.parametrize('burn_in', [2, 5], ids=['checkpoint-after-burn-in',
@@ -91,9 +107,11 @@ def test_sigkill_and_resume_repeats_the_uninterrupted_losses(tmp_path, tiny_demo
     assert sorted(expected) == list(range(1, MAX_ITERS + 1))
 
     killed = tmp_path / 'killed'
-    _run_killed_after_checkpoint(_cmd(config, killed, tiny_demo_data), str(killed / 'iter_3.pth'))
+    _run_killed_after_checkpoint(_cmd(config, killed, tiny_demo_data), str(killed), 'iter_3.pth')
     log = _run(_cmd(config, killed, tiny_demo_data, '--resume'))
-    assert 'resumed' in log.lower()
+    # resumed from iteration 3 (not from a later checkpoint written before the kill)
+    assert f'Auto resumed from the latest checkpoint {killed / "iter_3.pth"}' in log
+    assert 'resumed epoch: 0, iter: 3' in log
     got = _losses(str(killed))
     assert 'CBN with window 3' in log  # CBN is on in the resumed part
     for it in range(4, MAX_ITERS + 1):

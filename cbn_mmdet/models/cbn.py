@@ -324,7 +324,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not self.track_running_stats or self.running_mean is None:
             return
         self.num_batches_tracked.add_(1)
-        factor = (self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
+        factor = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
                   if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
             n = past_count + count

@@ -7,10 +7,12 @@ modules and no hooks on convs, and works for every place a conv feeds a norm (an
 dilation, groups; AMP casts; channels_last). It needs grad mode: under ``torch.no_grad()`` there is no
 graph, and CBN takes its documented fallback.
 """
+import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 __all__ = ['ConvWeights', 'ConvBinding', 'BindStatus', 'AutogradPass', 'autograd_pass',
@@ -77,11 +79,38 @@ def autograd_pass() -> str:
     pass whose saved tensors are readable (the recomputation during backward)."""
     if not torch.is_grad_enabled():
         return AutogradPass.NO_GRAD
-    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
-    hooks = top(False) if top is not None else None
-    if hooks is not None and getattr(hooks[0], '__qualname__', '').startswith('_checkpoint_hook.'):
-        return AutogradPass.CHECKPOINT_FIRST
-    return AutogradPass.RECORD
+    top = saved_tensor_hooks_accessor()
+    if top is not None:
+        hooks = top(False)
+        first = hooks is not None and getattr(hooks[0], '__qualname__', '').startswith(
+            '_checkpoint_hook.')
+    else:
+        first = _in_checkpoint_first_pass_by_frames()
+    return AutogradPass.CHECKPOINT_FIRST if first else AutogradPass.RECORD
+
+
+def saved_tensor_hooks_accessor():
+    """torch's reader of the active saved-tensor hooks (torch >= 2.8), or None."""
+    return getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+
+def _in_checkpoint_first_pass_by_frames() -> bool:
+    """For torch without the hook reader: the nearest frame of torch.utils.checkpoint on the stack
+    says where we are: its recomputation (``recompute_fn``/``unpack_hook``), or the first pass of a
+    non-reentrant ``checkpoint`` call."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename == _CHECKPOINT_FILE:
+            if code.co_name in ('recompute_fn', 'unpack_hook', 'unpack_hook_with_error_cb'):
+                return False
+            if code.co_name == 'checkpoint' and frame.f_locals.get('use_reentrant') is False:
+                return True
+        frame = frame.f_back
+    return False
 
 
 def _leaf_parameter(fn) -> Optional[Tensor]:

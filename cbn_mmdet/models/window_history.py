@@ -110,9 +110,12 @@ class WindowHistory:
             cached_state = self._cache[1]
             if weight_state is None or cached_state is None or cached_state == weight_state:
                 return self._cache[2]
-            self._warn('midstep', 'its conv weights changed between two calls of one iteration (no '
-                       'optimizer step in between); the window loses its oldest entry for this '
-                       'iteration')
+            self._warn('midstep', 'its conv weights changed between two calls of one iteration: '
+                       'either they were changed in place without an optimizer step (the window '
+                       'loses its oldest entry for this iteration), or the optimizer step was not '
+                       'seen (the iteration clock advances on torch optimizers\' global step hooks; a '
+                       'loop that bypasses them, e.g. torch.compile on torch 2.1, must call '
+                       'cbn_mmdet.models.iteration_clock.next_iteration() after each step)')
         if not self.tensors or self.filled - self.open == 0:
             empty = like.new_zeros((0, self.num_features), dtype=statistics_dtype(like))
             result = PastWindow(empty, empty, empty.new_zeros(0), empty.new_zeros(()), empty, empty,

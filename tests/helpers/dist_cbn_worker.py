@@ -1,8 +1,12 @@
-"""One process of a 2-process gloo training of a toy CBN model through a real mmengine Runner.
+"""One process of a 2-process gloo training of a toy model through a real mmengine Runner + DDP.
 
-Usage: python dist_cbn_worker.py RANK WORLD PORT WORK_DIR [--resume | --switch]
---switch trains a BN model and switches it to CBN with NormSwitchHook after the first epoch.
-Writes WORK_DIR/rank{RANK}.pt with the CBN history, running stats and the window's last statistics.
+Usage: python dist_cbn_worker.py RANK WORLD PORT WORK_DIR [--resume]
+The model starts with BN; NormSwitchHook switches it to CBN(window=3) after the first of two epochs,
+SyncBuffersHook averages buffers after each epoch. Writes WORK_DIR/rank{RANK}.pt: the norm's type,
+whether it kept BN's weight tensor (in the optimizer, with its momentum state), the parameters and
+the CBN state dict (history, running statistics).
+--resume: the same runner resumed from the last checkpoint (NormSwitchHook switches before the
+checkpoint is loaded); writes WORK_DIR/resumed_rank{RANK}.pt with the loaded CBN state dict.
 """
 import os
 import sys
@@ -44,48 +48,41 @@ class ToyModel(BaseModel):
 def main():
     rank, world, port, work_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     resume = '--resume' in sys.argv
-    switch = '--switch' in sys.argv
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
     torch.manual_seed(0)
     runner = Runner(
-        model=ToyModel('BN' if switch else 'CBN'), work_dir=work_dir, launcher='pytorch',
+        model=ToyModel('BN'), work_dir=work_dir, launcher='pytorch',
         env_cfg=dict(dist_cfg=dict(backend='gloo')),
         train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
         train_cfg=dict(by_epoch=True, max_epochs=3 if resume else 2),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
-        custom_hooks=[dict(type='SyncBuffersHook')] + ([dict(
-            type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3))] if switch else []),
+        custom_hooks=[dict(type='SyncBuffersHook'),
+                      dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3))],
         default_hooks=dict(logger=None, checkpoint=dict(type='CheckpointHook', interval=1)),
         resume=resume, default_scope='mmdet')
+    model = runner.model.module
     if resume:
         runner._train_loop = runner.build_train_loop(runner._train_loop)
         runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
         runner.load_or_resume()
-        norm = runner.model.module.norm
-        torch.save({k: v.clone() for k, v in norm.state_dict().items()},
+        torch.save(dict(type=type(model.norm).__name__,
+                        state={k: v.clone() for k, v in model.norm.state_dict().items()}),
                    os.path.join(work_dir, f'resumed_rank{rank}.pt'))
         return
-    if switch:
-        model = runner.model.module
-        weight_before = model.norm.weight
-        runner.train()
-        opt = runner.optim_wrapper.optimizer
-        norm = model.norm
-        torch.save(dict(
-            type=type(norm).__name__, same_weight=norm.weight is weight_before,
-            in_optimizer=any(p is norm.weight for g in opt.param_groups for p in g['params']),
-            has_momentum='momentum_buffer' in opt.state[norm.weight],
-            params={k: v.detach().clone() for k, v in model.named_parameters()},
-            state={k: v.clone() for k, v in norm.state_dict().items()}),
-            os.path.join(work_dir, f'switch_rank{rank}.pt'))
-        return
+    weight_before = model.norm.weight
     runner.train()
-    norm = runner.model.module.norm
-    torch.save({k: v.clone() for k, v in norm.state_dict().items()},
-               os.path.join(work_dir, f'rank{rank}.pt'))
+    opt = runner.optim_wrapper.optimizer
+    norm = model.norm
+    torch.save(dict(
+        type=type(norm).__name__, same_weight=norm.weight is weight_before,
+        in_optimizer=any(p is norm.weight for g in opt.param_groups for p in g['params']),
+        has_momentum='momentum_buffer' in opt.state[norm.weight],
+        params={k: v.detach().clone() for k, v in model.named_parameters()},
+        state={k: v.clone() for k, v in norm.state_dict().items()}),
+        os.path.join(work_dir, f'rank{rank}.pt'))
 
 
 if __name__ == '__main__':
