@@ -1,6 +1,5 @@
 """torch.compile: CBN layers run eagerly (a graph break each, no recompilation); a conv feeding CBN
 must stay eager too, and a compiled one is refused loudly instead of silently losing compensation."""
-import copy
 
 import pytest
 import torch

@@ -23,7 +23,6 @@ import traceback
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN, convert_to_cbn  # noqa: E402
