@@ -52,18 +52,22 @@ class Recorder(Hook):
         self.lengths.append(runner.model.norm.history_length)
 
 
-def _runner(tmp_path, hook_cfg, max_epochs=3, window=4, **kw):
-    recorder = Recorder()
-    runner = Runner(
-        model=ToyModel(window), work_dir=str(tmp_path),
+def _toy_runner(work_dir, model, hooks, max_epochs=2, checkpoint=None, optimizer=None, **kw):
+    """A Runner over ToyData (8 images, batch 2: 4 iterations per epoch), no logger."""
+    return Runner(
+        model=model, work_dir=str(work_dir),
         train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-        custom_hooks=[hook_cfg, recorder], default_hooks=dict(logger=None, checkpoint=None),
+        optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.01)),
+        custom_hooks=list(hooks), default_hooks=dict(logger=None, checkpoint=checkpoint),
         default_scope='mmdet', **kw)
-    return runner, recorder
+
+
+def _runner(tmp_path, hook_cfg, max_epochs=3, window=4, **kw):
+    recorder = Recorder()
+    return _toy_runner(tmp_path, ToyModel(window), [hook_cfg, recorder], max_epochs, **kw), recorder
 
 
 def test_burn_in_by_epoch_switches_after_burn_in(tmp_path):
@@ -147,16 +151,10 @@ def test_norm_switch_hook_bn_to_cbn_hands_over_parameters(tmp_path):
             seen[runner.epoch] = (type(runner.model.norm), runner.model.norm.weight,
                                   runner.model.norm.running_mean)
 
-    runner = Runner(
-        model=BNToyModel(), work_dir=str(tmp_path),
-        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=True, max_epochs=2),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
-        custom_hooks=[dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=2)),
-                      Watch()],
-        default_hooks=dict(logger=None, checkpoint=None), default_scope='mmdet')
+    runner = _toy_runner(
+        tmp_path, BNToyModel(),
+        [dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=2)), Watch()],
+        optimizer=dict(type='SGD', lr=0.01, momentum=0.9))
     runner.train()
     assert seen[0][0] is nn.BatchNorm2d and seen[1][0] is CBN
     assert seen[1][1] is seen[0][1] and seen[1][2] is seen[0][2]  # the same tensors
@@ -168,15 +166,8 @@ def test_norm_switch_hook_bn_to_cbn_hands_over_parameters(tmp_path):
 
 
 def test_norm_switch_hook_to_syncbn_refuses_single_process(tmp_path):
-    runner = Runner(
-        model=BNToyModel(), work_dir=str(tmp_path),
-        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=True, max_epochs=1),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-        custom_hooks=[dict(type='NormSwitchHook', switch_epoch=0)],
-        default_hooks=dict(logger=None, checkpoint=None), default_scope='mmdet')
+    runner = _toy_runner(tmp_path, BNToyModel(), [dict(type='NormSwitchHook', switch_epoch=0)],
+                         max_epochs=1)
     with pytest.raises(RuntimeError, match='distributed'):
         runner.train()
 
@@ -236,15 +227,8 @@ def test_monitor_hook_logs_the_correction_of_a_known_weight_change(tmp_path):
     """The logged |Δμ|/σ and |Δvar|/var of the last iteration equal a from-scratch Taylor step."""
     torch.manual_seed(0)
     model = WatchedModel()
-    runner = Runner(
-        model=model, work_dir=str(tmp_path),
-        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=True, max_epochs=1),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=2.0)),
-        custom_hooks=[dict(type='CBNMonitorHook', interval=1)],
-        default_hooks=dict(logger=None, checkpoint=None), default_scope='mmdet')
+    runner = _toy_runner(tmp_path, model, [dict(type='CBNMonitorHook', interval=1)], max_epochs=1,
+                         optimizer=dict(type='SGD', lr=2.0))
     runner.train()
     assert model.norm.monitor is True and len(model.seen) == 4
     mean, var = _taylor_correction(model.seen, past=(1, 2), current=3)
@@ -288,17 +272,11 @@ def test_hooks_name_unknown_keys_and_list_allowed_ones(hook, allowed):
 
 def _switch_runner(tmp_path, max_epochs, resume=False, hooks=()):
     torch.manual_seed(0)  # the same initial weights in every run
-    return Runner(
-        model=BNToyModel(), work_dir=str(tmp_path),
-        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
-        custom_hooks=[dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3)),
-                      *hooks],
-        default_hooks=dict(logger=None, checkpoint=dict(type='CheckpointHook', interval=1)),
-        resume=resume, default_scope='mmdet', randomness=dict(seed=0))
+    return _toy_runner(
+        tmp_path, BNToyModel(),
+        [dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3)), *hooks],
+        max_epochs, checkpoint=dict(type='CheckpointHook', interval=1),
+        optimizer=dict(type='SGD', lr=0.01, momentum=0.9), resume=resume, randomness=dict(seed=0))
 
 
 def test_norm_switch_then_resume_restores_the_cbn_history(tmp_path):
@@ -337,17 +315,6 @@ class _StartAt(Hook):
 
     def before_train(self, runner):
         runner.train_loop._epoch, runner.train_loop._iter = self.epoch, self.iteration
-
-
-def _toy_runner(work_dir, model, hooks, max_epochs=2, checkpoint=None, **kw):
-    return Runner(
-        model=model, work_dir=str(work_dir),
-        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)), custom_hooks=list(hooks),
-        default_hooks=dict(logger=None, checkpoint=checkpoint), default_scope='mmdet', **kw)
 
 
 def test_burn_in_of_a_resumed_run_continues_from_the_checkpoint(tmp_path):
