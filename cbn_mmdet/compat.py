@@ -1,57 +1,14 @@
 """Compatibility fixes for mmengine 0.10.7 / mmcv 2.1.0 / mmdet 3.3.0 on current torch and numpy.
 
-``import cbn_mmdet`` applies every fix once (:func:`apply`); nothing in site-packages is edited. Each fix
-is narrow, idempotent and testable on its own (``tests/test_compat.py``).
+``import cbn_mmdet`` applies every fix once (:func:`apply`; off with ``CBN_MMDET_COMPAT=0``); nothing
+in site-packages is edited. Each fix is narrow, idempotent and tested on its own
+(``tests/test_compat.py``):
 
-1. Loading mmengine checkpoints under ``torch.load(weights_only=True)`` (torch >= 2.6 default)
--------------------------------------------------------------------------------------------------
-mmengine 0.10.7 calls ``torch.load(filename, map_location=...)`` without ``weights_only``, so on
-torch >= 2.6 every checkpoint goes through torch's restricted unpickler, and every checkpoint the
-runner writes is refused (``Unsupported global: GLOBAL mmengine.logging.history_buffer.HistoryBuffer``):
-``--resume``, ``load_from`` and ``tools/test.py CONFIG CKPT`` all fail.
+1. mmengine checkpoints load under ``torch.load(weights_only=True)`` (torch >= 2.6's default) through
+   an allow-list of exactly what a runner checkpoint holds; pickles that would run code are refused.
+2. ``tools/dist_train.sh`` and ``--launcher pytorch|slurm`` work on machines without CUDA (gloo).
 
-The choices were (a) ``weights_only=False`` (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``) everywhere,
-(b) ``weights_only=False`` only for the runner's own checkpoints (resume) and the restricted
-unpickler for ``load_from``/test, (c) keep the restricted unpickler for *every* load and allow-list
-exactly what mmengine writes. We do (c): no load in this package ever runs arbitrary pickle code, not
-even ``--resume PATH`` (a path the user may have downloaded like any ``load_from``), and resume needs
-no separate, weaker code path. The allow-list is what a runner checkpoint actually contains
-(``meta``, ``state_dict``, ``message_hub``, ``optimizer``, ``param_schedulers``):
-
-* ``mmengine.logging.HistoryBuffer`` — the message hub's scalar logs. Rebuilt with ``__new__`` +
-  its own ``__setstate__``, never ``__init__`` or arbitrary calls. (``__setstate__`` merges the
-  pickled ``statistics_methods`` into the class-wide method table: a crafted file can put other
-  allow-listed objects there, which makes ``HistoryBuffer.statistics`` fail later, but it cannot
-  introduce anything the allow-list does not already contain.)
-* numpy arrays, scalars and dtypes inside the HistoryBuffers (``_reconstruct``, ``ndarray``,
-  ``dtype``, ``scalar`` and the concrete ``numpy.dtypes.*DType`` classes), under both the numpy 1.x
-  (``numpy.core``) and numpy 2.x (``numpy._core``) module names, so old checkpoints load too. They
-  only rebuild arrays and scalars from a dtype, a shape and raw bytes; object arrays get their
-  elements from the same restricted unpickler.
-* ``builtins.getattr`` — pickle protocol 2 writes the bound HistoryBuffer statistics methods that
-  ``HistoryBuffer.__getstate__`` includes as ``getattr(HistoryBuffer, 'mean')``. Allow-listing the
-  real ``getattr`` would defeat the restricted unpickler (it reaches any attribute of any allowed
-  object), so the name ``builtins.getattr`` is bound to :func:`_restricted_getattr`, which returns
-  only ``HistoryBuffer.{min,max,current,mean}`` and raises ``UnpicklingError`` for anything else.
-
-Everything else (``os.system``, ``subprocess``, ``eval``, arbitrary classes, the real ``getattr``)
-is still refused. A checkpoint carrying other Python objects (e.g. a custom hook that saves one)
-fails with torch's ``Unsupported global`` message; allow-list that type with
-``torch.serialization.add_safe_globals`` after checking it is safe, or — only for a file you trust —
-set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
-
-The allow-list is process-wide (``torch.serialization.add_safe_globals``), so it also covers
-``torch.load`` calls made directly by users and by mmengine's URL loaders.
-
-2. ``tools/dist_train.sh`` / ``--launcher pytorch|slurm`` on a machine without CUDA
-----------------------------------------------------------------------------------
-mmengine's ``_init_dist_pytorch``/``_init_dist_slurm`` call ``torch.cuda.set_device`` unconditionally
-(an ``AttributeError`` on a CPU build of torch), and ``Runner.wrap_model`` passes
-``device_ids=[LOCAL_RANK]`` to DDP, which torch rejects for a CPU module. When CUDA is unavailable
-the init skips ``set_device`` and, if the backend is ``nccl`` (mmengine's default, which cannot run
-without CUDA), uses ``gloo`` with a warning; set ``env_cfg.dist_cfg.backend=gloo`` to say it
-explicitly. ``MMDistributedDataParallel`` drops ``device_ids``/``output_device`` for a CPU module.
-With CUDA present nothing changes.
+Why it is done this way: ``docs/design.md``, "Compatibility fixes".
 """
 from __future__ import annotations
 
