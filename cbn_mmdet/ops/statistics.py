@@ -205,8 +205,11 @@ def linear_term_mean(patch_means: Tensor, weight: Tensor, bias: Optional[Tensor]
     """
     t = patch_means.shape[0]
     w = _weight_groups(weight.to(patch_means.dtype), groups)               # (G, Cg, D)
-    p = patch_means.reshape(t, groups, -1)                                  # (T, G, D)
-    lin = torch.einsum('tgd,gcd->tgc', p, w).reshape(t, -1)
+    if groups == 1:  # one matrix product (an einsum costs a dozen small view/permute calls)
+        lin = patch_means.reshape(t, -1) @ w[0].T
+    else:
+        p = patch_means.reshape(t, groups, -1)                              # (T, G, D)
+        lin = torch.einsum('tgd,gcd->tgc', p, w).reshape(t, -1)
     if bias is not None:
         lin = lin + bias.to(lin.dtype)
     return lin
@@ -219,7 +222,9 @@ def linear_term_var(var_grads: Tensor, weight: Tensor) -> Tensor:
     # the weights narrowed (the difference of two such products is the small Taylor term)
     dtype = torch.promote_types(torch.promote_types(var_grads.dtype, weight.dtype), torch.float32)
     w = weight.to(dtype).reshape(c_out, -1)
-    return torch.einsum('tcd,cd->tc', var_grads.to(dtype).reshape(t, c_out, -1), w)
+    # per channel, T dot products of length C_in·K: one batched product, no weight-sized temporary
+    return torch.bmm(var_grads.to(dtype).reshape(t, c_out, -1).transpose(0, 1),
+                     w.unsqueeze(2)).squeeze(2).T
 
 
 def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,
