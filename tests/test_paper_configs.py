@@ -171,3 +171,13 @@ def test_family_trains_and_validates(name, tiny_demo_data, tmp_path):
     if name == 'faster-rcnn_r50_fpn_bn2syncbn-ep8-head_1x_coco':
         assert "NormSwitchHook: switched 12 norm layers in ['neck', 'roi_head.bbox_head'] to " \
                "{'type': 'CBN', 'window': 4}" in log
+
+
+def test_plugin_import_lives_in_the_model_bases_not_the_schedule():
+    """Swapping the schedule base must not drop ``custom_imports``."""
+    from mmengine.config import Config
+    base = osp.join(CONFIG_DIR, '_base_')
+    assert 'custom_imports' not in open(osp.join(base, 'paper_1x.py')).read()
+    for family in ('faster-rcnn_r50_fpn_4conv1fc_1x_coco.py', 'mask-rcnn_r50_fpn_4conv1fc_1x_coco.py'):
+        cfg = Config.fromfile(osp.join(base, family))
+        assert cfg.custom_imports == dict(imports=['cbn_mmdet'], allow_failed_imports=False)

@@ -11,6 +11,8 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
     './paper_1x.py',
 ]
+# in the model family base, so that swapping the schedule base keeps the plugin
+custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)
 
 # No normalizer in the FPN and the RoI heads (their defaults); a leaf's norm_cfg merges in.
 model = dict(

@@ -9,8 +9,6 @@
 # epochs 8.2 and 10.9) rounded to whole epochs. Linear warm-up over 500 iterations (mmdet 3.x default).
 # Gradients are clipped at 35 (L2), as in the authors' released configs (mmdet v1 default).
 # Norm statistics are per GPU: no `sync_bn` (only the SyncBN configs synchronise, by their norm type).
-custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)
-
 max_epochs = 12
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)
 val_cfg = dict(type='ValLoop')
