@@ -10,8 +10,6 @@ from mmengine.registry import init_default_scope
 import cbn_mmdet  # noqa: F401
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-# every config's URL is checked by test_paper_configs.py
-URL_R50 = 'https://download.pytorch.org/models/resnet50-0676ba61.pth'
 
 
 def _torchvision_layout_resnet(depth):
@@ -35,12 +33,13 @@ def test_paper_config_loads_imagenet_weights_from_hub_cache(tmp_path, monkeypatc
         raise AssertionError(f'tried to download {url}')
 
     monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'cbn_paper', name))
+    url = cfg.model.backbone.init_cfg.checkpoint  # every config's URL: test_paper_configs.py
     state = _torchvision_layout_resnet(50)
     (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
-    torch.save(state, tmp_path / 'hub' / 'checkpoints' / osp.basename(URL_R50))
+    torch.save(state, tmp_path / 'hub' / 'checkpoints' / osp.basename(url))
 
     init_default_scope('mmdet')
-    cfg = Config.fromfile(osp.join(REPO, 'configs', 'cbn_paper', name))
     model = MODELS.build(cfg.model)
     model.init_weights()
     backbone = model.backbone.state_dict()
