@@ -1,5 +1,4 @@
 """Batch Renormalization (Ioffe, NeurIPS 2017), a drop-in ``_BatchNorm`` (the BRN baseline of Table 5)."""
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -7,10 +6,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..options import is_int, is_real, reject_unknown, require
+from .input_checks import check_4d, check_like_module
+
 __all__ = ['BatchRenorm2d']
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 class BatchRenorm2d(_BatchNorm):
     r"""Batch Renormalization over a 4-D input (Algorithm 1 of Ioffe 2017, arXiv:1702.03275).
@@ -94,30 +93,21 @@ class BatchRenorm2d(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, rmax: float = 3.0,
                  dmax: float = 5.0, warmup_iters: int = 5000, rmax_iters: int = 40000,
                  dmax_iters: int = 25000, device=None, dtype=None, **unknown):
-        if unknown:
-            raise TypeError(
-                f'BRN got unknown option(s) {sorted(unknown)}; allowed: num_features, eps, momentum, '
-                'affine, track_running_stats, rmax, dmax, warmup_iters, rmax_iters, dmax_iters '
-                '(and requires_grad in norm_cfg)')
-        if not _is_real(eps) or not eps > 0:
-            raise ValueError(f'BRN eps must be a positive number, got {eps!r}')
-        if momentum is not None and (not _is_real(momentum) or not 0.0 <= momentum <= 1.0):
-            raise ValueError(f'BRN momentum must be None or a number in [0, 1], got {momentum!r}')
-        if track_running_stats is not True:
-            raise ValueError('BRN track_running_stats must be True (r and d are defined by the running '
-                             f'statistics), got {track_running_stats!r}')
-        if not _is_real(rmax) or not 1.0 <= rmax < float('inf'):
-            raise ValueError(f'BRN rmax must be a finite number >= 1 (1 = no scale correction, '
-                             f'paper: 3), got {rmax!r}')
-        if not _is_real(dmax) or not 0.0 <= dmax < float('inf'):
-            raise ValueError(f'BRN dmax must be a finite number >= 0 (0 = no shift correction, '
-                             f'paper: 5), got {dmax!r}')
-        if not _is_int(warmup_iters) or warmup_iters < 0:
-            raise ValueError(f'BRN warmup_iters must be an int >= 0 (paper: 5000), got {warmup_iters!r}')
+        reject_unknown('BRN', unknown, BatchRenorm2d.__init__, ' (and requires_grad in norm_cfg)')
+        require(is_real(eps) and eps > 0, 'BRN', 'eps', 'a positive number', eps)
+        require(momentum is None or is_real(momentum) and 0.0 <= momentum <= 1.0, 'BRN', 'momentum',
+                'None or a number in [0, 1]', momentum)
+        require(track_running_stats is True, 'BRN', 'track_running_stats',
+                'True (r and d are defined by the running statistics)', track_running_stats)
+        require(is_real(rmax) and 1.0 <= rmax < float('inf'), 'BRN', 'rmax',
+                'a finite number >= 1 (1 = no scale correction, paper: 3)', rmax)
+        require(is_real(dmax) and 0.0 <= dmax < float('inf'), 'BRN', 'dmax',
+                'a finite number >= 0 (0 = no shift correction, paper: 5)', dmax)
+        require(is_int(warmup_iters) and warmup_iters >= 0, 'BRN', 'warmup_iters',
+                'an int >= 0 (paper: 5000)', warmup_iters)
         for name, value, paper in (('rmax_iters', rmax_iters, 40000), ('dmax_iters', dmax_iters, 25000)):
-            if not _is_int(value) or value < 1 or value < warmup_iters:
-                raise ValueError(f'BRN {name} must be a positive int >= warmup_iters={warmup_iters!r} '
-                                 f'(paper: {paper}), got {value!r}')
+            require(is_int(value) and value >= 1 and value >= warmup_iters, 'BRN', name,
+                    f'a positive int >= warmup_iters={warmup_iters!r} (paper: {paper})', value)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype)
         self.rmax = float(rmax)
@@ -150,16 +140,14 @@ class BatchRenorm2d(_BatchNorm):
                 f'dmax_iters={self.dmax_iters}')
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f'BRN expects 4D (N, C, H, W) input (got {input.dim()}D input of shape '
-                             f'{tuple(input.shape)})')
+        check_4d('BRN', input)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
             return super().forward(input)  # exactly BN with the running statistics
-        self._check_input_like_module(input)
+        check_like_module('BRN', input, self.running_mean)
         if input.numel() == 0:
             # e.g. a mask head with no positive RoI: nothing to measure, nothing counted
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
@@ -167,7 +155,7 @@ class BatchRenorm2d(_BatchNorm):
         F._verify_batch_size(input.size())
 
         r_max, d_max = self.current_limits
-        x = input.float() if input.dtype in _LOW_PRECISION else input
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         var_b, mean_b = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         inv_std_b = torch.rsqrt(var_b + self.eps)
         with torch.no_grad():
@@ -192,20 +180,3 @@ class BatchRenorm2d(_BatchNorm):
             unbiased = var_b * (count / max(count - 1, 1))
             self.running_mean.mul_(1.0 - factor).add_(mean_b.to(self.running_mean.dtype), alpha=factor)
             self.running_var.mul_(1.0 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
-
-    def _check_input_like_module(self, input: Tensor) -> None:
-        ref = self.running_mean
-        if input.device != ref.device:
-            raise RuntimeError(f'BRN input is on {input.device} but the layer is on {ref.device}')
-        low_precision = input.dtype in _LOW_PRECISION and ref.dtype == torch.float32
-        if input.dtype != ref.dtype and not low_precision:
-            raise TypeError(f'BRN input dtype {input.dtype} does not match the layer dtype {ref.dtype} '
-                            '(allowed: the same dtype, or float16/bfloat16 input with a float32 layer)')
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

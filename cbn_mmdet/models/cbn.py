@@ -1,27 +1,26 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), a drop-in ``_BatchNorm``."""
 import contextlib
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.statistics import (batch_moments, patch_mean, statistic_gradients_autograd,
-                              subsampled_output_size, variance_weight_gradient, window_moments)
+from ..ops.statistics import batch_moments, conv_statistic_gradients, window_moments
 from ..ops.window_norm import WindowBatchNormFunction
+from ..options import is_int, is_real, reject_unknown, require, require_bool, require_choice
 from . import iteration_clock
-from .conv_binding import (AutogradPass, BindStatus, ConvBinding, ConvWeights, autograd_pass,
-                           find_conv_producer, find_conv_weights)
-from .window_history import HISTORY_KEYS, PastWindow, WindowHistory
+from .conv_binding import AutogradPass, BindStatus, ConvProducer, autograd_pass
+from .input_checks import check_4d, check_like_module
+from .window_history import HISTORY_KEYS, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
 
-_FALLBACKS = ('bn', 'naive')
 # the layer keeps host-side state (ring cursor, iteration, caches) that graph capture cannot follow
 _eager = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
-_RUNNING_STATS = ('window', 'batch')
-_STAT_GRADIENTS = ('closed_form', 'subsampled', 'autograd')
+_CHOICES = dict(fallback=('bn', 'naive'), running_stats=('window', 'batch'),
+                statistics_gradients=('closed_form', 'subsampled', 'autograd'))
 _HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the statistics' precision
 
 #: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
@@ -70,18 +69,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     between two steps (a shared head applied per FPN level, gradient-accumulation micro-batches) are
     normalised each with its own batch plus the past iterations, and are pooled into one history entry.
 
-    **Running statistics.** With ``running_stats='window'`` (default) the running mean/variance are
-    updated from the window statistics used for normalising (compensated, so they estimate the
-    population under the current weights from ``k`` iterations), the variance made unbiased with the
-    window's total number of values; ``'batch'`` updates them from the current batch alone, like BN and
-    the authors' code. Evaluation mode is exactly ``BatchNorm2d`` with the running statistics, so
-    ``fuse_conv_bn`` folds it into the conv.
+    **Running statistics.** ``running_stats='window'`` (default) updates them from the compensated
+    window statistics used for normalising (variance unbiased with the window's number of values);
+    ``'batch'`` from the current batch alone, like BN and the authors' code. Evaluation mode is exactly
+    ``BatchNorm2d`` with the running statistics (``fuse_conv_bn`` folds it).
 
-    **State.** The history is module state: moved by ``.to()``, saved in ``state_dict()`` and restored
-    by ``load_state_dict()``. It is created at the first recorded iteration, so a fresh CBN has BN's
-    keys and BN checkpoints load strictly (history empty). It is not in ``buffers()``, so DDP's
-    ``broadcast_buffers`` and mmengine's ``SyncBuffersHook`` leave each process's history alone (they
-    still broadcast/average the running statistics, as for BN).
+    **State.** The history is module state (moved by ``.to()``, in ``state_dict()``), created at the
+    first recorded iteration, so BN checkpoints load strictly; it is not a buffer, so DDP and
+    mmengine's ``SyncBuffersHook`` leave each process's history alone (see ``docs/design.md``).
 
     Args:
         num_features: ``C`` of an ``(N, C, H, W)`` input.
@@ -127,29 +122,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  statistics_gradients: str = 'closed_form', subsample: int = 2,
                  history_dtype: str = 'float32', monitor: bool = False, device=None, dtype=None,
                  **unknown):
-        if unknown:
-            raise TypeError(
-                f'CBN got unknown option(s) {sorted(unknown)}; allowed: num_features, eps, momentum, '
-                'affine, track_running_stats, window, compensate, fallback, running_stats, '
-                'statistics_gradients, subsample, history_dtype, monitor (and requires_grad in norm_cfg)')
+        reject_unknown('CBN', unknown, CrossIterationBatchNorm2d.__init__,
+                       ' (and requires_grad in norm_cfg)')
         _check_window('window', window)
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-            raise ValueError(f'CBN eps must be a positive number, got {eps!r}')
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0.0 <= momentum <= 1.0):
-            raise ValueError(f'CBN momentum must be None or a number in [0, 1], got {momentum!r}')
-        for name, value, allowed in (('fallback', fallback, _FALLBACKS),
-                                     ('running_stats', running_stats, _RUNNING_STATS),
-                                     ('statistics_gradients', statistics_gradients, _STAT_GRADIENTS),
-                                     ('history_dtype', history_dtype, tuple(_HISTORY_DTYPES))):
-            if value not in allowed:
-                raise ValueError(f'CBN {name} must be one of {allowed}, got {value!r}')
-        if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 2:
-            raise ValueError(f'CBN subsample (the row/column stride of the positions used by '
-                             f"statistics_gradients='subsampled') must be an int >= 2, got {subsample!r}")
-        for name, value in (('compensate', compensate), ('monitor', monitor)):
-            if not isinstance(value, bool):
-                raise TypeError(f'CBN {name} must be True or False, got {value!r}')
+        require(is_real(eps) and eps > 0, 'CBN', 'eps', 'a positive number', eps)
+        require(momentum is None or is_real(momentum) and 0.0 <= momentum <= 1.0, 'CBN', 'momentum',
+                'None or a number in [0, 1]', momentum)
+        for name, value in (('fallback', fallback), ('running_stats', running_stats),
+                            ('statistics_gradients', statistics_gradients)):
+            require_choice('CBN', name, value, _CHOICES[name])
+        require_choice('CBN', 'history_dtype', history_dtype, _HISTORY_DTYPES)
+        require(is_int(subsample) and subsample >= 2, 'CBN', 'subsample', "an int >= 2 (the row/column "
+                "stride of statistics_gradients='subsampled')", subsample)
+        require_bool('CBN', 'compensate', compensate)
+        require_bool('CBN', 'monitor', monitor)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype)
         self.window = window
@@ -165,8 +151,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # would overwrite or average the per-GPU history across processes.
         self.history = WindowHistory(num_features, self._slots, _HISTORY_DTYPES[history_dtype],
                                      self._warn_once)
-        # (binding, status, detail) of the last recorded forward: what a pass without autograd uses
-        self._producer: Optional[tuple] = None
+        self._producer = ConvProducer()
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
         self.last_bind_status: Optional[str] = None
         #: with ``monitor=True``: size of the Taylor correction at the last compensated forward,
@@ -211,8 +196,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f'CBN expects 4D (N, C, H, W) input (got {input.dim()}D input)')
+        check_4d('CBN', input)
 
     # ------------------------------------------------------------------ forward
     @_eager  # under torch.compile: a graph break, and the layer runs as in eager mode
@@ -220,7 +204,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._check_input_dim(input)
         if not self.training or self.window == 1 or self._active_window == 1:
             return super().forward(input)  # exactly BN: eval with running stats, or burn-in
-        self._check_input_like_module(input)
+        check_like_module('CBN', input, self.running_mean if self.running_mean is not None
+                          else self.weight)
         if input.numel() == 0:
             # e.g. a mask head with no positive RoI: nothing to measure, nothing to record
             return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var,
@@ -232,41 +217,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # update to its recomputation in backward, so the state is updated once per forward.
         kind = autograd_pass()
         recording = kind == AutogradPass.RECORD
-        binding, status, detail = self._bind(input, kind)
+        binding, status, detail = self._producer.bind(input, kind)
         self.last_bind_status = status
-        if status == BindStatus.COMPILED:
-            raise RuntimeError(
-                f'CBN({self.num_features}) got its input from a torch.compile graph ({detail}), so it '
-                'cannot see the conv whose weights it compensates for. CBN layers themselves always '
-                'run eagerly under torch.compile; keep the conv that feeds each CBN eager as well '
-                '(torch.compiler.disable on the module holding conv and CBN, e.g. mmcv ConvModule, '
-                'or compile only parts without CBN), or train without torch.compile.')
-        if status == BindStatus.NOT_CONV:
-            if self.fallback == 'bn':
-                self._warn_once(status, f'input is not the output of a trainable conv ({detail}); '
-                                "normalising with the current batch like BN (fallback='bn'), "
-                                'history not updated')
-                if recording:
-                    return super().forward(input)
-                return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0,
-                                        self.eps, torch.backends.cudnn.enabled)
-            self._warn_once(status, f'input is not the output of a conv ({detail}); using the window '
-                            "without compensation (fallback='naive')")
-        elif status == BindStatus.FROZEN_CONV:
-            self._warn_once(status, 'its conv has frozen weights (or nothing upstream is trainable): '
-                            'the window is used without compensation, exact since those weights '
-                            'cannot change')
-        elif status == BindStatus.NO_GRAPH and self.history.filled > 0:
-            self._warn_once(status, 'a training forward without autograd before any forward with it '
-                            '(e.g. reentrant checkpointing right after loading a checkpoint): this '
-                            'iteration uses the past statistics without compensation')
+        if self._explain_binding(kind, status, binding, detail):  # fallback='bn'
+            if recording:
+                return super().forward(input)
+            return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0, self.eps,
+                                    torch.backends.cudnn.enabled)
         compensating = self.compensate and binding is not None
 
         with torch.no_grad(), _autocast_disabled(input.device.type):
             self.history.advance(iteration_clock.current_iteration())
             past = self.history.past(binding if compensating else None, input, self._active_window)
             if self.monitor and past.compensated:
-                self.last_correction = self._correction_size(past)
+                self.last_correction = past.correction_size(self.eps)
             batch_mean, batch_var = batch_moments(input)
             mean, var, k = window_moments(batch_mean, batch_var, past.mean, past.var, past.valid)
             if recording:
@@ -278,40 +242,42 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                            finite)
                 self.history.record(input, batch_mean, batch_var, count, finite,
                                     binding if compensating else None,
-                                    lambda: self._statistic_gradients(input, batch_mean, binding))
+                                    lambda: conv_statistic_gradients(
+                                        binding.input, input, batch_mean, binding.weight, binding.bias,
+                                        binding.stride, binding.padding, binding.dilation,
+                                        binding.groups, self.statistics_gradients, self.subsample))
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps)
 
-    def _bind(self, input: Tensor, kind: str) -> Tuple[Optional[ConvWeights], str, str]:
-        """The conv to compensate for, by the kind of pass (see :func:`autograd_pass`)."""
-        if kind == AutogradPass.RECORD:
-            if input.grad_fn is None:
-                # grad mode on but nothing upstream requires grad: every weight before us is fixed
-                return None, BindStatus.FROZEN_CONV, 'nothing upstream is trainable'
-            binding, status, detail = find_conv_producer(input)
-            self._producer = (None if binding is None else binding.weights(), status, detail)
-            return binding, status, detail
-        if kind == AutogradPass.CHECKPOINT_FIRST and input.grad_fn is not None:
-            return find_conv_weights(input)
-        # no graph: the producer seen by this layer's last recorded forward (the same module runs)
-        if self._producer is None:
-            return None, BindStatus.NO_GRAPH, 'grad mode disabled'
-        weights, status, detail = self._producer
-        if weights is not None and weights.parameters is None:
+    def _explain_binding(self, kind: str, status: str, binding, detail: str) -> bool:
+        """Say once what the layer does when it cannot compensate; True: normalise like BN."""
+        if status == BindStatus.COMPILED:
+            raise RuntimeError(
+                f'CBN({self.num_features}) got its input from a torch.compile graph ({detail}), so it '
+                'cannot see the conv whose weights it compensates for. CBN layers themselves always '
+                'run eagerly under torch.compile; keep the conv that feeds each CBN eager as well '
+                '(torch.compiler.disable on the module holding conv and CBN, e.g. mmcv ConvModule, '
+                'or compile only parts without CBN), or train without torch.compile.')
+        if status == BindStatus.NOT_CONV and self.fallback == 'bn':
+            self._warn_once(status, f'input is not the output of a trainable conv ({detail}); '
+                            "normalising with the current batch like BN (fallback='bn'), "
+                            'history not updated')
+            return True
+        if status == BindStatus.NOT_CONV:
+            self._warn_once(status, f'input is not the output of a conv ({detail}); using the window '
+                            "without compensation (fallback='naive')")
+        elif status == BindStatus.FROZEN_CONV:
+            self._warn_once(status, 'its conv has frozen weights (or nothing upstream is trainable): '
+                            'the window is used without compensation, exact since those weights '
+                            'cannot change')
+        elif kind == AutogradPass.NO_GRAD and binding is not None and binding.parameters is None:
             self._warn_once('stale_weights', 'its conv weight is computed from parameters (e.g. '
                             'weight standardisation) and this pass has no autograd graph: the window '
                             "is compensated to the weight of this layer's last recorded forward")
-        return (None if weights is None else weights.current()), status, detail
-
-    def _check_input_like_module(self, input: Tensor) -> None:
-        ref = self.running_mean if self.running_mean is not None else self.weight
-        if ref is None:
-            return
-        if input.device != ref.device:
-            raise RuntimeError(f'CBN input is on {input.device} but the layer is on {ref.device}')
-        low_precision = input.dtype in (torch.float16, torch.bfloat16) and ref.dtype == torch.float32
-        if input.dtype != ref.dtype and not low_precision:
-            raise TypeError(f'CBN input dtype {input.dtype} does not match the layer dtype {ref.dtype} '
-                            '(allowed: the same dtype, or float16/bfloat16 input with a float32 layer)')
+        elif status == BindStatus.NO_GRAPH and self.history.filled > 0:
+            self._warn_once(status, 'a training forward without autograd before any forward with it '
+                            '(e.g. reentrant checkpointing right after loading a checkpoint): this '
+                            'iteration uses the past statistics without compensation')
+        return False
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -379,7 +345,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def reset_history(self) -> None:
         """Forget all past iterations (the next forward is BN on its batch)."""
         self.history.reset()
-        self._producer = None
+        self._producer = ConvProducer()
 
     def past_window(self) -> Optional[Dict[str, Tensor]]:
         """The past iterations of the current iteration's window (for analysis and tests).
@@ -393,36 +359,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return None
         return {'mean': past.recorded_mean, 'var': past.recorded_var,
                 'mean_compensated': past.mean, 'var_compensated': past.var, 'valid': past.valid}
-
-    def _correction_size(self, past: PastWindow) -> Dict[str, Tensor]:
-        """How far Eqs. 7-8 moved the window's past statistics, relative to their scale (no sync)."""
-        rec_mean, rec_var = past.recorded_mean, past.recorded_var
-        weights = past.valid.unsqueeze(1) / (past.valid.sum() * self.num_features).clamp_min(1.0)
-        rel_mean = ((past.mean - rec_mean).abs() / (rec_var + self.eps).sqrt() * weights).sum()
-        rel_var = ((past.var - rec_var).abs() / (rec_var + self.eps) * weights).sum()
-        return {'mean': rel_mean, 'var': rel_var}
-
-    def _statistic_gradients(self, input: Tensor, batch_mean: Tensor,
-                             b: ConvBinding) -> Tuple[Tensor, Tensor]:
-        """``(∂μ/∂θ as a (C_in, kh, kw) patch mean, ∂var/∂θ)`` of the current batch."""
-        if self.statistics_gradients == 'autograd':
-            d_mean, d_second = statistic_gradients_autograd(b.input, b.weight, b.bias, b.stride,
-                                                            b.padding, b.dilation, b.groups)
-            c_out, c_in_g, kh, kw = d_mean.shape
-            patch = d_mean.reshape(b.groups, c_out // b.groups, c_in_g, kh, kw)[:, 0].reshape(
-                -1, kh, kw)
-            return patch, d_second - 2.0 * batch_mean.to(d_mean.dtype).view(-1, 1, 1, 1) * d_mean
-        kh, kw = b.weight.shape[2:]
-        patch = patch_mean(b.input, (kh, kw), input.shape[2:], b.stride, b.padding, b.dilation)
-        sub = self.subsample if self.statistics_gradients == 'subsampled' else 1
-        sub_patch = patch if sub == 1 else patch_mean(
-            b.input, (kh, kw), subsampled_output_size(input.shape[2:], sub),
-            [s * sub for s in b.stride], b.padding, b.dilation)
-        # centred on CUDA, where cuDNN may round the product's operands to TF32 (allowed by default)
-        var_grad = variance_weight_gradient(b.input, input, batch_mean, sub_patch, b.weight, b.stride,
-                                            b.padding, b.dilation, b.groups, sub,
-                                            centred=input.is_cuda)
-        return patch, var_grad
 
     # ------------------------------------------------------------------ state dict, device moves
     def _apply(self, fn, recurse=True):
@@ -461,9 +397,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
 
 def _check_window(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'CBN {name} must be a positive int (1 = plain BN, paper: 4 on COCO, '
-                         f'min(ceil(16 / images per GPU), 8) in general), got {value!r}')
+    require(is_int(value) and value >= 1, 'CBN', name, 'a positive int (1 = plain BN, paper: 4 on '
+            'COCO, min(ceil(16 / images per GPU), 8) in general)', value)
 
 
 def _autocast_disabled(device_type: str):

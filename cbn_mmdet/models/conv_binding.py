@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 __all__ = ['ConvWeights', 'ConvBinding', 'BindStatus', 'AutogradPass', 'autograd_pass',
-           'find_conv_producer', 'find_conv_weights']
+           'find_conv_producer', 'find_conv_weights', 'ConvProducer']
 
 
 class BindStatus:
@@ -192,3 +192,31 @@ def find_conv_weights(x: Tensor) -> Tuple[Optional[ConvWeights], str, str]:
     weights = ConvWeights(weight.detach(), None if bias is None else bias.detach(),
                           int(fn._saved_groups), (weight, bias))
     return weights, BindStatus.CONV, name
+
+
+class ConvProducer:
+    """The conv feeding one norm layer, found by the kind of autograd pass (:func:`autograd_pass`).
+
+    A recorded pass reads the conv's saved tensors and is remembered; the first pass of an activation
+    checkpoint reads only the conv's parameters; a pass without a graph reuses the remembered conv
+    (the same module runs), with its current weights.
+    """
+
+    def __init__(self):
+        self.last: Optional[Tuple[Optional[ConvWeights], str, str]] = None
+
+    def bind(self, x: Tensor, kind: str) -> Tuple[Optional[ConvWeights], str, str]:
+        """``(binding, status, detail)``; a :class:`ConvBinding` only on a recorded pass."""
+        if kind == AutogradPass.RECORD:
+            if x.grad_fn is None:
+                # grad mode on but nothing upstream requires grad: every weight before us is fixed
+                return None, BindStatus.FROZEN_CONV, 'nothing upstream is trainable'
+            binding, status, detail = find_conv_producer(x)
+            self.last = (None if binding is None else binding.weights(), status, detail)
+            return binding, status, detail
+        if kind == AutogradPass.CHECKPOINT_FIRST and x.grad_fn is not None:
+            return find_conv_weights(x)
+        if self.last is None:
+            return None, BindStatus.NO_GRAPH, 'grad mode disabled'
+        weights, status, detail = self.last
+        return (None if weights is None else weights.current()), status, detail

@@ -17,7 +17,7 @@ from ..ops.statistics import (compensate_history, linear_term_mean, linear_term_
 from ..ops.window_norm import statistics_dtype
 from .conv_binding import ConvWeights
 
-__all__ = ['WindowHistory', 'PastWindow', 'HISTORY_STATS', 'HISTORY_GRADS', 'HISTORY_TENSORS',
+__all__ = ['WindowHistory', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS', 'HISTORY_GRADS', 'HISTORY_TENSORS',
            'HISTORY_INDEX', 'HISTORY_KEYS']
 
 HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
@@ -41,6 +41,28 @@ class PastWindow(NamedTuple):
     recorded_mean: Tensor   # (slots, C) as recorded
     recorded_var: Tensor
     compensated: bool
+
+    def correction_size(self, eps: float) -> Dict[str, Tensor]:
+        """How far Eqs. 7-8 moved the window's entries, relative to their scale (no host sync):
+        ``{'mean': mean |Δμ|/σ, 'var': mean |Δvar|/var}`` over the valid entries and channels."""
+        weights = self.valid.unsqueeze(1) / (self.valid.sum() * self.mean.shape[1]).clamp_min(1.0)
+        rel_mean = ((self.mean - self.recorded_mean).abs() / (self.recorded_var + eps).sqrt()
+                    * weights).sum()
+        rel_var = ((self.var - self.recorded_var).abs() / (self.recorded_var + eps) * weights).sum()
+        return {'mean': rel_mean, 'var': rel_var}
+
+
+class HistoryEntry(NamedTuple):
+    """One past iteration as recorded (views into the ring; the gradients are None until a conv
+    was bound)."""
+    mean: Tensor            # (C,) μ of the iteration's batches
+    var: Tensor             # (C,) their biased variance
+    count: Tensor           # () number of values (0: nothing finite was recorded)
+    mean_ref: Tensor        # (C,) <∂μ/∂θ, θ> at the weights it was recorded with (Eq. 7)
+    var_ref: Tensor         # (C,) <∂var/∂θ, θ> likewise (Eq. 8)
+    compensable: Tensor     # () 1 if its gradients may be used
+    patch_mean: Optional[Tensor]  # (C_in, kh, kw) ∂μ/∂θ as a mean input patch
+    var_grad: Optional[Tensor]    # (C_out, C_in/G, kh, kw) ∂var/∂θ
 
 
 class WindowHistory:
@@ -77,6 +99,13 @@ class WindowHistory:
 
     def slots_newest_first(self) -> List[int]:
         return [(self.head - age) % self.slots for age in range(self.filled)]
+
+    def entries(self) -> List[HistoryEntry]:
+        """The entries held, newest first (the first is the current iteration's while ``open``)."""
+        t = self.tensors
+        return [HistoryEntry(*(t[name][slot] for name in HISTORY_STATS),
+                             *(t[name][slot] if name in t else None for name in HISTORY_GRADS))
+                for slot in self.slots_newest_first()]
 
     def index(self) -> Optional[Tensor]:
         """The cursor as a state-dict tensor (None while empty)."""

@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     'batch_moments', 'patch_mean', 'variance_weight_gradient', 'statistic_gradients_autograd',
+    'conv_statistic_gradients',
     'linear_term_mean', 'linear_term_var', 'compensate_history', 'window_moments', 'merge_moments',
 ]
 
@@ -188,6 +189,33 @@ def statistic_gradients_autograd(conv_input: Tensor, weight: Tensor, bias: Optio
         d_mean, = torch.autograd.grad(mean.sum(), w, retain_graph=True)
         d_second, = torch.autograd.grad(second.sum(), w)
     return d_mean, d_second
+
+
+def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, weight: Tensor,
+                             bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+                             dilation: Sequence[int], groups: int, method: str = 'closed_form',
+                             subsample: int = 1) -> Tuple[Tensor, Tensor]:
+    """``(∂μ/∂θ as a (C_in, kh, kw) patch mean, ∂var/∂θ)`` of the batch ``x = conv(conv_input)``.
+
+    ``method``: ``'closed_form'`` (Appendix B), ``'subsampled'`` (∂var/∂θ from every
+    ``subsample``-th output row and column) or ``'autograd'`` (the reference).
+    """
+    if method == 'autograd':
+        d_mean, d_second = statistic_gradients_autograd(conv_input, weight, bias, stride, padding,
+                                                        dilation, groups)
+        c_out, c_in_g, kh, kw = d_mean.shape
+        patch = d_mean.reshape(groups, c_out // groups, c_in_g, kh, kw)[:, 0].reshape(-1, kh, kw)
+        return patch, d_second - 2.0 * batch_mean.to(d_mean.dtype).view(-1, 1, 1, 1) * d_mean
+    kh, kw = weight.shape[2:]
+    patch = patch_mean(conv_input, (kh, kw), x.shape[2:], stride, padding, dilation)
+    sub = subsample if method == 'subsampled' else 1
+    sub_patch = patch if sub == 1 else patch_mean(
+        conv_input, (kh, kw), subsampled_output_size(x.shape[2:], sub), [s * sub for s in stride],
+        padding, dilation)
+    # centred on CUDA, where cuDNN may round the product's operands to TF32 (allowed by default)
+    var_grad = variance_weight_gradient(conv_input, x, batch_mean, sub_patch, weight, stride, padding,
+                                        dilation, groups, sub, centred=x.is_cuda)
+    return patch, var_grad
 
 
 def _weight_groups(weight: Tensor, groups: int) -> Tensor:

@@ -1,4 +1,4 @@
 # Figure 5, burn-in 1 epochs: faster-rcnn_r50_fpn_cbn-head_1x_coco.py (k=4, burn-in 3) with the
 # window at k=1 (plain BN) for the first 1 epochs instead. Pretrained: torchvision's ResNet-50.
 _base_ = './faster-rcnn_r50_fpn_cbn-head_1x_coco.py'
-custom_hooks = [dict(type='CBNBurnInHook', burn_in=1, window=4, by_epoch=True)]
+custom_hooks = [dict(type='CBNBurnInHook', burn_in=1, by_epoch=True)]

@@ -1,4 +1,5 @@
 # Figure 3, Naive CBN k=8: faster-rcnn_r50_fpn_naive-cbn-head_1x_coco.py (k=4) with window k=8
-# after the 3-epoch burn-in (the hook sets every CBN layer's window). Pretrained: torchvision's ResNet-50.
+# in every CBN layer, after the 3-epoch burn-in. Pretrained: torchvision's ResNet-50.
 _base_ = './faster-rcnn_r50_fpn_naive-cbn-head_1x_coco.py'
-custom_hooks = [dict(type='CBNBurnInHook', burn_in=3, window=8, by_epoch=True)]
+norm_cfg = dict(type='CBN', window=8, compensate=False)
+model = dict(neck=dict(norm_cfg=norm_cfg), roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg)))

@@ -6,4 +6,5 @@ norm_cfg = dict(type='CBN', window=4)
 model = dict(
     neck=dict(norm_cfg=norm_cfg),
     roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))
-custom_hooks = [dict(type='CBNBurnInHook', burn_in=3, window=4, by_epoch=True)]
+# The hook leaves each layer's window (norm_cfg) as it is and only runs the burn-in.
+custom_hooks = [dict(type='CBNBurnInHook', burn_in=3, by_epoch=True)]

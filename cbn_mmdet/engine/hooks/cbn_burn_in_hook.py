@@ -3,12 +3,11 @@ import math
 from typing import List, Optional, Union
 
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
-from mmdet.registry import HOOKS
-
-from ._utils import _reject_unknown
+from mmengine.registry import HOOKS
 
 from ...models.cbn import CrossIterationBatchNorm2d
+from ...options import is_real, reject_unknown
+from .runner_model import bare_model
 
 __all__ = ['CBNBurnInHook', 'auto_window']
 
@@ -16,10 +15,6 @@ __all__ = ['CBNBurnInHook', 'auto_window']
 def auto_window(images_per_gpu: int) -> int:
     """The paper's suggestion ``k = min(⌈16 / images per GPU⌉, 8)`` (Section 4.1, Table 3)."""
     return min(math.ceil(16 / images_per_gpu), 8)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @HOOKS.register_module()
@@ -33,26 +28,28 @@ class CBNBurnInHook(Hook):
     so after the switch the window fills over ``window - 1`` iterations.
 
     Args:
-        burn_in: length of the burn-in, in epochs (``by_epoch=True``) or iterations. Paper: 3 epochs
-            on COCO, 25 on ImageNet.
-        window: ``k`` after burn-in. ``None`` keeps each layer's own ``window`` (its ``norm_cfg``);
-            an int or ``'auto'`` (``min(⌈16 / images per GPU⌉, 8)`` from the train dataloader's batch
-            size) resizes every CBN layer to it.
-        by_epoch: whether ``burn_in`` and ``ramp`` count epochs (fractional epochs allowed) or
-            iterations.
-        ramp: length of the linear ramp after burn-in (0: switch at once).
+        burn_in (int | float): length of the burn-in, in epochs (``by_epoch=True``) or
+            iterations. Paper: 3 epochs on COCO, 25 on ImageNet. Defaults to 3.
+        window (int | str, optional): ``k`` after burn-in. ``None`` keeps each layer's own
+            ``window`` (its ``norm_cfg``: the window is stated once, in the model); an int or
+            ``'auto'`` (``min(⌈16 / images per GPU⌉, 8)`` from the train dataloader's batch size)
+            resizes every CBN layer to it. Defaults to None.
+        by_epoch (bool): whether ``burn_in`` and ``ramp`` count epochs (fractional epochs allowed)
+            or iterations. Defaults to True.
+        ramp (int | float): length of the linear ramp after burn-in (0: switch at once).
+            Defaults to 0.
 
     Example:
-        >>> custom_hooks = [dict(type='CBNBurnInHook', burn_in=3, window=4)]
+        >>> custom_hooks = [dict(type='CBNBurnInHook', burn_in=3)]
     """
     priority = 'NORMAL'
 
     def __init__(self, burn_in: Union[int, float] = 3, window: Union[int, str, None] = None,
                  by_epoch: bool = True, ramp: Union[int, float] = 0, **unknown) -> None:
-        _reject_unknown('CBNBurnInHook', unknown, 'burn_in, window, by_epoch, ramp')
-        if not _is_number(burn_in) or burn_in < 0:
+        reject_unknown('CBNBurnInHook', unknown, CBNBurnInHook.__init__)
+        if not is_real(burn_in) or burn_in < 0:
             raise ValueError(f'CBNBurnInHook burn_in must be a number >= 0, got {burn_in!r}')
-        if not _is_number(ramp) or ramp < 0:
+        if not is_real(ramp) or ramp < 0:
             raise ValueError(f'CBNBurnInHook ramp must be a number >= 0, got {ramp!r}')
         if not isinstance(by_epoch, bool):
             raise TypeError(f'CBNBurnInHook by_epoch must be True or False, got {by_epoch!r}')
@@ -72,7 +69,7 @@ class CBNBurnInHook(Hook):
         self._current: Optional[int] = None
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = bare_model(runner)
         self._norms = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
         if not self._norms:
             runner.logger.warning('CBNBurnInHook: the model has no CBN layer; the hook does nothing')

@@ -3,12 +3,11 @@ from typing import Dict, List, Tuple
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
-from mmdet.registry import HOOKS
-
-from ._utils import _reject_unknown
+from mmengine.registry import HOOKS
 
 from ...models.cbn import CrossIterationBatchNorm2d
+from ...options import reject_unknown
+from .runner_model import bare_model
 
 __all__ = ['CBNMonitorHook']
 
@@ -23,18 +22,21 @@ class CBNMonitorHook(Hook):
     doubtful: lower the window or the learning rate. Logged as scalars ``cbn/correction_mean_{avg,max}``
     and ``cbn/correction_var_{avg,max}`` (visible in the log and in ``vis_data``), with the worst layer's
     name every ``interval`` iterations.
+
+    Args:
+        interval (int): log every ``interval`` training iterations. Defaults to 50.
     """
     priority = 'LOW'
 
     def __init__(self, interval: int = 50, **unknown) -> None:
-        _reject_unknown('CBNMonitorHook', unknown, 'interval')
+        reject_unknown('CBNMonitorHook', unknown, CBNMonitorHook.__init__)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f'CBNMonitorHook interval must be a positive int, got {interval!r}')
         self.interval = interval
         self._layers: List[Tuple[str, CrossIterationBatchNorm2d]] = []
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = bare_model(runner)
         self._layers = [(n, m) for n, m in model.named_modules()
                         if isinstance(m, CrossIterationBatchNorm2d)]
         for _, layer in self._layers:

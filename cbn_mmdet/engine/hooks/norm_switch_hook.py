@@ -4,13 +4,12 @@ from typing import Optional, Sequence, Union
 import torch.nn as nn
 from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
-from mmengine.registry import MODELS
-from mmdet.registry import HOOKS
+from mmengine.registry import HOOKS, MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...models.convert import replace_norm_layers
-from ._utils import _reject_unknown
+from ...options import reject_unknown
+from .runner_model import bare_model
 
 __all__ = ['NormSwitchHook', 'switch_norm_layers']
 
@@ -43,22 +42,25 @@ class NormSwitchHook(Hook):
     very same tensors.
 
     Args:
-        switch_epoch: first epoch (0-based, as ``runner.epoch``) trained with the new normalizer.
-            Table 7's "switch at epoch 8" of a 12-epoch schedule is ``switch_epoch=8``.
-        switch_iter: alternatively, the first iteration with the new normalizer.
-        to: norm config of the new layers, e.g. ``dict(type='SyncBN')`` or
+        switch_epoch (int, optional): first epoch (0-based, as ``runner.epoch``) trained with the
+            new normalizer. Table 7's "switch at epoch 8" of a 12-epoch schedule is
+            ``switch_epoch=8``. Defaults to None.
+        switch_iter (int, optional): alternatively, the first iteration with the new normalizer.
+            Defaults to None. Exactly one of the two is given.
+        to (str | dict): norm config of the new layers, e.g. ``dict(type='SyncBN')`` or
             ``dict(type='CBN', window=4)`` (any ``_BatchNorm`` taking BN's constructor arguments).
-        parts: dotted module paths inside the model to switch (``''`` = the whole model), e.g.
-            ``('roi_head.bbox_head', 'neck')``.
-        from_types: norm types (registry names) to replace; default plain ``BN``.
+            Defaults to ``'SyncBN'``.
+        parts (Sequence[str]): dotted module paths inside the model to switch (``''`` = the whole
+            model), e.g. ``('roi_head.bbox_head', 'neck')``. Defaults to ``('',)``.
+        from_types (Sequence[str]): norm types (registry names) to replace. Defaults to
+            ``('BN',)``.
     """
     priority = 'ABOVE_NORMAL'
 
     def __init__(self, switch_epoch: Optional[int] = None, switch_iter: Optional[int] = None,
                  to: Union[str, dict] = 'SyncBN', parts: Sequence[str] = ('', ),
                  from_types: Sequence[str] = ('BN', ), **unknown) -> None:
-        _reject_unknown('NormSwitchHook', unknown,
-                        'switch_epoch, switch_iter, to, parts, from_types')
+        reject_unknown('NormSwitchHook', unknown, NormSwitchHook.__init__)
         if (switch_epoch is None) == (switch_iter is None):
             raise ValueError('NormSwitchHook needs exactly one of switch_epoch and switch_iter, got '
                              f'switch_epoch={switch_epoch!r}, switch_iter={switch_iter!r}')
@@ -92,7 +94,7 @@ class NormSwitchHook(Hook):
                 f"NormSwitchHook to={self.to_cfg['type']!r} needs a distributed run (SyncBN averages "
                 'statistics across processes; on one process it would be plain BN). Launch with '
                 'tools/dist_train.sh CONFIG GPUS, or remove the hook.')
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = bare_model(runner)
         for part in self.parts:
             if part:
                 model.get_submodule(part)  # fail now, not at the switch, on a typo
@@ -103,7 +105,7 @@ class NormSwitchHook(Hook):
         return iteration >= self.switch_iter
 
     def _switch(self, runner, when: str) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = bare_model(runner)
         total = 0
         for part in self.parts:
             total += switch_norm_layers(model.get_submodule(part) if part else model, self.to_cfg,

@@ -5,9 +5,9 @@ from typing import Optional
 import numpy as np
 import torch
 from mmengine.hooks import Hook
-from mmdet.registry import HOOKS
+from mmengine.registry import HOOKS
 
-from ._utils import _reject_unknown
+from ...options import reject_unknown
 
 __all__ = ['RNGStateHook']
 
@@ -29,7 +29,7 @@ class RNGStateHook(Hook):
     priority = 'VERY_HIGH'
 
     def __init__(self, **unknown) -> None:
-        _reject_unknown('RNGStateHook', unknown, '(none)')
+        reject_unknown('RNGStateHook', unknown, RNGStateHook.__init__)
         self._pending: Optional[dict] = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

@@ -1,0 +1,28 @@
+"""Input checks shared by the layers: shape, device and dtype errors that name the layer."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ['check_4d', 'check_like_module']
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_4d(owner: str, input: Tensor) -> None:
+    if input.dim() != 4:
+        raise ValueError(f'{owner} expects 4D (N, C, H, W) input (got {input.dim()}D input of shape '
+                         f'{tuple(input.shape)})')
+
+
+def check_like_module(owner: str, input: Tensor, ref: Optional[Tensor]) -> None:
+    """``input`` on the device of the layer's state ``ref``, in its dtype or in float16/bfloat16
+    with a float32 layer (autocast, or a ``.half()`` model whose norms stay float32)."""
+    if ref is None:
+        return
+    if input.device != ref.device:
+        raise RuntimeError(f'{owner} input is on {input.device} but the layer is on {ref.device}')
+    low_precision = input.dtype in _LOW_PRECISION and ref.dtype == torch.float32
+    if input.dtype != ref.dtype and not low_precision:
+        raise TypeError(f'{owner} input dtype {input.dtype} does not match the layer dtype {ref.dtype} '
+                        '(allowed: the same dtype, or float16/bfloat16 input with a float32 layer)')
