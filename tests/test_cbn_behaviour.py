@@ -38,25 +38,28 @@ def test_non_finite_batch_on_a_later_iteration_stays_out_of_windows_and_running_
     xs = _batches(5, seed=1)
     xs[2][0, 0, 0, 0] = float('nan')
     outs = [conv(x) for x in xs]
+    recorded = []  # each iteration's entry mean, as recorded
     for i, out in enumerate(outs):
         before = norm.running_mean.clone(), norm.running_var.clone()
         y = norm(out)
+        recorded.append(norm.history.entries()[0].mean.clone())
         if i == 2:
             assert torch.equal(norm.running_mean, before[0])
             assert torch.equal(norm.running_var, before[1])
-            nan_slot = norm.history_slots()[0]
-            assert float(norm.history_count[nan_slot]) == 0
-            assert torch.isfinite(norm.history_mean).all() and torch.isfinite(norm.history_var).all()
+            assert float(norm.history.entries()[0].count) == 0
+            ring = norm.history.get  # no NaN anywhere in the ring
+            assert torch.isfinite(ring('history_mean')).all()
+            assert torch.isfinite(ring('history_var')).all()
         else:
             assert torch.isfinite(y).all()
-        if i == 3:  # past: iteration 2 (NaN, left out) and iteration 1
-            valid = norm.past_window()['valid']
-            assert float(valid[nan_slot]) == 0 and float(valid.sum()) == 1
-            expected = _bn_over([outs[1], outs[3]])
-        if i == 4:  # past: iteration 3 and iteration 2 (NaN, left out)
-            valid = norm.past_window()['valid']
-            assert float(valid[nan_slot]) == 0 and float(valid.sum()) == 1
-            expected = _bn_over([outs[3], outs[4]])
+        if i in (3, 4):  # past: iteration 2 (NaN, left out) and iteration 1 (i = 3) or 3 (i = 4)
+            used = 1 if i == 3 else 3
+            window = norm.past_window()
+            valid = window['valid']  # the window's only entry is iteration `used`'s
+            assert float(valid.sum()) == 1
+            torch.testing.assert_close(window['mean'][valid > 0], recorded[used][None], rtol=0,
+                                       atol=0)
+            expected = _bn_over([outs[used], outs[i]])
         if i >= 3:
             torch.testing.assert_close(norm.running_mean, expected[0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(norm.running_var, expected[1], rtol=1e-12, atol=1e-12)
@@ -73,17 +76,20 @@ def test_non_finite_second_call_of_a_pooled_iteration_stays_out():
     norm(out_a0)
     iteration_clock.next_iteration()
     norm(out_a1)
-    slot = norm.history_slots()[0]
-    entry = {k: getattr(norm, k)[slot].clone() for k in ('history_count', 'history_mean',
-                                                         'history_var')}
+    index = norm.history.index().clone()
+    entry = norm.history.entries()[0]
+    entry = {k: getattr(entry, k).clone() for k in ('count', 'mean', 'var')}
     running = norm.running_mean.clone(), norm.running_var.clone()
     norm(out_b1)  # same iteration: pooled into the open entry
-    assert norm.history_open and norm.history_slots()[0] == slot and norm.history_length == 2
+    # the same open entry, no new one: the cursor did not move
+    assert norm.history_open and torch.equal(norm.history.index(), index)
+    assert norm.history_length == 2
     assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
     n = out_a1.shape[0] * out_a1.shape[2] * out_a1.shape[3]
-    assert float(norm.history_count[slot]) == n == float(entry['history_count'])
-    torch.testing.assert_close(norm.history_mean[slot], entry['history_mean'], rtol=0, atol=0)
-    torch.testing.assert_close(norm.history_var[slot], entry['history_var'], rtol=0, atol=0)
+    newest = norm.history.entries()[0]
+    assert float(newest.count) == n == float(entry['count'])
+    torch.testing.assert_close(newest.mean, entry['mean'], rtol=0, atol=0)
+    torch.testing.assert_close(newest.var, entry['var'], rtol=0, atol=0)
     iteration_clock.next_iteration()
     norm(out_c2)
     assert float(norm.past_window()['valid'].sum()) == 2
@@ -109,7 +115,7 @@ def _v3_state(layer_window, saved_slots, index):
     return norm, state
 
 
-# (layer window, version-3 ring size, history_index, slot means newest first, open). Read as
+# (layer window, version-3 ring size, history_index, entry means newest first, open). Read as
 # version 4 (filled = all entries, the open one included) each gives other entries.
 V3_CASES = [
     (4, 4, [2, 3, 0], [1, 0, 3], False),   # closed entries behind the head (v4 reading: 2, 1, 0)
@@ -126,19 +132,21 @@ def test_version3_checkpoint_is_read_as_version3(window, saved_slots, index, mea
     result = norm.load_state_dict(state)
     assert not result.missing_keys and not result.unexpected_keys
     assert norm.history_length == len(means) and norm.history_open == is_open
-    assert norm.history_mean.shape[0] == window - 1
-    newest_first = norm.history_slots()
-    assert norm.history_mean[newest_first, 0].tolist() == [float(m) for m in means]
-    assert norm.history_count[newest_first].tolist() == [8.0] * len(means)
+    assert norm.history.slots == window - 1 == norm.history.get('history_mean').shape[0]
+    entries = norm.history.entries()  # newest first
+    assert [float(e.mean[0]) for e in entries] == [float(m) for m in means]
+    assert [float(e.count) for e in entries] == [8.0] * len(means)
     # the ring continues from the right head: the next iteration replaces the oldest entry only
+    # (the ring is full, so the new entry took the oldest entry's slot)
     if len(means) == window - 1:
         conv = nn.Conv2d(3, 2, 3, padding=1)
         iteration_clock.next_iteration()
         norm(conv(torch.randn(2, 3, 5, 5)))
         assert float(norm.past_window()['valid'].sum()) == len(means)
-        kept = norm.history_mean[norm.history_slots()[1:], 0].tolist()
+        entries = norm.history.entries()
+        assert len(entries) == window - 1
+        kept = [float(e.mean[0]) for e in entries[1:]]
         assert kept == [float(m) for m in means[:-1]]
-        assert norm.history_slots()[0] == newest_first[-1]  # the oldest entry's slot
 
 
 # ---------------------------------------------------------------- statistics_gradients='autograd'
@@ -246,7 +254,8 @@ def test_conv_replaced_by_another_geometry_discards_past_gradients(c_in, kernel)
     _train_steps(_conv(), norm, _batches(3, seed=7))
     new = _conv(c_in=c_in, kernel=kernel, seed=1)
     xs = _batches(2, shape=(2, c_in, 6, 5), seed=8)
-    old_slots = norm.history_slots()
+    # slot positions: past_window() is indexed by ring slot, entries are mapped to it by slot id
+    old_slots = norm.history.slots_newest_first()
     with pytest.warns(UserWarning, match='changed shape'):
         norm(new(xs[0])).square().mean().backward()
     window = norm.past_window()
@@ -257,7 +266,7 @@ def test_conv_replaced_by_another_geometry_discards_past_gradients(c_in, kernel)
         new.weight.mul_(1.5)
         new.bias.add_(0.5)
     iteration_clock.next_iteration()
-    new_slot = norm.history_slots()[0]
+    new_slot = norm.history.slots_newest_first()[0]
     norm(new(xs[1]))
     window = norm.past_window()
     assert float(window['valid'].sum()) == 3
@@ -311,7 +320,7 @@ def test_transposed_conv_is_not_bound():
             torch.testing.assert_close(norm(out), bn(out), rtol=1e-12, atol=1e-12)
             iteration_clock.next_iteration()
     assert norm.last_bind_status == BindStatus.NOT_CONV
-    assert norm.history_length == 0 and norm.history_mean is None
+    assert norm.history_length == 0 and norm.history.index() is None
     torch.testing.assert_close(norm.running_mean, bn.running_mean, rtol=1e-12, atol=1e-12)
 
 

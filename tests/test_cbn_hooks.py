@@ -117,12 +117,13 @@ def test_set_window_keeps_newest_history():
         norm(conv(torch.randn(2, 3, 6, 6))).square().mean().backward()
         opt.step()
     assert norm.history_length == 3
-    newest = norm.history_mean[norm.history_slots()[0]].clone()
+    newest = norm.history.entries()[0].mean.clone()
     norm.set_window(2)
     assert norm.window == 2 and norm.active_window == 2 and norm.history_length == 1
-    torch.testing.assert_close(norm.history_mean[norm.history_slots()[0]], newest)
+    torch.testing.assert_close(norm.history.entries()[0].mean, newest)
     norm.set_window(6)
-    assert norm.history_length == 1 and norm.history_mean.shape[0] == 5
+    assert norm.history_length == 1 and norm.history.slots == 5
+    assert norm.history.get('history_mean').shape[0] == 5  # the ring itself was re-allocated
 
 
 def test_sync_bn_conversion_refuses_cbn():
@@ -526,3 +527,13 @@ def test_switch_norm_layers_keeps_every_bn_setting():
             first.window) == (1e-3, None, False, False, False, 3)
     assert (second.eps, second.momentum, second.affine, second.track_running_stats,
             second.training) == (1e-5, 0.1, True, True, True)
+
+
+@pytest.mark.parametrize('hook', ['CBNBurnInHook', 'CBNMonitorHook', 'NormSwitchHook',
+                                  'RNGStateHook'])
+def test_hooks_live_in_mmengines_root_registry(hook):
+    """Registered where mmengine's own hooks are, so every OpenMMLab codebase's configs find them."""
+    from mmdet.registry import HOOKS as MMDET_HOOKS
+    from mmengine.registry import HOOKS
+    assert hook in HOOKS.module_dict
+    assert MMDET_HOOKS.get(hook) is HOOKS.get(hook)

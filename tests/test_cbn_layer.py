@@ -171,7 +171,8 @@ def test_plain_pytorch_loop_binds_every_layer_and_fills_window():
     norms = [m for m in model.modules() if isinstance(m, CBN)]
     assert [m.last_bind_status for m in norms] == [BindStatus.CONV] * 2
     assert [m.history_length for m in norms] == [3, 3]
-    assert all(torch.all(m.history_compensable[m.history_count > 0] == 1) for m in norms)
+    assert all(float(e.compensable) == 1 for m in norms for e in m.history.entries()
+               if float(e.count) > 0)
 
 
 def test_state_dict_round_trip_continues_exactly():
@@ -218,7 +219,7 @@ def test_bn_checkpoint_loads_strictly_without_warnings():
         warnings.simplefilter('error')
         result = cbn_model.load_state_dict(bn_model.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert cbn_model[1].history_length == 0 and cbn_model[1].history_mean is None
+    assert cbn_model[1].history_length == 0 and cbn_model[1].history.index() is None
     torch.testing.assert_close(cbn_model[1].running_mean, bn_model[1].running_mean)
     assert set(CBN(8).state_dict()) == set(nn.BatchNorm2d(8).state_dict())
 
@@ -231,9 +232,9 @@ def test_checkpoint_with_other_window_keeps_newest_history():
     small.load_state_dict(model.state_dict())
     src, dst = model[1], small[1]
     assert dst.history_length == 1
-    newest_src, newest_dst = src.history_slots()[0], dst.history_slots()[0]
-    torch.testing.assert_close(dst.history_mean[newest_dst], src.history_mean[newest_src])
-    torch.testing.assert_close(dst.history_var_grad[newest_dst], src.history_var_grad[newest_src])
+    newest_src, newest_dst = src.history.entries()[0], dst.history.entries()[0]
+    torch.testing.assert_close(newest_dst.mean, newest_src.mean)
+    torch.testing.assert_close(newest_dst.var_grad, newest_src.var_grad)
 
 
 def test_to_moves_every_history_tensor_and_keeps_its_values():
@@ -242,29 +243,35 @@ def test_to_moves_every_history_tensor_and_keeps_its_values():
     model = _model()
     _train(model, torch.optim.SGD(model.parameters(), lr=0.05), _batches(3, dtype=torch.float32))
     names = [k for k in HISTORY_STATE_KEYS if k != 'history_index']
-    saved = {k: getattr(model[1], k).clone() for k in names}
-    slots, index = model[1].history_slots(), model[1].history_index.clone()
+    saved = {k: model[1].history.get(k).clone() for k in names}  # every slot of every tensor
+    slots, index = model[1].history.slots_newest_first(), model[1].history.index().clone()
+    newest_first = [e.mean.clone() for e in model[1].history.entries()]
 
     wide = copy.deepcopy(model).double()
     for name, value in saved.items():
-        moved = getattr(wide[1], name)
+        moved = wide[1].history.get(name)
         assert moved.dtype == torch.float64, name
         torch.testing.assert_close(moved, value.double(), rtol=0, atol=0, msg=name)
         assert torch.equal(wide[1].state_dict()[name], moved), name
-    assert wide[1].history_slots() == slots and torch.equal(wide[1].history_index, index)
-    assert wide[1].history_index.dtype == torch.long
+    assert torch.equal(wide[1].history.index(), index)
+    assert wide[1].history.index().dtype == torch.long
+    assert len(wide[1].history.entries()) == len(newest_first)
+    for moved, value in zip(wide[1].history.entries(), newest_first):  # same entries, same order
+        torch.testing.assert_close(moved.mean, value.double(), rtol=0, atol=0)
     y = wide(_batches(1, seed=15)[0])  # and it keeps training in float64
     assert torch.isfinite(y).all() and wide[1].history_length == 3
 
     half = copy.deepcopy(model).half()
     for name, value in saved.items():
-        assert getattr(half[1], name).dtype == torch.float32, name
-        torch.testing.assert_close(getattr(half[1], name), value, rtol=0, atol=0, msg=name)
+        assert half[1].history.get(name).dtype == torch.float32, name
+        torch.testing.assert_close(half[1].history.get(name), value, rtol=0, atol=0, msg=name)
 
     meta = copy.deepcopy(model).to('meta')
     for name in names:
-        assert getattr(meta[1], name).device.type == 'meta', name
-    assert meta[1].history_index.device.type == 'meta' and meta[1].history_slots() == slots
+        assert meta[1].history.get(name).device.type == 'meta', name
+    # slot positions: a meta cursor tensor cannot be read back to compare it
+    assert meta[1].history.index().device.type == 'meta'
+    assert meta[1].history.slots_newest_first() == slots
 
 
 # ---------------------------------------------------------------- iteration semantics
@@ -318,7 +325,7 @@ def test_later_calls_of_an_iteration_see_the_whole_window():
     norm(conv(a))
     got = norm(conv(b))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert norm.history_slots() == fresh.history_slots() and norm.history_length == 2
+    assert torch.equal(norm.history.index(), fresh.history.index()) and norm.history_length == 2
 
 
 def test_weights_changed_within_an_iteration_warn_and_drop_oldest():
@@ -327,11 +334,13 @@ def test_weights_changed_within_an_iteration_warn_and_drop_oldest():
     norm(conv(a))
     with torch.no_grad():
         conv.weight.mul_(1.1)
-    newest_past = norm.history_slots()[1]  # the first call's entry is history_slots()[0]
+    newest_past = norm.history.entries()[1].mean.clone()  # entries()[0] is the first call's
     with pytest.warns(UserWarning, match='between two calls of one iteration'):
         norm(conv(b))
-    valid = norm.past_window()['valid']
-    assert valid.sum() == 1 and valid[newest_past] == 1  # the oldest one is dropped
+    window = norm.past_window()
+    valid = window['valid']
+    assert valid.sum() == 1  # the oldest one is dropped, the newest past one kept:
+    torch.testing.assert_close(window['mean'][valid > 0], newest_past[None], rtol=0, atol=0)
 
 
 def test_version3_checkpoint_history_is_repacked_by_age():
@@ -348,7 +357,7 @@ def test_version3_checkpoint_history_is_repacked_by_age():
     norm.load_state_dict(state)
     # window 3 keeps 2 entries: the open one (slot 1) and the newest past one (slot 0)
     assert norm.history_length == 2 and norm.history_open
-    assert norm.history_mean[norm.history_slots()].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert [e.mean.tolist() for e in norm.history.entries()] == [[1.0, 1.0], [0.0, 0.0]]
 
 
 def test_subsampled_mode_records_the_estimator_on_its_positions():
@@ -362,7 +371,7 @@ def test_subsampled_mode_records_the_estimator_on_its_positions():
     sub = F.conv2d(x, w, None, 2, 1)[:, :, ::2, ::2]
     mean = out.detach().mean((0, 2, 3)).view(1, -1, 1, 1)
     ref, = torch.autograd.grad((sub - mean).square().mean((0, 2, 3)).sum(), w)
-    torch.testing.assert_close(norm.history_var_grad[norm.history_slots()[0]], ref)
+    torch.testing.assert_close(norm.history.entries()[0].var_grad, ref)
     with pytest.raises(ValueError, match='subsample'):
         CBN(5, statistics_gradients='subsampled', subsample=1)
 
@@ -391,8 +400,8 @@ def _shadow_run(**options):
 
 def test_bfloat16_history_changes_the_correction_by_rounding_only():
     shadow, rel_error = _shadow_run(history_dtype='bfloat16')
-    assert shadow.history_var_grad.dtype == torch.bfloat16
-    assert shadow.history_var_ref.dtype == torch.float32
+    assert shadow.history.get('history_var_grad').dtype == torch.bfloat16
+    assert shadow.history.get('history_var_ref').dtype == torch.float32
     # bfloat16 keeps 8 bits (relative rounding 2^-9 per value); README: 0.1-1 % of the correction
     assert 0 < rel_error < 0.01
 
@@ -441,7 +450,7 @@ def test_input_not_from_conv_falls_back_to_bn_and_warns_once():
             torch.testing.assert_close(y, bn(h + 1.0))
             iteration_clock.next_iteration()
     assert len([w for w in record if 'CBN' in str(w.message)]) == 1
-    assert norm.last_bind_status == BindStatus.NOT_CONV and norm.history_mean is None
+    assert norm.last_bind_status == BindStatus.NOT_CONV and norm.history.index() is None
 
 
 def test_naive_fallback_uses_window():
@@ -485,8 +494,9 @@ def test_bfloat16_autocast_keeps_float32_statistics():
         opt.zero_grad()
     norm = model[1]
     assert norm.last_bind_status == BindStatus.CONV
-    assert norm.history_var_grad.dtype == torch.float32 and norm.running_var.dtype == torch.float32
-    assert norm.history_length == 3 and torch.isfinite(norm.history_var_grad).all()
+    var_grad = norm.history.get('history_var_grad')  # the whole ring
+    assert var_grad.dtype == torch.float32 and norm.running_var.dtype == torch.float32
+    assert norm.history_length == 3 and torch.isfinite(var_grad).all()
 
 
 def test_channels_last_matches_contiguous():
@@ -548,7 +558,7 @@ def test_non_finite_statistics_never_enter_history_or_running_stats():
         assert torch.isfinite(v.float()).all(), k
     torch.testing.assert_close(norm.running_mean, before['running_mean'])
     torch.testing.assert_close(norm.running_var, before['running_var'])
-    assert norm.history_count[norm.history_slots()[0]] == 0  # the entry holds no values
+    assert norm.history.entries()[0].count == 0  # the entry holds no values
 
 
 def test_empty_input_does_not_update():
@@ -556,7 +566,7 @@ def test_empty_input_does_not_update():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     y = norm(conv(torch.randn(0, 3, 5, 5)))
     assert y.shape == (0, 4, 5, 5)
-    assert norm.history_mean is None and int(norm.num_batches_tracked) == 0
+    assert norm.history.index() is None and int(norm.num_batches_tracked) == 0
 
 
 def _algorithm1_reference(inputs, weights, window, stride=1, padding=1):
@@ -611,7 +621,8 @@ def test_history_is_state_but_not_a_buffer():
     assert buffer_names == {'running_mean', 'running_var', 'num_batches_tracked'}
     assert 'history_var_grad' in norm.state_dict()
     clone = copy.deepcopy(model)
-    torch.testing.assert_close(clone[1].history_var_grad, norm.history_var_grad)
+    torch.testing.assert_close(clone[1].history.get('history_var_grad'),
+                               norm.history.get('history_var_grad'))
 
 
 def test_forced_weight_jump_keeps_statistics_valid():
@@ -633,10 +644,11 @@ def test_forced_weight_jump_keeps_statistics_valid():
     x = _batches(1, seed=6, dtype=torch.float32)[0]
     from cbn_mmdet.ops.statistics import compensate_history
     binding_weight = model[0].weight
-    mean, var = compensate_history(norm.history_mean, norm.history_var, norm.history_mean_ref,
-                                   norm.history_var_ref, norm.history_patch_mean,
-                                   norm.history_var_grad, norm.history_compensable,
-                                   binding_weight, None, 1)
+    ring = norm.history.get  # the whole ring, as the layer compensates it
+    mean, var = compensate_history(ring('history_mean'), ring('history_var'),
+                                   ring('history_mean_ref'), ring('history_var_ref'),
+                                   ring('history_patch_mean'), ring('history_var_grad'),
+                                   ring('history_compensable'), binding_weight, None, 1)
     assert torch.all(var >= 0) and torch.isfinite(var).all() and torch.isfinite(mean).all()
     y = model(x)
     assert torch.isfinite(y).all()

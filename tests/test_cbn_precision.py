@@ -163,12 +163,12 @@ def test_half_precision_module_keeps_float32_statistics(module_dtype):
     for norm in (model[1], model[4]):
         assert norm.history_length == 2
         for name in ('history_mean', 'history_var', 'history_var_grad', 'history_mean_ref'):
-            assert getattr(norm, name).dtype == torch.float32, name
+            assert norm.history.get(name).dtype == torch.float32, name
         assert norm.running_mean.dtype == module_dtype  # like BN's .half()
     for a, r in zip(grads[-1][1:], ref_grads[-1][1:]):
         assert (a.float() - r).abs().max() <= 0.1 * r.abs().max() + 1e-2
     model.half()  # moving again keeps the history's precision
-    assert model[1].history_var.dtype == torch.float32
+    assert model[1].history.get('history_var').dtype == torch.float32
 
 
 # ---------------------------------------------------------------- no host synchronisation
@@ -241,16 +241,16 @@ def test_non_finite_statistic_gradients_never_enter_the_history(monkeypatch):
         grad = real(*args, **kwargs)
         return grad.fill_(float('inf')) if len(calls) == 2 else grad
 
-    monkeypatch.setattr('cbn_mmdet.models.cbn.variance_weight_gradient', overflowing)
+    monkeypatch.setattr('cbn_mmdet.ops.statistics.variance_weight_gradient', overflowing)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         norm(conv(torch.randn(2, 3, 6, 6, generator=gen))).sum().backward()
         with torch.no_grad():
             conv.weight.mul_(1.05)
         iteration_clock.next_iteration()
-    assert torch.isfinite(norm.history_var_grad).all()
-    slots = norm.history_slots()  # newest first: iteration 3, iteration 2 (overflowed)
-    assert norm.history_compensable[slots[1]] == 0 and norm.history_compensable[slots[0]] == 1
+    assert torch.isfinite(norm.history.get('history_var_grad')).all()  # anywhere in the ring
+    entries = norm.history.entries()  # newest first: iteration 3, iteration 2 (overflowed)
+    assert entries[1].compensable == 0 and entries[0].compensable == 1
     out = norm(conv(torch.randn(2, 3, 6, 6, generator=gen)))
     assert torch.isfinite(out).all() and torch.isfinite(norm.running_var).all()
 
