@@ -16,7 +16,7 @@ DEMO_TRAIN_ARGS ?=
 
 define DEMO_DATA_PY
 import sys, time
-import cbn_mmdet
+import cbn_mmdet, cbn_mmdet_demo
 from mmengine.config import Config
 from mmdet.registry import DATASETS
 from mmdet.utils import register_all_modules

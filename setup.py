@@ -35,7 +35,8 @@ setup(
     version=read_version(),
     description='Cross-Iteration Batch Normalization (CBN) for PyTorch and mmdetection 3.x',
     license='Apache-2.0',
-    packages=find_packages(include=['cbn_mmdet', 'cbn_mmdet.*']),
+    # cbn_mmdet_demo: the demo configs' dataset, a package of its own (cbn_mmdet does not import it)
+    packages=find_packages(include=['cbn_mmdet', 'cbn_mmdet.*', 'cbn_mmdet_demo']),
     package_data={'cbn_mmdet': ['.mim/configs/**/*.py', '.mim/configs/**/*.md',
                                 '.mim/configs/**/*.yml']},
     python_requires='>=3.9',

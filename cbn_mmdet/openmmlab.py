@@ -10,7 +10,7 @@ in torch is modified (the one process-wide effect of the layer itself is the opt
 | checkpoint allow-list for ``torch.load(weights_only=True)`` (:mod:`.compat`) | mmengine | torch >= 2.4 (needed from 2.6, where it is the default) with mmengine <= 0.10.7 | ``CBN_MMDET_COMPAT=0`` |
 | CPU distributed init and CPU DDP (:mod:`.compat`) | mmengine | machines without CUDA only | ``CBN_MMDET_COMPAT=0`` |
 | ``cfg.sync_bn`` refuses to replace CBN (:mod:`.engine.sync_bn_guard`) | mmdet | mmengine's ``Runner.wrap_model`` | – (remove ``sync_bn``) |
-| hooks and the demo dataset in mmdet's registries | mmdet | all | – |
+| the hooks in the ``HOOKS`` registry | mmdet | all | – |
 """
 import importlib.util
 import os
@@ -40,5 +40,5 @@ def setup() -> None:
     MODELS.register_module('BRN', module=BatchRenorm2d, force=True)
     if not available('mmdet'):
         return
-    from . import datasets, engine  # noqa: F401  (their modules register into mmdet's registries)
+    from . import engine  # noqa: F401  (its modules register into mmdet's registries)
     engine.sync_bn_guard.install()

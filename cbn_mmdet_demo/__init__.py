@@ -1,5 +1,24 @@
-"""Datasets: the bundled, generated demo dataset."""
-from .demo_shapes import CLASSES, PALETTE, generate_split, make_demo_dataset
-from .demo_shapes_dataset import DemoShapesDataset
+"""cbn_mmdet_demo: the generated demo shapes dataset of the demo configs (``configs/demo``).
 
-__all__ = ['CLASSES', 'PALETTE', 'DemoShapesDataset', 'generate_split', 'make_demo_dataset']
+It is not part of the layer library: ``import cbn_mmdet`` does not import it. The generator
+(:mod:`cbn_mmdet_demo.shapes`) needs numpy only. Where mmdet is installed, importing this package
+also registers :class:`DemoShapesDataset` in mmdet's ``DATASETS``; the demo configs do so with
+``custom_imports = dict(imports=['cbn_mmdet', 'cbn_mmdet_demo'], allow_failed_imports=False)``.
+"""
+import importlib.util
+
+from .shapes import CLASSES, PALETTE, generate_split, make_demo_dataset
+
+__all__ = ['CLASSES', 'PALETTE', 'generate_split', 'make_demo_dataset']
+
+
+def _mmdet_installed() -> bool:
+    try:
+        return importlib.util.find_spec('mmdet') is not None
+    except ImportError:  # an import hook that hides the package
+        return False
+
+
+if _mmdet_installed():
+    from .shapes_dataset import DemoShapesDataset  # registers it in mmdet's DATASETS
+    __all__.append('DemoShapesDataset')

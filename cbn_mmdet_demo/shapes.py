@@ -22,7 +22,7 @@ Layout written by :func:`make_demo_dataset`::
       val/000000.png ...
 
 Example:
-    >>> from cbn_mmdet.datasets.demo_shapes import make_demo_dataset
+    >>> from cbn_mmdet_demo.shapes import make_demo_dataset
     >>> make_demo_dataset('data/demo_shapes', num_train=8, num_val=4, image_size=128, seed=0)
 """
 from __future__ import annotations
@@ -334,7 +334,7 @@ def normalize_generation_args(**kwargs) -> Dict:
     """Complete ``kwargs`` with the defaults, check them and give them canonical (JSON) types.
 
     The result is what :func:`make_demo_dataset` records in the annotation files' ``info``, so
-    :class:`~cbn_mmdet.datasets.DemoShapesDataset` can tell whether existing data matches.
+    :class:`~cbn_mmdet_demo.DemoShapesDataset` can tell whether existing data matches.
     """
     defaults = default_generation_args()
     unknown = set(kwargs) - set(defaults)

@@ -8,17 +8,17 @@ from typing import Union
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 
-from .demo_shapes import CLASSES, PALETTE, make_demo_dataset, normalize_generation_args
+from .shapes import CLASSES, PALETTE, make_demo_dataset, normalize_generation_args
 
 
 @DATASETS.register_module()
 class DemoShapesDataset(CocoDataset):
-    """The demo shapes dataset (see :mod:`cbn_mmdet.datasets.demo_shapes`) in COCO format.
+    """The demo shapes dataset (see :mod:`cbn_mmdet_demo.shapes`) in COCO format.
 
     It behaves as :class:`mmdet.datasets.CocoDataset` with the shape classes, and generates the data
     under ``data_root`` the first time it is loaded if the annotation file is missing. Several
     processes (dataloader workers, distributed ranks, train and val datasets) may do so at once:
-    :func:`~cbn_mmdet.datasets.demo_shapes.make_demo_dataset` serialises them on a lock file and
+    :func:`~cbn_mmdet_demo.shapes.make_demo_dataset` serialises them on a lock file and
     moves the finished data into place atomically.
 
     If the data already exists but was generated with other arguments than ``generate``, loading
@@ -28,7 +28,7 @@ class DemoShapesDataset(CocoDataset):
     Args:
         generate (bool | dict): ``True`` (default) generates with the default arguments when the
             annotation file is missing; a dict gives keyword arguments of
-            :func:`~cbn_mmdet.datasets.demo_shapes.make_demo_dataset` (``num_train``, ``num_val``,
+            :func:`~cbn_mmdet_demo.shapes.make_demo_dataset` (``num_train``, ``num_val``,
             ``image_size``, ``seed``...; the rest take their defaults); ``False`` never generates
             and never checks (a plain COCO loader with the shape classes).
         *args, **kwargs: As :class:`mmdet.datasets.CocoDataset`. ``data_root`` is the directory

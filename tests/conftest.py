@@ -16,7 +16,7 @@ def tiny_demo_data(tmp_path_factory):
     Layout: ``root/annotations/instances_{train,val}.json``, ``root/{train,val}/*.png``. Configs
     use it with ``data_root=root`` and ``generate=False`` (or ``generate=TINY_DEMO_ARGS``).
     """
-    from cbn_mmdet.datasets.demo_shapes import make_demo_dataset
+    from cbn_mmdet_demo.shapes import make_demo_dataset
     root = str(tmp_path_factory.mktemp('tiny_demo_shapes'))
     make_demo_dataset(root, **TINY_DEMO_ARGS)
     return root

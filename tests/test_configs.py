@@ -29,7 +29,8 @@ def test_config_builds_model(path):
     from mmengine.registry import init_default_scope
 
     cfg = _load(path)
-    assert cfg.custom_imports == dict(imports=['cbn_mmdet'], allow_failed_imports=False)
+    plugins = ['cbn_mmdet', 'cbn_mmdet_demo'] if path.startswith('configs/demo/') else ['cbn_mmdet']
+    assert cfg.custom_imports == dict(imports=plugins, allow_failed_imports=False)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -81,7 +82,7 @@ def test_demo_configs_data_settings(path):
 def test_main_demo_config_uses_the_default_generation_arguments():
     # `tools/make_demo_data.py` with no arguments must make the data this config expects: the dataset
     # refuses data under its data_root that was generated with other arguments.
-    from cbn_mmdet.datasets.demo_shapes import default_generation_args, normalize_generation_args
+    from cbn_mmdet_demo.shapes import default_generation_args, normalize_generation_args
     cfg = _load('configs/demo/faster-rcnn_r18_fpn_demo-shapes.py')
     assert cfg.train_dataloader.dataset.data_root.rstrip('/') == 'data/demo_shapes'
     generate = normalize_generation_args(**cfg.train_dataloader.dataset.generate)

@@ -1,16 +1,20 @@
-"""The generated demo dataset: determinism, COCO validity, box/mask consistency, the mmdet dataset."""
+"""The generated demo dataset: determinism, COCO validity, box/mask consistency, the mmdet dataset,
+and its package kept apart from the layer library."""
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import os.path as osp
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
-from cbn_mmdet.datasets import demo_shapes
-from cbn_mmdet.datasets.demo_shapes import (CLASSES, encode_png, generate_split, make_demo_dataset,
-                                            mask_to_bbox, mask_to_rle, rle_to_mask)
+from cbn_mmdet_demo import shapes
+from cbn_mmdet_demo.shapes import (CLASSES, encode_png, generate_split, make_demo_dataset,
+                                   mask_to_bbox, mask_to_rle, rle_to_mask)
 
 SMALL = dict(num_train=12, num_val=6, image_size=64, seed=0)
 
@@ -242,6 +246,50 @@ def test_make_demo_data_tool(tmp_path, small_root, capsys):
 
 def test_module_has_no_mmdet_dependency():
     # The generator is usable without the OpenMMLab stack (only numpy and the standard library).
-    with open(demo_shapes.__file__) as f:
+    with open(shapes.__file__) as f:
         source = f.read()
     assert 'import mm' not in source and 'from mm' not in source
+
+
+def _run_python(script):
+    """Runs ``script`` in a fresh interpreter from the repository root; returns its stdout."""
+    repo = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(script)], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_the_layer_library_does_not_bring_the_demo_dataset():
+    """``import cbn_mmdet`` leaves the demo package out; ``import cbn_mmdet_demo`` registers it."""
+    out = _run_python('''
+        import sys
+        import cbn_mmdet
+        from mmdet.registry import DATASETS
+        assert 'cbn_mmdet_demo' not in sys.modules
+        assert 'DemoShapesDataset' not in DATASETS.module_dict
+        import cbn_mmdet_demo
+        assert DATASETS.module_dict['DemoShapesDataset'] is cbn_mmdet_demo.DemoShapesDataset
+        print('OK')
+    ''')
+    assert out.strip() == 'OK'
+
+
+def test_generator_works_without_openmmlab(tmp_path):
+    out = _run_python(f'''
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('mmcv', 'mmengine', 'mmdet', 'torch'):
+                    raise ModuleNotFoundError(f'No module named {{name!r}} (blocked by the test)')
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import cbn_mmdet_demo
+        assert 'DemoShapesDataset' not in cbn_mmdet_demo.__all__
+        cbn_mmdet_demo.make_demo_dataset({str(tmp_path / 'demo')!r}, num_train=2, num_val=1,
+                                         image_size=64)
+        print('OK')
+    ''')
+    assert out.strip() == 'OK'

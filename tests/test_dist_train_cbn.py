@@ -21,7 +21,9 @@ def test_dist_train_two_processes_keep_their_own_cbn_history(tmp_path, tiny_demo
     config = tmp_path / 'cbn_dist.py'
     config.write_text(f'''
 _base_ = [{CONFIG!r}]
-custom_imports = dict(imports=['cbn_mmdet', 'dump_cbn_state_hook'], allow_failed_imports=False)
+# replaces the dataset base's custom_imports: cbn_mmdet_demo registers DemoShapesDataset
+custom_imports = dict(imports=['cbn_mmdet', 'cbn_mmdet_demo', 'dump_cbn_state_hook'],
+                      allow_failed_imports=False)
 head_cbn = dict(type='CBN', window=3, requires_grad=True)
 model = dict(neck=dict(norm_cfg=head_cbn), roi_head=dict(bbox_head=dict(norm_cfg=head_cbn)))
 custom_hooks = [dict(type='CBNBurnInHook', burn_in=0, by_epoch=False),

@@ -33,8 +33,9 @@ def test_configs_are_findable_from_the_package():
         config_file('cbn_paper/nothing.py')
 
 
-def test_built_wheel_carries_the_configs(tmp_path):
-    """A non-editable install has the configs under cbn_mmdet/.mim/configs (mmdet's layout)."""
+def test_built_wheel_carries_both_packages_and_the_configs(tmp_path):
+    """A non-editable install has cbn_mmdet, cbn_mmdet_demo (the demo configs' dataset) and the
+    configs under cbn_mmdet/.mim/configs (mmdet's layout)."""
     import shutil
     import zipfile
     src = tmp_path / 'src'
@@ -47,3 +48,7 @@ def test_built_wheel_carries_the_configs(tmp_path):
     assert 'cbn_mmdet/.mim/configs/cbn_paper/faster-rcnn_r50_fpn_cbn-head_1x_coco.py' in names
     assert 'cbn_mmdet/.mim/configs/cbn_paper/_base_/paper_1x.py' in names
     assert 'cbn_mmdet/.mim/configs/cbn_paper/metafile.yml' in names
+    assert 'cbn_mmdet/.mim/configs/cbn_paper/paper_results.yml' in names
+    for module in ('cbn_mmdet/__init__.py', 'cbn_mmdet_demo/__init__.py', 'cbn_mmdet_demo/shapes.py',
+                   'cbn_mmdet_demo/shapes_dataset.py'):
+        assert module in names, module

@@ -19,7 +19,6 @@ validation) are listed under each table and in the CSV.
 import argparse
 import csv
 import glob
-import importlib.util
 import io
 import json
 import math
@@ -29,20 +28,14 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import paper_results
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def load_paper_results():
-    """``cbn_mmdet.paper_results`` without importing torch/mmdet (``cbn_mmdet/__init__`` does)."""
-    name = 'cbn_mmdet.paper_results'
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        '_cbn_paper_results', osp.join(REPO, 'cbn_mmdet', 'paper_results.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    """The paper's tables: :mod:`paper_results` (``configs/cbn_paper/paper_results.yml``)."""
+    return paper_results
 
 
 def _json_lines(path: str) -> List[dict]:

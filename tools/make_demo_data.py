@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
-from cbn_mmdet.datasets.demo_shapes import (  # noqa: E402
+from cbn_mmdet_demo.shapes import (  # noqa: E402
     default_generation_args, is_complete, make_demo_dataset, read_generation_args)
 
 

@@ -6,7 +6,8 @@
         [--iter-time 0.5] [--images-per-gpu 4] [--train-images 117266]
         [--cfg-options KEY=VALUE ...]
 
-For every selected row (``cbn_mmdet/paper_results.py``) and seed ``k`` it runs, one after another:
+For every selected row (``configs/cbn_paper/paper_results.yml``) and seed ``k`` it runs, one after
+another:
 
     tools/dist_train.sh configs/cbn_paper/<config>.py GPUS \\
         --work-dir <work-root>/<table>/<config>/seed<k> --resume --cfg-options randomness.seed=<k> [...]

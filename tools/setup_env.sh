@@ -36,7 +36,9 @@ device=$(cbn_resolve_device "${CBN_DEVICE:-}" "$(cbn_recorded_device "$venv")" "
 stamp="$venv/.cbn_mmdet_env_ok"
 # Bump EXTRAS when the package list below changes, so that existing environments are updated.
 EXTRAS="pycocotools,pytest,matplotlib,scikit-learn"
-want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device extras=$EXTRAS"
+# Likewise the project's own top-level packages: an editable install only finds those it was made with.
+PACKAGES="cbn_mmdet,cbn_mmdet_demo"
+want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device extras=$EXTRAS packages=$PACKAGES"
 env_ready() { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c '' 2>/dev/null; }
 env_ready && exit 0
 

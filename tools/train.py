@@ -1,6 +1,6 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 # Mirrors mmdet 3.3.0's tools/train.py; the only change is that ``cbn_mmdet`` is imported first, which
-# registers the CBN layers/datasets/hooks and applies cbn_mmdet.compat (checkpoint loading on
+# registers the CBN layers and hooks and applies cbn_mmdet.compat (checkpoint loading on
 # torch >= 2.6, distributed training without CUDA). Every stock mmdet config runs through it unchanged.
 import argparse
 import os

@@ -6,7 +6,8 @@ _base_ = [
     '../_base_/datasets/demo_shapes_detection.py',
     'mmdet::_base_/default_runtime.py',
 ]
-custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)
+# cbn_mmdet: the CBN layers and hooks; cbn_mmdet_demo: the demo dataset.
+custom_imports = dict(imports=['cbn_mmdet', 'cbn_mmdet_demo'], allow_failed_imports=False)
 
 # The normalizer of the neck (FPN) and the box head: the one place to switch between BN, GN, CBN...
 head_norm_cfg = dict(type='CBN', window=4, requires_grad=True)
