@@ -1,16 +1,16 @@
-"""Everything ``import cbn_mmdet`` does to the OpenMMLab stack, in one place.
+"""Everything ``import cbn_mmdet`` does beyond defining its classes, in one place (:func:`setup`).
 
-Each step runs only when the package it needs is installed; with torch alone none runs, and nothing
-in torch is modified (the one process-wide effect of the layer itself is the optimizer-step hook of
-:mod:`cbn_mmdet.models.iteration_clock`).
+Each step runs only when the package it needs is installed; with torch alone only the first runs,
+and nothing in torch is modified.
 
 | effect | needs | applies to | off |
 |---|---|---|---|
+| iteration clock: a global optimizer post-step hook (:mod:`.models.iteration_clock`) | torch | every torch optimizer | – (how CBN counts iterations; loops without one call ``next_iteration()``) |
 | ``CBN``/``BRN`` in mmengine's ``MODELS`` (where mmcv's ``BN`` lives) | mmengine | all | – |
+| the hooks in mmengine's ``HOOKS`` (found by mmdet/mmseg/mmpretrain configs) | mmengine | all | – |
 | checkpoint allow-list for ``torch.load(weights_only=True)`` (:mod:`.compat`) | mmengine | torch >= 2.4 (needed from 2.6, where it is the default) with mmengine <= 0.10.7 | ``CBN_MMDET_COMPAT=0`` |
 | CPU distributed init and CPU DDP (:mod:`.compat`) | mmengine | machines without CUDA only | ``CBN_MMDET_COMPAT=0`` |
-| ``cfg.sync_bn`` refuses to replace CBN (:mod:`.engine.sync_bn_guard`) | mmdet | mmengine's ``Runner.wrap_model`` | – (remove ``sync_bn``) |
-| the hooks in the ``HOOKS`` registry | mmdet | all | – |
+| ``cfg.sync_bn`` refuses to replace CBN (:mod:`.engine.sync_bn_guard`) | mmengine | mmengine's ``Runner.wrap_model`` | – (remove ``sync_bn``) |
 """
 import importlib.util
 import os
@@ -27,18 +27,17 @@ def available(package: str) -> bool:
 
 
 def setup() -> None:
-    """Register and apply what the installed OpenMMLab packages need (idempotent)."""
+    """Install and register what the installed packages need (idempotent)."""
+    from .models import BatchRenorm2d, CrossIterationBatchNorm2d, iteration_clock
+    iteration_clock.install()
     if not available('mmengine'):
         return
     from mmengine.registry import MODELS
 
     from . import compat
-    from .models import BatchRenorm2d, CrossIterationBatchNorm2d
     if os.environ.get('CBN_MMDET_COMPAT', '1') != '0':
         compat.apply()
     MODELS.register_module('CBN', module=CrossIterationBatchNorm2d, force=True)
     MODELS.register_module('BRN', module=BatchRenorm2d, force=True)
-    if not available('mmdet'):
-        return
-    from . import engine  # noqa: F401  (its modules register into mmdet's registries)
+    from . import engine  # noqa: F401  (its hook modules register into mmengine's HOOKS)
     engine.sync_bn_guard.install()

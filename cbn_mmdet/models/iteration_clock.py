@@ -11,7 +11,7 @@ Loops that update weights without a torch optimizer call :func:`next_iteration` 
 """
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ['current_iteration', 'next_iteration']
+__all__ = ['current_iteration', 'next_iteration', 'install']
 
 _steps = 0
 
@@ -31,4 +31,11 @@ def _on_optimizer_step(optimizer, args, kwargs) -> None:
     next_iteration()
 
 
-_handle = register_optimizer_step_post_hook(_on_optimizer_step)
+_handle = None
+
+
+def install() -> None:
+    """Count every torch optimizer's steps (idempotent; ``import cbn_mmdet`` calls it)."""
+    global _handle
+    if _handle is None:
+        _handle = register_optimizer_step_post_hook(_on_optimizer_step)
