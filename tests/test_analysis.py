@@ -19,6 +19,9 @@ from conftest import REPO_ROOT
 
 ANALYSIS = osp.join(REPO_ROOT, 'tools', 'analysis')
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+#: the CBN history tensors compensate_history reads (public properties of the layer)
+HISTORY = ('history_mean', 'history_var', 'history_mean_ref', 'history_var_ref', 'history_patch_mean',
+           'history_var_grad', 'history_compensable')
 
 sklearn = pytest.importorskip('sklearn', reason='the analysis scripts need scikit-learn (setup_env.sh)')
 pytest.importorskip('matplotlib', reason='the analysis scripts need matplotlib (setup_env.sh)')
@@ -158,22 +161,22 @@ def test_window_statistics_read_what_cbn_used():
     opt = torch.optim.SGD(list(conv.parameters()) + list(norm.parameters()), lr=0.5)
     for _ in range(4):
         # the history before the forward: the forward overwrites its oldest entry
-        before = None if norm.history_mean is None else (
-            norm.history_mean.clone(), norm.history_var.clone(), norm.history_slots())
-        out = norm(conv(torch.randn(2, 3, 5, 5)))
-        stats = se.window_statistics(norm)
+        before = [(e.mean.clone(), e.var.clone()) for e in norm.history.entries()]
+        y = conv(torch.randn(2, 3, 5, 5))
+        out = norm(y)
+        stats = se.window_statistics(norm, y)
         opt.zero_grad()
         (out * torch.randn_like(out)).sum().backward()
         opt.step()
     # last forward's window: 3 iterations, weights changed in between
     cbn_mean, cbn_var, naive_mean, naive_var, batch_mean, batch_var = stats  # history unchanged since
     assert norm.history_length == 2
-    torch.testing.assert_close(batch_mean, norm.history_mean[norm.history_slots()[0]].double())
-    past_mean, past_var, slots = before
-    assert len(slots) == 2
+    torch.testing.assert_close(batch_mean, norm.history.entries()[0].mean.double())
+    assert len(before) == 2
     valid = torch.ones(2, dtype=torch.float64)
-    exp_mean, exp_var, _ = window_moments(batch_mean, batch_var, past_mean[slots].double(),
-                                          past_var[slots].double(), valid)
+    exp_mean, exp_var, _ = window_moments(batch_mean, batch_var,
+                                          torch.stack([m for m, _ in before]).double(),
+                                          torch.stack([v for _, v in before]).double(), valid)
     torch.testing.assert_close(naive_mean, exp_mean)
     torch.testing.assert_close(naive_var, exp_var)
     assert (cbn_mean - naive_mean).abs().max() > 1e-4  # compensation moved the past
@@ -190,11 +193,13 @@ def test_window_statistics_cbn_matches_compensation():
     opt = torch.optim.SGD(conv.parameters(), lr=0.5)
     for step in range(4):
         x = torch.randn(2, 3, 5, 5)
-        h = {name: t.clone() for name, t in norm.history.tensors.items()}  # before the forward writes
-        slots = norm.history_slots()
-        out = norm(conv(x))
+        h = {name: norm.history.get(name).clone() for name in HISTORY  # before the forward writes
+             if norm.history.get(name) is not None}
+        slots = norm.history.slots_newest_first()  # the ring as compensate_history takes it
+        y = conv(x)
+        out = norm(y)
         if step == 3:
-            stats = se.window_statistics(norm)
+            stats = se.window_statistics(norm, y)
             mean_t, var_t = compensate_history(h['history_mean'], h['history_var'],
                                                h['history_mean_ref'], h['history_var_ref'],
                                                h['history_patch_mean'], h['history_var_grad'],
@@ -380,9 +385,8 @@ def test_one_value_per_channel_is_reported_not_raised():
 
 # ---------------------------------------------------------------------------- item 4: detection analog
 def analog_settings(**over):
-    da = script('detection_analog')
     settings = dict(batch_size=2, iters=40, burn_in=10, warmup=5, lr=0.02, window=4, gn_groups=16,
-                    data_root='data/demo_shapes', generation=da.DEMO_DATA, small_rois=False)
+                    data_root='data/demo_shapes', generation=script('common').DEMO_DATA, small_rois=False)
     settings.update(over)
     return settings
 
@@ -421,7 +425,8 @@ def test_detection_analog_variant_configs(variant, tmp_path):
 
 
 def test_detection_analog_summary_by_hand():
-    """Mean and sample std over the seeds that have a result; failed runs are listed, missing seeds too."""
+    """Mean and sample std over the seeds that have a result (one seed: no std); failed runs are
+    listed, missing seeds too."""
     da = script('detection_analog')
     runs = [dict(variant='BN', seed=s, failure=None, bbox_mAP=ap, bbox_mAP_50=ap + 0.1, bbox_mAP_75=ap / 2,
                  wall_seconds=10.0 * (s + 1), iter_seconds=0.1, final_loss=1.0) for s, ap in ((0, 0.2), (1, 0.4))]
@@ -435,8 +440,22 @@ def test_detection_analog_summary_by_hand():
     assert bn['bbox_mAP_50']['mean'] == pytest.approx(0.4) and bn['seconds_per_run'] == pytest.approx(15.0)
     gn = summary['GN-heads']
     assert gn['failures'] == {'0': 'ValueError: x'} and gn['missing'] == [1, 2]
-    assert gn['bbox_mAP']['values'] == [None] and gn['bbox_mAP']['mean'] != gn['bbox_mAP']['mean']  # NaN
+    assert gn['bbox_mAP']['values'] == [None] and gn['bbox_mAP']['mean'] is None
     assert da.cell(bn['bbox_mAP']) == '30.0 ± 14.1' and da.cell(gn['bbox_mAP']) == '–'
+    one = da.summarize(['BN'], [0], runs[:1])['BN']['bbox_mAP']
+    assert one == dict(values=[0.2], mean=0.2, std=None) and da.cell(one) == '20.0'
+
+
+def test_mean_std_convention():
+    """Every table: mean ± sample std (n − 1) of the finite values; one run alone, none '–'."""
+    common = script('common')
+    mean, std = common.mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and std == pytest.approx(((16 + 1 + 25) / 9 / 2) ** 0.5)
+    assert common.mean_std([0.5, float('nan'), None]) == (0.5, None)
+    assert common.mean_std([]) == (None, None)
+    assert common.format_mean_std(*common.mean_std([0.1, 0.3]), scale=100) == '20.0 ± 14.1'
+    assert common.format_mean_std(0.25, None, digits=2) == '0.25'
+    assert common.format_mean_std(None, None) == '–'
 
 
 @pytest.mark.slow
@@ -459,7 +478,7 @@ def test_detection_analog_quick(tmp_path):
         for m in metrics:
             assert 0.0 <= result[m] <= 1.0, result
             entry = data['summary'][variant][m]
-            assert entry['values'] == [result[m]] and entry['mean'] == result[m] and entry['std'] == 0.0
+            assert entry['values'] == [result[m]] and entry['mean'] == result[m] and entry['std'] is None
         heads, backbone = da.VARIANTS[variant]
         assert result['norms'] == {'backbone': {'BN': 20}, 'neck': {heads: 8}, 'rpn_head': {},
                                    'roi_head': {heads: 4}}

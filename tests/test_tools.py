@@ -1,9 +1,11 @@
 """End to end through tools/train.py, tools/test.py and tools/dist_train.sh (subprocesses, CPU).
 
 A tiny run of the demo Faster R-CNN config on :func:`tiny_demo_data` (4 train / 2 val images of
-64 px, few proposals and RoIs): train 2 iterations with validation, resume to iteration 4 and evaluate
-the last checkpoint with tools/test.py. (tools/dist_train.sh: tests/test_dist_train_cbn.py.)
+64 px, few proposals and RoIs: ``tools/short_run.py``): train 2 iterations with validation, resume to
+iteration 4 and evaluate the last checkpoint with tools/test.py. (tools/dist_train.sh:
+tests/test_dist_train_cbn.py.)
 """
+import argparse
 import glob
 import json
 import os
@@ -15,40 +17,52 @@ import sys
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config, DictAction
 
 import cbn_mmdet  # noqa: F401  (torch.load of mmengine checkpoints)
 
 from conftest import REPO_ROOT  # noqa: E402
 
+sys.path.insert(0, osp.join(REPO_ROOT, 'tools'))
+from short_run import shrink_config  # noqa: E402
+
 CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'faster-rcnn_r18_fpn_demo-shapes.py')
 TIMEOUT = 300
 
-# every test needs the `trained` fixture: two train.py runs (~40 s on 2 CPU cores)
-pytestmark = [pytest.mark.skipif(not osp.isfile(CONFIG), reason=f'{CONFIG} is missing'),
-              pytest.mark.slow]
+pytestmark = pytest.mark.skipif(not osp.isfile(CONFIG), reason=f'{CONFIG} is missing')
+
+
+def changed_options(before, after, prefix=''):
+    """``(dotted key, value)`` for every value ``after`` sets differently from ``before`` (dicts are
+    entered, anything else is compared whole)."""
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            yield from changed_options(old, value, f'{prefix}{key}.')
+        elif value != old:
+            yield f'{prefix}{key}', value
+
+
+def schedule_overrides(max_iters, interval):
+    """--cfg-options: train ``max_iters`` iterations, validate and save a checkpoint every ``interval``."""
+    return [f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={interval}',
+            f'default_hooks.checkpoint.interval={interval}', 'default_hooks.checkpoint.max_keep_ckpts=-1',
+            'default_hooks.logger.interval=1', 'randomness.seed=0']
 
 
 def tiny_overrides(data_root, max_iters, interval=2):
-    """--cfg-options that shrink the demo config to a few-second run on ``data_root``."""
-    root = data_root.rstrip('/') + '/'
-    opts = [
-        f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={interval}',
-        f'default_hooks.checkpoint.interval={interval}', 'default_hooks.checkpoint.max_keep_ckpts=-1',
-        'default_hooks.logger.interval=1', 'randomness.seed=0',
-        'model.train_cfg.rpn_proposal.nms_pre=200', 'model.train_cfg.rpn_proposal.max_per_img=50',
-        'model.train_cfg.rcnn.sampler.num=32', 'model.test_cfg.rpn.nms_pre=200',
-        'model.test_cfg.rpn.max_per_img=50', 'model.test_cfg.rcnn.max_per_img=20',
-        'train_dataloader.batch_size=2',
-    ]
-    for split, loader in (('train', 'train_dataloader'), ('val', 'val_dataloader'),
-                          ('val', 'test_dataloader')):
-        opts += [f'{loader}.num_workers=0', f'{loader}.persistent_workers=False',
-                 f'{loader}.dataset.data_root={root}', f'{loader}.dataset.generate=False',
-                 f'{loader}.dataset.ann_file=annotations/instances_{split}.json',
-                 f'{loader}.dataset.data_prefix.img={split}/']
-    for evaluator in ('val_evaluator', 'test_evaluator'):
-        opts.append(f'{evaluator}.ann_file={root}annotations/instances_val.json')
-    return opts
+    """--cfg-options that make the demo config :func:`short_run.shrink_config`'s on ``data_root``,
+    with :func:`schedule_overrides`."""
+    tiny = shrink_config(Config.fromfile(CONFIG), data_root)
+    shrink = changed_options(Config.fromfile(CONFIG).to_dict(), tiny.to_dict())
+    return [f'{key}={value}' for key, value in shrink] + schedule_overrides(max_iters, interval)
+
+
+def parse_overrides(opts):
+    """``opts`` as tools/train.py parses ``--cfg-options``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args(['--cfg-options', *opts]).cfg_options
 
 
 def run(cmd, env_extra=None):
@@ -69,6 +83,18 @@ def losses(ckpt):
     return ckpt['message_hub']['log_scalars']['train/loss'].data[0]
 
 
+def test_tiny_overrides_give_the_shrunk_config(tmp_path):
+    """Parsed as tools/train.py parses them, the options turn the demo config into shrink_config's."""
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(parse_overrides(tiny_overrides(str(tmp_path), 7, interval=3)))
+    expected = shrink_config(Config.fromfile(CONFIG), str(tmp_path))
+    expected.merge_from_dict(parse_overrides(schedule_overrides(7, 3)))
+    assert cfg.to_dict() == expected.to_dict()
+    assert cfg.train_dataloader.dataset.data_root == str(tmp_path) + '/'
+    assert cfg.train_dataloader.dataset.generate is False and cfg.train_dataloader.batch_size == 2
+    assert cfg.model.test_cfg.rcnn.max_per_img == 20 and cfg.train_cfg.val_interval == 3
+
+
 @pytest.fixture(scope='module')
 def trained(tiny_demo_data, tmp_path_factory):
     """2 iterations + val, then ``--resume`` to iteration 4: work_dir and both logs."""
@@ -79,6 +105,7 @@ def trained(tiny_demo_data, tmp_path_factory):
     return dict(work_dir=str(work_dir), first=first, second=second, ckpt1=ckpt1)
 
 
+@pytest.mark.slow
 def test_train_runs_two_iterations_and_validates(trained):
     log, ckpt = trained['first'], trained['ckpt1']
     assert re.search(r'Iter\(train\) \[2/2\]', log), log[-3000:]
@@ -89,6 +116,7 @@ def test_train_runs_two_iterations_and_validates(trained):
     assert {'state_dict', 'optimizer', 'message_hub', 'param_schedulers'} <= set(ckpt)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained):
     log, work_dir, ckpt1 = trained['second'], trained['work_dir'], trained['ckpt1']
     iter2 = osp.join(work_dir, 'iter_2.pth')
@@ -112,6 +140,7 @@ def test_resume_continues_from_the_checkpoint(trained):
         assert f.read().strip() == osp.join(work_dir, 'iter_4.pth')
 
 
+@pytest.mark.slow
 def test_test_py_evaluates_checkpoint(trained, tiny_demo_data, tmp_path):
     ckpt = osp.join(trained['work_dir'], 'iter_4.pth')
     log = run([sys.executable, 'tools/test.py', CONFIG, ckpt, '--work-dir', str(tmp_path),

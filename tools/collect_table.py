@@ -21,7 +21,6 @@ import csv
 import glob
 import io
 import json
-import math
 import os
 import os.path as osp
 import re
@@ -29,6 +28,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import paper_results
+from seed_stats import format_mean_std, mean_std
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -90,15 +90,6 @@ def find_run(work_root: str, table: str, config: str, seed: int,
     return None, None
 
 
-def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean)**2 for v in values) / (len(values) - 1))
-
-
 def collect(table, work_root: str, seeds: Sequence[int], final_step: Optional[int] = None):
     """Per row: dict(row, values={metric: [percent per run found]}, runs, missing)."""
     pr = load_paper_results()
@@ -121,9 +112,7 @@ def collect(table, work_root: str, seeds: Sequence[int], final_step: Optional[in
 
 
 def _fmt(mean, std, digits=2) -> str:
-    if mean is None:
-        return '—'
-    return f'{mean:.{digits}f}' if std is None else f'{mean:.{digits}f} ± {std:.{digits}f}'
+    return format_mean_std(mean, std, digits, missing='—')
 
 
 def to_markdown(table, rows, n_expected: int) -> str:

@@ -14,7 +14,11 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS_DIR = osp.dirname(osp.abspath(__file__))
+sys.path.insert(0, osp.dirname(TOOLS_DIR))
+sys.path.insert(0, TOOLS_DIR)
+
+from short_run import shrink_config  # noqa: E402
 
 
 def _pipelines(image_size: int, with_mask: bool):
@@ -27,42 +31,34 @@ def _pipelines(image_size: int, with_mask: bool):
     return train, test
 
 
+def _demo_loader(pipeline, test_mode: bool):
+    """A demo-shapes loader; :func:`shrink_config` points it at the data."""
+    from mmengine.config import ConfigDict
+    return ConfigDict(
+        batch_size=2, drop_last=False, sampler=dict(type='DefaultSampler', shuffle=not test_mode),
+        dataset=dict(type='DemoShapesDataset', test_mode=test_mode,
+                     filter_cfg=None if test_mode else dict(filter_empty_gt=True), pipeline=pipeline))
+
+
 def smoke_cfg(cfg, data_root: str, image_size: int = 64, num_classes: int = 5):
     """Shrink a loaded mmengine Config in place (see the module docstring); returns it."""
     from mmengine.config import ConfigDict
     roi = cfg.model.roi_head
     with_mask = 'mask_head' in roi
     train_pipeline, test_pipeline = _pipelines(image_size, with_mask)
-    data_root = data_root.rstrip('/') + '/'
-
-    def loader(split, pipeline, test_mode):
-        return ConfigDict(
-            batch_size=2, num_workers=0, persistent_workers=False, drop_last=False,
-            sampler=dict(type='DefaultSampler', shuffle=not test_mode),
-            dataset=dict(type='DemoShapesDataset', data_root=data_root,
-                         ann_file=f'annotations/instances_{split}.json',
-                         data_prefix=dict(img=f'{split}/'), generate=False, test_mode=test_mode,
-                         filter_cfg=None if test_mode else dict(filter_empty_gt=True),
-                         pipeline=pipeline))
-
-    cfg.train_dataloader = loader('train', train_pipeline, False)
-    cfg.val_dataloader = loader('val', test_pipeline, True)
+    cfg.train_dataloader = _demo_loader(train_pipeline, False)
+    cfg.val_dataloader = _demo_loader(test_pipeline, True)
     cfg.test_dataloader = cfg.val_dataloader
-    cfg.val_evaluator = ConfigDict(type='CocoMetric',
-                                   ann_file=data_root + 'annotations/instances_val.json',
-                                   metric=['bbox', 'segm'] if with_mask else 'bbox')
+    cfg.val_evaluator = ConfigDict(type='CocoMetric', metric=['bbox', 'segm'] if with_mask else 'bbox')
     cfg.test_evaluator = cfg.val_evaluator
+    cfg.custom_imports = ConfigDict(imports=['cbn_mmdet', 'cbn_mmdet_demo'],  # + the demo dataset
+                                    allow_failed_imports=False)
+    shrink_config(cfg, data_root, rpn_samples=32, rcnn_samples=16)
     cfg.model.backbone.init_cfg = None
     roi.bbox_head.num_classes = num_classes
     if with_mask:
         roi.mask_head.num_classes = num_classes
     cfg.model.rpn_head.anchor_generator.scales = [4]
-    tc = cfg.model.train_cfg
-    tc.rpn.sampler.num = 32
-    tc.rpn_proposal.update(nms_pre=200, max_per_img=50)
-    tc.rcnn.sampler.num = 16
-    cfg.model.test_cfg.rpn.update(nms_pre=200, max_per_img=50)
-    cfg.model.test_cfg.rcnn.max_per_img = 20
     cfg.train_cfg = ConfigDict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
     cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=1)]
     cfg.optim_wrapper.optimizer.lr = 0.002
@@ -92,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument('--data-root', required=True)
     parser.add_argument('--image-size', type=int, default=64)
     args = parser.parse_args(argv)
-    import cbn_mmdet  # noqa: F401  (registers CBN/BRN/hooks/dataset for the checks below)
+    import cbn_mmdet  # noqa: F401  (registers CBN/BRN/hooks for the checks below)
     from mmengine.config import Config
     cfg = smoke_cfg(Config.fromfile(args.config), args.data_root, args.image_size)
     cfg.dump(args.out)

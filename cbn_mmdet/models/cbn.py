@@ -27,11 +27,6 @@ _HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the sta
 HISTORY_STATE_KEYS = HISTORY_KEYS
 
 
-def _history_tensor(name: str) -> property:
-    return property(lambda self: self.history.get(name),
-                    doc=f'History tensor ``{name}`` (None until the first recorded iteration).')
-
-
 class CrossIterationBatchNorm2d(_BatchNorm):
     r"""Cross-Iteration Batch Normalization over a 4-D input (Algorithm 1 of the paper).
 
@@ -306,32 +301,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.running_var.copy_(torch.where(finite, rv, self.running_var))
 
     # ------------------------------------------------------------------ history
-    # The ring of past iterations is a :class:`WindowHistory` (``self.history``); these are its
-    # public views on the layer.
-    history_mean = _history_tensor('history_mean')
-    history_var = _history_tensor('history_var')
-    history_count = _history_tensor('history_count')
-    history_mean_ref = _history_tensor('history_mean_ref')
-    history_var_ref = _history_tensor('history_var_ref')
-    history_compensable = _history_tensor('history_compensable')
-    history_patch_mean = _history_tensor('history_patch_mean')
-    history_var_grad = _history_tensor('history_var_grad')
-
-    @property
-    def history_index(self) -> Optional[Tensor]:
-        """``[newest slot, entries held, newest entry open, conv bias trainable (1/0, -1 unknown)]``
-        (the ring's cursor as saved in state dicts; None until the first recorded iteration)."""
-        return self.history.index()
-
+    # ``self.history`` (a :class:`WindowHistory`) is the public view of the past iterations.
     @property
     def history_length(self) -> int:
         """Iterations held (at most ``window - 1``), the current one included once it has run."""
         return self.history.filled
-
-    def history_slots(self) -> list:
-        """Ring slots of the entries held, newest first (the first is the current iteration's while
-        ``history_open``)."""
-        return self.history.slots_newest_first()
 
     @property
     def history_open(self) -> bool:
@@ -352,13 +326,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
         ``{'mean', 'var'}``: as recorded; ``{'mean_compensated', 'var_compensated'}``: moved to the
         current weights (Eqs. 7, 8, 10; equal to the recorded ones without compensation); ``'valid'``:
-        1 for the ring slots in the window. ``None`` when the current iteration used no past entry.
+        1 for the entries in the window; ``'count'``: their number of values. Indexed like the ring
+        (``history.slots_newest_first()``). ``None`` when the current iteration used no past entry.
         """
         past = self.history.last_window()
         if past is None:
             return None
-        return {'mean': past.recorded_mean, 'var': past.recorded_var,
-                'mean_compensated': past.mean, 'var_compensated': past.var, 'valid': past.valid}
+        return {'mean': past.recorded_mean, 'var': past.recorded_var, 'mean_compensated': past.mean,
+                'var_compensated': past.var, 'valid': past.valid, 'count': past.count}
 
     # ------------------------------------------------------------------ state dict, device moves
     def _apply(self, fn, recurse=True):

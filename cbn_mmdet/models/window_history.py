@@ -107,6 +107,10 @@ class WindowHistory:
                              *(t[name][slot] if name in t else None for name in HISTORY_GRADS))
                 for slot in self.slots_newest_first()]
 
+    def nbytes(self) -> int:
+        """Memory held by the ring's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
     def index(self) -> Optional[Tensor]:
         """The cursor as a state-dict tensor (None while empty)."""
         if not self.tensors:

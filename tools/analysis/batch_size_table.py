@@ -1,54 +1,23 @@
-"""Test accuracy against batch size for BN, GN, BRN, Naive CBN and CBN (issue item 3; analog of the
-paper's Table 3 / Figure 3 / Table 9 at toy scale).
+"""Test accuracy against batch size for BN, GN, BRN, Naive CBN and CBN (the paper's Table 3 at toy scale).
 
-A small plain CNN (:class:`common.SmallCNN`: four conv-norm-ReLU layers, 16-64 channels, GAP, linear)
-is trained on scikit-learn's digits (upsampled to 16×16; fixed split 1197 train / 600 test images) at
-batch sizes 16, 8, 4, 2, 1 with each normalizer, several seeds, and evaluated on the test split (eval
-mode: running statistics for BN, BRN and both CBNs). The setting follows the paper's Section 4.1 where
-it can at this scale:
-
-* SGD, momentum 0.9, weight decay 1e-4 on all weights (γ, β included), cosine decay per iteration,
-  learning rate scaled linearly with the batch size (``base_lr · bs / 16``), the same number of epochs
-  (so of images seen) at every batch size; the last, incomplete batch of an epoch is dropped.
-* CBN and Naive CBN: ``k = min(⌈16 / bs⌉, 8)`` (at least 16 examples in the window; at bs 16 k = 1 is BN)
-  after a burn-in of ``--burn-in`` epochs with k = 1; running statistics from the window (the layer's
-  default).
-* BRN (``'BRN'``): plain BN for the same burn-in iterations, then r_max and d_max relaxed linearly to 3
-  and 5, reached at 60 % (r_max) and 40 % (d_max) of the remaining iterations (Ioffe's 5k / 40k / 25k
-  steps do not transfer to a run of a few thousand iterations; this keeps their order).
-* GN: 8 groups (2-8 channels per group here; 32 groups of the GN paper need ≥ 32 channels).
-* BN momentum 0.1 for the running statistics.
-
-``--model cnn-1x1`` (a second table): five layers, strides 1, 2, 2, 2, 2, so the last two normalise
-2×2 and 1×1 maps and the last one has only ``bs`` values per channel: an exaggerated version of the
-small late-stage maps of an ImageNet ResNet, where batch statistics are noisiest. At batch size 1 it
-has one value per channel, which BN, BRN and CBN (whose current batch must have more than one) refuse.
-
-With the default model, at batch size 1 every layer still has several values per channel (16×16 … 4×4 spatial positions), so BN
-and BRN *run* (torch refuses only one value per channel); each batch is then normalised by its own
-image's statistics, while evaluation uses running averages. Whatever happens is reported.
-
-Usage::
+Trains a small CNN on scikit-learn's digits at batch sizes 16 to 1 with each normalizer and several
+seeds; evaluates it on the test split. Design: docs/analysis.md. Prints the table; writes
+``batch_size_table.{md,json,png}`` (``--model cnn-1x1``: ``batch_size_table_1x1.*``) to ``--out``.
 
     .venv/bin/python tools/analysis/batch_size_table.py                 # full table
     .venv/bin/python tools/analysis/batch_size_table.py --quick         # seconds (tests)
     .venv/bin/python tools/analysis/batch_size_table.py --time-only     # per-iteration cost, threads
-
-Prints the table; writes ``batch_size_table.{md,json,png}`` (``batch_size_table_1x1.*`` for
-``--model cnn-1x1``) to ``--out``.
 """
 import argparse
-import json
 import math
-import os.path as osp
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import (CNN_VARIANTS, REPO_ROOT, SmallCNN, accuracy, ensure_dir, load_digits_tensors, markdown_table,
-                    norm_factory, plt, set_active_window)
+from common import (CNN_VARIANTS, Report, SmallCNN, accuracy, analysis_parser, format_mean_std,
+                    load_digits_tensors, markdown_table, mean_std, norm_factory, plt, save_figure,
+                    set_active_window)
 
 METHODS = ('BN', 'GN', 'BRN', 'NaiveCBN', 'CBN')
 LABELS = {'BN': 'BN', 'GN': 'GN', 'BRN': 'BRN', 'NaiveCBN': 'Naive CBN', 'CBN': 'CBN'}
@@ -129,16 +98,29 @@ def time_only(args, data):
     print(markdown_table(['threads', 'method', 'batch size', 'ms / iteration'], rows))
 
 
-def mean_std(values):
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return float('nan'), float('nan')
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def plot(path, args, summary):
+    """Mean test accuracy ± std over seeds against the batch size, a line per method."""
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(6.5, 4.2))
+    for method in args.methods:
+        bss = [bs for bs in args.batch_sizes if summary[(method, bs)][0] is not None]
+        ax.errorbar(bss, [summary[(method, bs)][0] for bs in bss],
+                    yerr=[summary[(method, bs)][1] or 0.0 for bs in bss], marker='o', capsize=3,
+                    label=LABELS[method])
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(args.batch_sizes)
+    ax.set_xticklabels([str(b) for b in args.batch_sizes])
+    ax.invert_xaxis()
+    ax.set_xlabel('batch size')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(f'digits, {args.model}, {args.epochs} epochs, {len(args.seeds)} seeds')
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=osp.join(REPO_ROOT, 'docs', 'evidence'))
+    parser = analysis_parser(__doc__, quick='a few-second run (tests)')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[16, 8, 4, 2, 1])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
@@ -146,10 +128,8 @@ def main(argv=None):
     parser.add_argument('--burn-in', type=int, default=1, help='epochs with k = 1 (CBN) / BN (BRN)')
     parser.add_argument('--lr', type=float, default=0.1, help='learning rate at batch size 16')
     parser.add_argument('--weight-decay', type=float, default=1e-4)
-    parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--model', default='cnn', choices=sorted(CNN_VARIANTS),
                         help="'cnn-1x1': the last layers normalise 2×2 and 1×1 maps")
-    parser.add_argument('--quick', action='store_true', help='a few-second run (tests)')
     parser.add_argument('--time-only', action='store_true', help='measure iteration cost and exit')
     args = parser.parse_args(argv)
     if args.quick:
@@ -159,8 +139,8 @@ def main(argv=None):
         time_only(args, data)
         return None
     torch.set_num_threads(args.threads)
-    out = ensure_dir(args.out)
-    start = time.time()
+    name = 'batch_size_table' + ('' if args.model == 'cnn' else '_' + args.model.replace('cnn-', ''))
+    report = Report(args.out, name)
     runs = []
     for bs in args.batch_sizes:
         for method in args.methods:
@@ -169,8 +149,8 @@ def main(argv=None):
                 runs.append(r)
                 print(f"[batch_size_table] bs={bs} {method:8s} seed={seed} k={r['window']} "
                       f"acc={100 * r['test_acc']:.2f} loss={r['train_loss']:.3f} "
-                      f"{r['seconds']:.1f} s (total {time.time() - start:.0f} s)", flush=True)
-    wall = time.time() - start
+                      f"{r['seconds']:.1f} s (total {report.seconds:.0f} s)", flush=True)
+    wall = report.seconds
 
     header = ['method'] + [f'bs={bs}' for bs in args.batch_sizes]
     rows, summary, failures = [], {}, {}
@@ -182,14 +162,15 @@ def main(argv=None):
             failed = [r['failure'] for r in sel if r['failure']]
             bad = sum(r['diverged'] for r in sel) - len(failed)
             summary[(method, bs)] = (m, s, bad)
-            cell = '–' if not math.isfinite(m) else f'{m:.1f} ± {s:.1f}'
+            cell = format_mean_std(m, s)
             if failed:
                 failures.setdefault(failed[0], []).append(f'{LABELS[method]} bs={bs}')
                 cell += f' ({len(failed)}/{len(sel)} cannot train¹)'
             row.append(cell + (f' ({bad}/{len(sel)} diverged)' if bad else ''))
         rows.append(row)
     loss_rows = [[LABELS[method]] + [
-        f"{mean_std([r['train_loss'] for r in runs if r['method'] == method and r['batch_size'] == bs])[0]:.3f}"
+        format_mean_std(mean_std(r['train_loss'] for r in runs
+                                 if r['method'] == method and r['batch_size'] == bs)[0], None, digits=3)
         for bs in args.batch_sizes] for method in args.methods]
     k_row = ['CBN window k'] + [str(window_for(bs)) for bs in args.batch_sizes]
     time_rows = [[LABELS[method]] + [
@@ -200,7 +181,6 @@ def main(argv=None):
                f'--epochs {args.epochs} --burn-in {args.burn_in} --lr {args.lr} '
                f'--weight-decay {args.weight_decay} --threads {args.threads}' +
                (f' --model {args.model}' if args.model != 'cnn' else ''))
-    name = 'batch_size_table' + ('' if args.model == 'cnn' else '_' + args.model.replace('cnn-', ''))
     md = (f'# Batch size table (item 3), model {args.model!r}: {CNN_VARIANTS[args.model]}\n\nCommand: `{command}`\n\n'
           f'Wall time: {wall:.0f} s ({len(runs)} runs, {args.threads} thread(s))\n\n'
           f'Test accuracy (%), mean ± std over seeds {args.seeds} (600 test images):\n\n' +
@@ -209,31 +189,8 @@ def main(argv=None):
           '\n\nFinal training loss (mean over the last epoch, mean over seeds):\n\n' +
           markdown_table(header, loss_rows) +
           '\n\nTraining time (s, all seeds):\n\n' + markdown_table(header, time_rows) + '\n')
-    print(md)
-    with open(osp.join(out, f'{name}.md'), 'w') as f:
-        f.write(md)
-    with open(osp.join(out, f'{name}.json'), 'w') as f:
-        json.dump(dict(args=vars(args), runs=runs, wall_seconds=wall), f)
-
-    pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(6.5, 4.2))
-    for method in args.methods:
-        bss = [bs for bs in args.batch_sizes if math.isfinite(summary[(method, bs)][0])]
-        ax.errorbar(bss, [summary[(method, bs)][0] for bs in bss],
-                    yerr=[summary[(method, bs)][1] for bs in bss], marker='o', capsize=3,
-                    label=LABELS[method])
-    ax.set_xscale('log', base=2)
-    ax.set_xticks(args.batch_sizes)
-    ax.set_xticklabels([str(b) for b in args.batch_sizes])
-    ax.invert_xaxis()
-    ax.set_xlabel('batch size')
-    ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f'digits, {args.model}, {args.epochs} epochs, {len(args.seeds)} seeds')
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(osp.join(out, f'{name}.png'), dpi=110)
-    pyplot.close(fig)
+    report.write(md, dict(args=vars(args), runs=runs, wall_seconds=wall),
+                 plot=lambda path: plot(path, args, summary))
     return runs
 
 

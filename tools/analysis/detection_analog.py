@@ -1,54 +1,12 @@
-"""BN vs GN vs CBN vs Naive CBN in a detector at 2 images per process: COCO bbox AP over seeds (issue
-"Evidence that compensation works", item 4, "Detection analog"; the toy-scale analog of the paper's
-Table 5 / Figure 3 rows on COCO).
+"""BN vs GN vs CBN vs Naive CBN in the demo detector at 2 images per iteration: COCO bbox AP over seeds.
 
-The detector is the demo's (``configs/demo/faster-rcnn_r18_fpn_demo-shapes.py``): Faster R-CNN with a
-half-width ResNet-18 (base width 32) + FPN (64 channels) + the 4conv1fc box head
-(``Shared4Conv1FCBBoxHead``), trained **from scratch** on the generated demo "shapes" dataset (800 train /
-200 val images of 128 px, 5 classes; ``data/demo_shapes/``, generated on first use), with mmengine's
-``Runner``. Each run changes only the normalizer, the seed and the schedule:
-
-* **heads** (``*-heads``): the normalizer in the FPN (lateral and output convs) and in the box head's 4
-  convs; the backbone keeps BN (as in the demo config).
-* **all layers** (``*-all``): the same normalizer in the backbone too. BN in all layers *is* the ``BN``
-  row (the demo backbone already uses BN), so it is not run twice.
-* Normalizers: ``BN``; ``GN`` (``--gn-groups`` groups, 16 by default: it divides every channel count
-  here, 32-256, leaving ≥ 2 channels per group); ``CBN`` (``window=k``, compensation on); ``NaiveCBN``
-  (``compensate=False``). The CBN variants (and only they) get ``CBNBurnInHook``: window 1 (plain BN)
-  for the first ``--burn-in`` iterations (a quarter of the schedule by default), then ``k``. BN keeps
-  its running statistics with momentum 0.1; CBN's running statistics come from the window (its default).
-* Schedule (one process, ``--batch-size`` images per iteration, 2 by default; 1 is allowed): ``--iters``
-  iterations (1200 by default), SGD, momentum 0.9, weight decay 1e-4, learning rate ``--lr`` (default
-  0.04 · sqrt(bs / 8) = 0.02 at 2 images: the demo's rate at 8 images, square-root scaled), linear warm-up
-  over ``--warmup`` iterations (iters // 8), ×0.1 at 75 % and 90 % of ``--iters``, gradient clipping at
-  35 (as in the demo config). ``randomness.seed`` is the seed (initialisation and data order).
-* Why 1200 iterations: the detector is trained from scratch and learns per *image* seen, whatever the
-  batch size (its training loss after 2400 images is 1.15 at 8 images per iteration and at 2). Measured
-  for CBN-heads, seed 0, one thread: 400 iterations (86 s per run) reach bbox AP 0.022 (lr 0.01) or 0.015
-  (lr 0.04) -- too close to zero to compare normalizers; 1200 iterations (0.17-0.19 s per iteration,
-  about 4 minutes per run with the evaluation) reach 0.080 (AP50 0.153). 64 px images
-  (``--image-size 64``) are 1.5× faster per iteration with the same AP at 1200 iterations (0.085), and
-  AdamW did not learn much faster (0.056 after 600 iterations). The demo config itself (9600 images)
-  reaches 0.65. ``--iters 400`` gives the 90-second version of the study.
-* Evaluation: COCO bbox AP, AP50, AP75 (``CocoMetric``) on the 200 validation images once, after the
-  last iteration; BN and both CBNs evaluate with their running statistics (CBN in eval mode *is* BN).
-
-Each run is a subprocess (this script with ``--run-one``; ``OMP_NUM_THREADS=1``, ``torch.set_num_threads
-(--threads)``) with its own work directory ``--work-dir/bs<N>/<variant>/seed<S>/`` (the mmengine log, the
-config it ran, ``stdout.log``, ``result.json``). The study is resumable: a run whose ``result.json``
-exists with the same settings is not run again, so an interrupted study continues where it stopped (a
-result with different settings is run again; a run that failed inside training, e.g. BN with one value
-per channel, is a result too: delete its ``result.json`` to retry it). ``--workers N`` runs N runs at
-once, one thread each.
-
-Usage::
+Each run (normalizer variant, seed) trains the demo Faster R-CNN from scratch in a subprocess with its own
+directory under ``--work-dir``; finished runs are kept, so the study resumes. Design: docs/analysis.md.
 
     .venv/bin/python tools/analysis/detection_analog.py --workers 2     # 7 variants × 3 seeds, ~45-50 min
     .venv/bin/python tools/analysis/detection_analog.py --quick         # tiny data, 2 runs (tests)
-    .venv/bin/python tools/analysis/detection_analog.py --variants CBN-heads --seeds 0   # one trial run
 
-Prints the table; writes ``detection_analog.{md,json,png}`` to ``--out`` (``docs/evidence``; with
-``--quick``, the work directory).
+Prints the table; writes ``detection_analog.{md,json,png}`` to ``--out`` (``--quick``: the work dir).
 """
 import argparse
 import concurrent.futures
@@ -61,9 +19,9 @@ import subprocess
 import sys
 import time
 
-from common import REPO_ROOT, ensure_dir, markdown_table, plt
-
-DEMO_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'faster-rcnn_r18_fpn_demo-shapes.py')
+from common import (REPO_ROOT, Report, TrainingLosses, demo_detector_config, detector_parser,
+                    ensure_dir, format_mean_std, markdown_table, mean, mean_std, plt,
+                    resolve_detector_args, save_figure)
 
 #: variant -> (normalizer in FPN + box head, normalizer in the backbone)
 VARIANTS = {
@@ -77,10 +35,7 @@ VARIANTS = {
 }
 LABELS = {'BN': 'BN', 'GN': 'GN', 'NaiveCBN': 'Naive CBN', 'CBN': 'CBN'}
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
-
-#: the demo dataset (configs/_base_/datasets/demo_shapes_detection.py) and the tiny one of --quick
-DEMO_DATA = dict(num_train=800, num_val=200, image_size=128, seed=0)
-QUICK_DATA = dict(num_train=8, num_val=4, image_size=64, seed=0, min_objects=1, max_objects=3)
+ITERS, QUICK_ITERS = 1200, 20  # default --iters, without and with --quick
 
 
 def uses_cbn(variant):
@@ -109,46 +64,15 @@ def settings_from_args(args):
 def build_config(variant, seed, settings, work_dir):
     """The demo config with the variant's normalizers, the seed and the short schedule (an mmengine
     ``Config``)."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(DEMO_CONFIG)
     heads, backbone = VARIANTS[variant]
     window, groups = settings['window'], settings['gn_groups']
-    iters, bs = settings['iters'], settings['batch_size']
-    # (the demo config's head_norm_cfg variable was resolved when it was parsed: set each module's)
-    cfg.model.backbone.norm_cfg = norm_cfg(backbone, window, groups)
-    cfg.model.neck.norm_cfg = norm_cfg(heads, window, groups)
-    cfg.model.roi_head.bbox_head.norm_cfg = norm_cfg(heads, window, groups)
-    hooks = [h for h in cfg.custom_hooks if h['type'] != 'CBNBurnInHook']
-    if uses_cbn(variant):
-        hooks.insert(0, dict(type='CBNBurnInHook', burn_in=settings['burn_in'], by_epoch=False))
-    cfg.custom_hooks = hooks
-
-    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=iters)
-    cfg.param_scheduler = [
-        dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=settings['warmup']),
-        dict(type='MultiStepLR', by_epoch=False, begin=0, end=iters,
-             milestones=[int(iters * 0.75), int(iters * 0.9)], gamma=0.1)]
-    cfg.optim_wrapper.optimizer.lr = settings['lr']
-    cfg.randomness = dict(seed=seed)
-    cfg.default_hooks.checkpoint = None  # nothing is evaluated later: no checkpoint
-    cfg.default_hooks.logger.interval = max(1, min(50, iters // 10))
+    cfg = demo_detector_config(
+        norm_cfg(heads, window, groups), backbone_norm=norm_cfg(backbone, window, groups),
+        burn_in=settings['burn_in'] if uses_cbn(variant) else None, iters=settings['iters'],
+        warmup=settings['warmup'], lr=settings['lr'], seed=seed, batch_size=settings['batch_size'],
+        data_root=settings['data_root'], generation=settings['generation'],
+        few_rois=settings['small_rois'])
     cfg.work_dir = work_dir
-
-    root = settings['data_root'].rstrip('/') + '/'
-    size = settings['generation']['image_size']
-    cfg.train_dataloader.batch_size = bs
-    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
-        loader.dataset.data_root = root
-        loader.dataset.generate = settings['generation']
-        for step in loader.dataset.pipeline:
-            if step['type'] == 'Resize':
-                step['scale'] = (size, size)
-    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
-        evaluator.ann_file = root + 'annotations/instances_val.json'
-    if settings['small_rois']:  # --quick: fewer proposals and RoIs (as tests/test_tools.py)
-        cfg.model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=50)
-        cfg.model.test_cfg.rpn.update(nms_pre=200, max_per_img=50)
-        cfg.model.test_cfg.rcnn.max_per_img = 20
     return cfg
 
 
@@ -173,12 +97,28 @@ def norm_census(model):
     return census
 
 
+class RunRecord(TrainingLosses):
+    """Training losses, the start times of training and evaluation, and the evaluation's metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.times, self.metrics = {}, None
+
+    def before_train(self, runner):
+        self.times['train_start'] = time.perf_counter()
+
+    def before_val(self, runner):
+        self.times['val_start'] = time.perf_counter()
+
+    def after_val_epoch(self, runner, metrics=None):
+        self.metrics = dict(metrics or {})
+        self.times['val_end'] = time.perf_counter()
+
+
 def run_one(spec_path):
     """Child process: train one run with mmengine's Runner, evaluate, write ``result.json``."""
     import torch
-    from mmengine.hooks import Hook
     from mmengine.runner import Runner
-    import cbn_mmdet  # noqa: F401
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -187,28 +127,7 @@ def run_one(spec_path):
     cfg = build_config(spec['variant'], spec['seed'], spec['settings'], work_dir)
     cfg.dump(osp.join(work_dir, 'config.py'))
 
-    class Record(Hook):
-        priority = 'LOWEST'
-
-        def __init__(self):
-            self.times, self.metrics, self.losses = {}, None, []
-
-        def before_train(self, runner):
-            self.times['train_start'] = time.perf_counter()
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            loss = (outputs or {}).get('loss')
-            if loss is not None:
-                self.losses.append(float(loss.detach() if hasattr(loss, 'detach') else loss))
-
-        def before_val(self, runner):
-            self.times['val_start'] = time.perf_counter()
-
-        def after_val_epoch(self, runner, metrics=None):
-            self.metrics = dict(metrics or {})
-            self.times['val_end'] = time.perf_counter()
-
-    record = Record()
+    record = RunRecord()
     result = dict(variant=spec['variant'], seed=spec['seed'], settings=spec['settings'],
                   heads=VARIANTS[spec['variant']][0], backbone=VARIANTS[spec['variant']][1],
                   burn_in_hook=any(h['type'] == 'CBNBurnInHook' for h in cfg.custom_hooks),
@@ -226,8 +145,7 @@ def run_one(spec_path):
         result['iter_seconds'] = result['train_seconds'] / spec['settings']['iters']
     if 'val_end' in t:
         result['eval_seconds'] = t['val_end'] - t['val_start']
-    tail = record.losses[-50:]
-    result['final_loss'] = sum(tail) / len(tail) if tail else None
+    result['final_loss'] = mean(record.losses[-50:]) if record.losses else None
     result['loss_finite'] = all(math.isfinite(v) for v in record.losses)
     metrics = record.metrics
     if result['failure'] is None:
@@ -285,15 +203,9 @@ def launch(args, settings, variant, seed):
     return result, wall, log
 
 
-def mean_std(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float('nan'), float('nan')
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(variants, seeds, runs):
-    """``{variant: {metric: {'values': per seed, 'mean', 'std'}, 'failures': [...], ...}}``."""
+    """``{variant: {metric: {'values': per seed, 'mean', 'std'}, 'failures': [...], ...}}``
+    (:func:`seed_stats.mean_std`: no std for one seed, no mean for none)."""
     summary = {}
     for v in variants:
         sel = {r['seed']: r for r in runs if r['variant'] == v}
@@ -302,8 +214,7 @@ def summarize(variants, seeds, runs):
                      failures={str(s): sel[s]['failure'] for s in sel if sel[s]['failure']})
         for m in METRICS:
             values = [sel[s][m] for s in entry['seeds']]
-            mean, std = mean_std(values)
-            entry[m] = dict(values=values, mean=mean, std=std)
+            entry[m] = dict(zip(('values', 'mean', 'std'), (values, *mean_std(values))))
         times = [sel[s].get('wall_seconds') for s in entry['seeds'] if sel[s].get('wall_seconds')]
         entry['seconds_per_run'] = statistics.mean(times) if times else None
         iters = [sel[s]['iter_seconds'] for s in entry['seeds'] if sel[s].get('iter_seconds')]
@@ -315,9 +226,7 @@ def summarize(variants, seeds, runs):
 
 
 def cell(stat, scale=100.0):
-    if not math.isfinite(stat['mean']):
-        return '–'
-    return f"{scale * stat['mean']:.1f} ± {scale * stat['std']:.1f}"
+    return format_mean_std(stat['mean'], stat['std'], scale=scale)
 
 
 def plot(path, variants, summary, title):
@@ -328,10 +237,10 @@ def plot(path, variants, summary, title):
     x = list(range(len(variants)))
     colors = {'BN': 'tab:blue', 'GN': 'tab:green', 'NaiveCBN': 'tab:orange', 'CBN': 'tab:red'}
     for ax, m, name in zip(axes, ('bbox_mAP', 'bbox_mAP_50'), ('bbox AP', 'AP50')):
-        means = [100 * summary[v][m]['mean'] for v in variants]
-        stds = [100 * summary[v][m]['std'] for v in variants]
-        bars = ax.bar(x, [0 if math.isnan(v) else v for v in means],
-                      yerr=[0 if math.isnan(s) else s for s in stds], capsize=4,
+        means = [summary[v][m]['mean'] for v in variants]
+        stds = [summary[v][m]['std'] for v in variants]
+        bars = ax.bar(x, [0 if v is None else 100 * v for v in means],
+                      yerr=[0 if s is None else 100 * s for s in stds], capsize=4,
                       color=[colors[VARIANTS[v][0]] for v in variants], alpha=0.8)
         for bar, v in zip(bars, variants):
             if v.endswith('-all'):
@@ -344,40 +253,23 @@ def plot(path, variants, summary, title):
         ax.set_ylabel(f'{name} (%), mean ± std')
         ax.grid(True, axis='y', alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=None, help='default docs/evidence (--quick: WORK_DIR)')
-    parser.add_argument('--work-dir', default=None,
-                        help='runs go to WORK_DIR/bs<N>/<variant>/seed<S>/ (default '
-                             'work_dirs/detection_analog, work_dirs/detection_analog_quick with --quick)')
+    parser = detector_parser(__doc__, 'detection_analog', ITERS,
+                             work_dir='runs go to WORK_DIR/bs<N>/<variant>/seed<S>/',
+                             quick='tiny data (8 train / 4 val images of 64 px), 20 iterations, 1 seed, '
+                                   'BN and CBN-heads (tests)', threads='torch threads per run')
     parser.add_argument('--variants', nargs='+', default=None, choices=list(VARIANTS),
                         help='default: all seven (--quick: BN CBN-heads)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help='default 0 1 2 (--quick: 0)')
-    parser.add_argument('--batch-size', type=int, default=2, help='images per iteration (1 process)')
-    parser.add_argument('--iters', type=int, default=None, help='training iterations (default 1200)')
-    parser.add_argument('--burn-in', type=int, default=None,
-                        help='CBN variants: iterations with window 1 (default: iters // 4)')
-    parser.add_argument('--warmup', type=int, default=None, help='linear warm-up iterations (default: '
-                                                                 'iters // 8)')
-    parser.add_argument('--lr', type=float, default=None,
-                        help='default 0.04 · sqrt(batch size / 8): 0.02 at 2 images')
     parser.add_argument('--window', type=int, default=4, help='CBN / Naive CBN window k')
     parser.add_argument('--gn-groups', type=int, default=16)
     parser.add_argument('--image-size', type=int, default=128,
-                        help='side of the generated images (128: the demo data)')
-    parser.add_argument('--data-root', default=None,
-                        help='default data/demo_shapes (the demo data; data/demo_shapes_<size> for '
-                             'another --image-size; --quick: WORK_DIR/data, tiny)')
+                        help='side of the generated images (128: the demo data; another size: under '
+                             'data/demo_shapes_<size> by default)')
     parser.add_argument('--workers', type=int, default=1, help='runs at once (each one thread)')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads per run')
-    parser.add_argument('--quick', action='store_true',
-                        help='tiny data (8 train / 4 val images of 64 px), 20 iterations, 1 seed, '
-                             'BN and CBN-heads (tests)')
     parser.add_argument('--run-one', metavar='SPEC', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_one:
@@ -386,28 +278,14 @@ def main(argv=None):
     if args.quick:
         args.variants = args.variants or ['BN', 'CBN-heads']
         args.seeds = args.seeds if args.seeds is not None else [0]
-        args.iters = args.iters or 20
-        args.generation = QUICK_DATA
-        args.work_dir = args.work_dir or osp.join(REPO_ROOT, 'work_dirs', 'detection_analog_quick')
-        args.data_root = args.data_root or osp.join(args.work_dir, 'data')
     else:
         args.variants = args.variants or list(VARIANTS)
         args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
-        args.iters = args.iters or 1200
-        args.generation = dict(DEMO_DATA, image_size=args.image_size)
-        args.work_dir = args.work_dir or osp.join(REPO_ROOT, 'work_dirs', 'detection_analog')
-        args.data_root = args.data_root or osp.join(
-            REPO_ROOT, 'data', 'demo_shapes' + ('' if args.image_size == 128 else f'_{args.image_size}'))
-    args.work_dir = osp.abspath(args.work_dir)
-    args.out = args.out or (args.work_dir if args.quick else osp.join(REPO_ROOT, 'docs', 'evidence'))
-    args.data_root = osp.abspath(args.data_root)
-    args.burn_in = args.iters // 4 if args.burn_in is None else args.burn_in
-    args.warmup = max(1, args.iters // 8) if args.warmup is None else args.warmup
-    args.lr = round(0.04 * math.sqrt(args.batch_size / 8), 4) if args.lr is None else args.lr
+    resolve_detector_args(args, 'detection_analog', ITERS, QUICK_ITERS)
     settings = settings_from_args(args)
 
     # generate the data once, before the runs start (they would serialise on its lock otherwise)
-    from cbn_mmdet.datasets.demo_shapes import make_demo_dataset
+    from cbn_mmdet_demo.shapes import make_demo_dataset
     make_demo_dataset(args.data_root, **args.generation)
 
     jobs, runs = [], []
@@ -420,7 +298,7 @@ def main(argv=None):
                       flush=True)
             else:
                 jobs.append((variant, seed))
-    start = time.time()
+    report = Report(args.out, 'detection_analog')
     print(f'[detection_analog] {len(jobs)} run(s) to do, {len(runs)} done before; {args.workers} '
           f'worker(s); settings {settings}', flush=True)
     lost = []
@@ -438,8 +316,8 @@ def main(argv=None):
             status = (f"AP {result['bbox_mAP']:.3f} AP50 {result['bbox_mAP_50']:.3f}"
                       if result['failure'] is None else f"FAILED: {result['failure']}")
             print(f'[detection_analog] {variant} seed={seed}: {status}, {wall:.0f} s '
-                  f'(total {time.time() - start:.0f} s)', flush=True)
-    wall = time.time() - start
+                  f'(total {report.seconds:.0f} s)', flush=True)
+    wall = report.seconds
 
     summary = summarize(args.variants, args.seeds, runs)
     header = ['variant', 'FPN + box head', 'backbone', 'bbox AP', 'AP50', 'AP75', 'runs',
@@ -480,17 +358,13 @@ def main(argv=None):
            ', '.join(f'{v} seed {s}' for v, s, _ in lost) if lost else '') +
           '\n\nPer seed (%):\n\n' +
           markdown_table(['variant', 'seed', 'bbox AP', 'AP50', 'AP75', 'failure'], seed_rows) + '\n')
-    print(md)
-    out = ensure_dir(args.out)
-    with open(osp.join(out, 'detection_analog.md'), 'w') as f:
-        f.write(md)
-    with open(osp.join(out, 'detection_analog.json'), 'w') as f:
-        json.dump(dict(args=vars(args), settings=settings, summary=summary, runs=runs, wall_seconds=wall,
-                       lost=[dict(variant=v, seed=s, log=log) for v, s, log in lost]), f, indent=1)
-
-    plot(osp.join(out, 'detection_analog.png'), args.variants, summary,
-         f'Faster R-CNN on demo shapes, {args.batch_size} image(s)/iteration, {args.iters} iterations, '
-         f'{len(args.seeds)} seed(s)')
+    report.write(md, dict(args=vars(args), settings=settings, summary=summary, runs=runs, wall_seconds=wall,
+                          lost=[dict(variant=v, seed=s, log=log) for v, s, log in lost]),
+                 plot=lambda path: plot(
+                     path, args.variants, summary,
+                     f'Faster R-CNN on demo shapes, {args.batch_size} image(s)/iteration, {args.iters} '
+                     f'iterations, {len(args.seeds)} seed(s)'),
+                 indent=1)
     return 1 if lost else 0
 
 

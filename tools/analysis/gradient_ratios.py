@@ -1,49 +1,21 @@
-"""Do the statistics of layer l depend mostly on layer l's own weights? (Appendix C; issue item 2.)
+"""Do the statistics of layer l depend mostly on layer l's own weights? (The paper's Appendix C.)
 
-For every CBN layer ``l`` this measures, with autograd (full Jacobians, no sampling),
-
-    ‖∂μ^l/∂θ^r‖_F / ‖∂μ^l/∂θ^l‖_F   and   ‖∂ν^l/∂θ^r‖_F / ‖∂ν^l/∂θ^l‖_F,   r ∈ {l−1, l−2},
-
-where ``μ^l``, ``ν^l = E[x²]`` are the per-channel mean and second moment (Eqs. 2-3) of the input of CBN
-layer ``l`` on one mini-batch, ``θ^l`` is the weight of the conv that produced that input and
-``θ^{l−1}``, ``θ^{l−2}`` are the two nearest convs before it, in forward execution order, on which
-``μ^l`` depends (so a ResNet's shortcut conv, which does not depend on the convs of the block it sits
-in, takes the convs feeding the block). Layers without such a conv (the first one or two) are left out.
-Ratios are averaged over the layers. The Jacobians are taken with the earlier layers normalising with
-their *current batch's* statistics, gradients flowing through them (BN semantics: every CBN of a
-copy of the network is switched to window 1 for the measurement), which is ``μ^l_t(θ_t)`` as a function
-of the weights.
-
-Models, trained with CBN (window 4 after a 20-iteration burn-in, batch 8, SGD lr 0.05, momentum 0.9)
-on scikit-learn's digits (real labels):
-
-* ``resnet18``: mmdet's ``ResNet(depth=18, base_channels=16, in_channels=1)`` from the registry with
-  ``norm_cfg=dict(type='CBN', window=4)``, ``norm_eval=False`` (20 CBN layers; channels 16-128), a global
-  average pool and a linear classifier; 64×64 inputs.
-* ``vgg``: :class:`common.VGGNet`, a VGG-style plain net, 8 conv-CBN-ReLU layers (16-128 channels) with
-  max-pools; 32×32 inputs.
-
-Measured on the next training batch at iterations 0 (initialisation) and evenly up to ``--iters``.
-
-Usage::
+For every CBN layer l of two small CBN networks trained on scikit-learn's digits, the ratios
+‖∂μ^l/∂θ^r‖_F / ‖∂μ^l/∂θ^l‖_F and the same for ν^l = E[x²], r ∈ {l−1, l−2}. Design: docs/analysis.md.
 
     .venv/bin/python tools/analysis/gradient_ratios.py             # full, a few minutes
     .venv/bin/python tools/analysis/gradient_ratios.py --quick     # seconds (tests)
 
 Prints the tables; writes ``gradient_ratios.{md,json,png}`` to ``--out``.
 """
-import argparse
 import copy
-import json
-import os.path as osp
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (REPO_ROOT, VGGNet, cbn_layers, ensure_dir, load_digits_tensors, markdown_table,
-                    norm_factory, plt, set_active_window)
+from common import (Report, VGGNet, analysis_parser, cbn_layers, load_digits_tensors, markdown_table,
+                    norm_factory, plt, save_figure, set_active_window)
 
 #: The paper's Appendix C numbers (ratio for μ, ratio for ν), ImageNet-trained networks.
 PAPER = {'ResNet (paper)': (0.12, 0.39), 'VGG-16 (paper)': (0.20, 0.41),
@@ -181,9 +153,30 @@ def run(arch, args, data):
     return records
 
 
+def plot(path, records, archs):
+    """The layer-averaged ratios over the iterations (μ left, ν right), with the paper's as lines."""
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(11, 4))
+    colours = dict(zip(archs, ('tab:blue', 'tab:orange', 'tab:green')))
+    for ax, stat in zip(axes, ('mu', 'nu')):
+        for arch in archs:
+            its = [r['iter'] for r in records if r['arch'] == arch]
+            for r_key, style in (('l-1', '-o'), ('l-2', '--s')):
+                ax.plot(its, [r['mean'][f'{stat}_{r_key}'] for r in records if r['arch'] == arch],
+                        style, color=colours[arch], label=f'{arch}, r={r_key}')
+        for (name, vals), marker in zip(PAPER.items(), ('x', '+', '*')):
+            ax.axhline(vals[0 if stat == 'mu' else 1], color='grey', lw=0.8, ls=':')
+            ax.annotate(name, (0, vals[0 if stat == 'mu' else 1]), fontsize=7, color='grey')
+        ax.set_xlabel('iteration')
+        ax.set_ylabel(f'‖∂{"μ" if stat == "mu" else "ν"}^l/∂θ^r‖ / ‖∂{"μ" if stat == "mu" else "ν"}^l/∂θ^l‖')
+        ax.set_title(f'{"mean μ" if stat == "mu" else "second moment ν"}: layer average')
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=osp.join(REPO_ROOT, 'docs', 'evidence'))
+    parser = analysis_parser(__doc__, quick='a few-second run (tests)')
     parser.add_argument('--archs', nargs='+', default=['resnet18', 'vgg'])
     parser.add_argument('--iters', type=int, default=600)
     parser.add_argument('--points', type=int, default=4, help='measurement points, 0 .. iters')
@@ -192,15 +185,12 @@ def main(argv=None):
     parser.add_argument('--window', type=int, default=4)
     parser.add_argument('--burn-in', type=int, default=20)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--quick', action='store_true', help='a few-second run (tests)')
     args = parser.parse_args(argv)
     if args.quick:
         args.iters, args.points, args.burn_in, args.batch_size = 2, 2, 1, 4
     torch.set_num_threads(args.threads)
-    out = ensure_dir(args.out)
     x_train, y_train, _, _ = load_digits_tensors(size=8)
-    start = time.time()
+    report = Report(args.out, 'gradient_ratios')
     records = []
     for arch in args.archs:
         records += run(arch, args, (x_train, y_train))
@@ -222,33 +212,9 @@ def main(argv=None):
                f'--iters {args.iters} --points {args.points} --batch-size {args.batch_size} '
                f'--lr {args.lr} --window {args.window} --burn-in {args.burn_in} --seed {args.seed}')
     md = (f'# Gradient ratios (item 2, Appendix C)\n\nCommand: `{command}`\n\n'
-          f'Wall time: {time.time() - start:.0f} s\n\n' + '\n\n'.join(text) + '\n')
-    print(md)
-    with open(osp.join(out, 'gradient_ratios.md'), 'w') as f:
-        f.write(md)
-    with open(osp.join(out, 'gradient_ratios.json'), 'w') as f:
-        json.dump(dict(args=vars(args), records=records, paper=PAPER), f)
-
-    pyplot = plt()
-    fig, axes = pyplot.subplots(1, 2, figsize=(11, 4))
-    colours = dict(zip(args.archs, ('tab:blue', 'tab:orange', 'tab:green')))
-    for ax, stat in zip(axes, ('mu', 'nu')):
-        for arch in args.archs:
-            its = [r['iter'] for r in records if r['arch'] == arch]
-            for r_key, style in (('l-1', '-o'), ('l-2', '--s')):
-                ax.plot(its, [r['mean'][f'{stat}_{r_key}'] for r in records if r['arch'] == arch],
-                        style, color=colours[arch], label=f'{arch}, r={r_key}')
-        for (name, vals), marker in zip(PAPER.items(), ('x', '+', '*')):
-            ax.axhline(vals[0 if stat == 'mu' else 1], color='grey', lw=0.8, ls=':')
-            ax.annotate(name, (0, vals[0 if stat == 'mu' else 1]), fontsize=7, color='grey')
-        ax.set_xlabel('iteration')
-        ax.set_ylabel(f'‖∂{"μ" if stat == "mu" else "ν"}^l/∂θ^r‖ / ‖∂{"μ" if stat == "mu" else "ν"}^l/∂θ^l‖')
-        ax.set_title(f'{"mean μ" if stat == "mu" else "second moment ν"}: layer average')
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(osp.join(out, 'gradient_ratios.png'), dpi=110)
-    pyplot.close(fig)
+          f'Wall time: {report.seconds:.0f} s\n\n' + '\n\n'.join(text) + '\n')
+    report.write(md, dict(args=vars(args), records=records, paper=PAPER),
+                 plot=lambda path: plot(path, records, args.archs))
     return records
 
 

@@ -1,88 +1,41 @@
-"""How well do CBN, Naive CBN and BN estimate the statistics of the last k mini-batches under the current
-weights? (Issue "Evidence that compensation works", item 1; paper Sections 3.2-3.3.)
+"""How well CBN, Naive CBN and BN estimate the statistics of the last k batches under the current weights.
 
-A small ResNet-style classifier (:class:`common.SmallResNet`, 9 CBN layers) is trained with CBN
-(``window=k``, compensation on) on scikit-learn's digits (upsampled to 16×16), SGD with momentum.
-At chosen iterations ``t`` (after the burn-in and once the window is full) and for every CBN layer ``l``
-it compares three estimates of the window statistics with an oracle, all in the *same* training run
-(same weights, same batches):
-
-* **CBN**: the window statistics CBN normalised with at ``t`` (Eqs. 7-11). Read from the layer itself:
-  the run uses ``momentum=1.0, running_stats='window'``, so after the forward ``running_mean`` is μ̄
-  and ``running_var`` is σ̄²·n/(n−1) (n = values in the window).
-* **Naive CBN**: what ``compensate=False`` would use at ``t``: the recorded statistics of the k−1 past
-  iterations, *uncompensated* (read from the layer's history ring), pooled with the current batch with
-  weight 1/k (Eqs. 9-11 without Eqs. 7-8).
-* **BN**: the current mini-batch's own statistics.
-* **Own-layer exact** (a diagnostic, not a method): each past batch's statistics recomputed *exactly*
-  for a change of layer ``l``'s own conv only: the conv input ``y^{l−1}`` recorded in training at
-  ``t−τ`` (kept by this script) convolved with θ^l_t, pooled over the k batches. This is what Eqs. 7-8
-  approximate to first order. So CBN − own-layer exact is the Taylor error, and own-layer exact −
-  oracle is the error of truncating the compensation at layer ``l`` (changes of earlier convs, of
-  earlier γ, β and of earlier layers' normalising statistics), which CBN does not try to model.
-* **Oracle**: the statistics of the same k mini-batches (the current one and the k−1 before it, kept
-  by this script) under the current network ``f_t``. Definition: every layer up to ``l`` takes the
-  current weights θ_t, and every earlier CBN layer normalises with the *fixed* statistics it used at
-  iteration ``t`` (its μ̄, σ̄² above, applied to every one of the k batches; this is exactly the function
-  that produced the current batch's activations in training). The k batches are run through a copy of
-  the network in eval mode with those statistics loaded, and the oracle is the pooled mean and biased
-  variance of layer ``l``'s input over all k·N·H·W values (k equal-size batches: equal to Eq. 9-11's
-  1/k average). For the first layer this is just the conv of the stored images with θ_t.
-
-Errors, per layer (RMS over the C channels, dimensionless):
-``e_μ = rms_c((μ̂_c − μ*_c)/σ*_c)`` (the mean error in units of the oracle std) and
-``e_σ = rms_c((σ̂_c − σ*_c)/σ*_c)`` (relative error of the std), with μ*, σ* the oracle's.
-
-BN's error against this oracle is a *sampling* error (one batch instead of k); CBN's and Naive CBN's
-errors are the staleness of the past k−1 batches' statistics (after / without the Taylor compensation).
-
-Usage::
+Trains a small ResNet with CBN(k) on scikit-learn's digits and, every few iterations, compares each CBN
+layer's window statistics with an oracle recomputed under the current weights. Design: docs/analysis.md.
 
     .venv/bin/python tools/analysis/statistics_estimation.py            # full study, ~1-2 min
     .venv/bin/python tools/analysis/statistics_estimation.py --quick    # seconds (tests)
 
 Prints the tables; writes ``statistics_estimation.{md,json,png}`` and ``..._layers.png`` to ``--out``.
 """
-import argparse
 import copy
-import json
-import os.path as osp
-import time
 from collections import deque
 
 import torch
 import torch.nn.functional as F
 
-from common import (REPO_ROOT, SmallResNet, cbn_layers, ensure_dir, fmt, load_digits_tensors,
-                    markdown_table, norm_factory, plt, set_active_window)
 from cbn_mmdet.ops.statistics import batch_moments, window_moments
+from common import (ESTIMATES, PLOTTED_ESTIMATES, Report, SmallResNet, analysis_parser, cbn_layers, errors,
+                    fmt, load_digits_tensors, markdown_table, mean, norm_factory, plot_errors, plt,
+                    save_figure, set_active_window)
 
-METHODS = ('CBN', 'Naive CBN', 'BN', 'Own-layer exact')
-PLOTTED = ('CBN', 'Naive CBN', 'BN')
 
-
-def window_statistics(layer):
+def window_statistics(layer, layer_input):
     """``(cbn_mean, cbn_var, naive_mean, naive_var, batch_mean, batch_var)`` of the forward just run.
 
-    Called right after ``layer``'s training forward (its history's current slot is this batch).
+    Called right after ``layer``'s training forward on ``layer_input``.
     """
-    head = layer.history_slots()[0]
     past = layer.past_window()
-    valid = (past['valid'].double() if past is not None
-             else torch.zeros(layer.history_mean.shape[0], dtype=torch.float64))
-    k_used = 1 + int(valid.sum())
-    count = layer.history_count[head]
-    n = count * k_used
+    batch_mean, batch_var = (t.double() for t in batch_moments(layer_input.detach()))
+    count = layer_input.shape[0] * layer_input.shape[2] * layer_input.shape[3]
+    n = count + (0 if past is None else past['count'].double())
     cbn_mean = layer.running_mean.double().clone()
     cbn_var = layer.running_var.double() * (n - 1) / n  # momentum=1: running_var = σ̄² n/(n−1)
-    batch_mean = layer.history_mean[head].double()
-    batch_var = layer.history_var[head].double()
     if past is None:
-        return cbn_mean, cbn_var, batch_mean.clone(), batch_var.clone(), batch_mean.clone(), \
-            batch_var.clone()
+        return cbn_mean, cbn_var, batch_mean, batch_var, batch_mean.clone(), batch_var.clone()
     naive_mean, naive_var, _ = window_moments(batch_mean, batch_var, past['mean'].double(),
-                                              past['var'].double(), valid)
-    return cbn_mean, cbn_var, naive_mean, naive_var, batch_mean.clone(), batch_var.clone()
+                                              past['var'].double(), past['valid'].double())
+    return cbn_mean, cbn_var, naive_mean, naive_var, batch_mean, batch_var
 
 
 @torch.no_grad()
@@ -143,13 +96,6 @@ def own_layer_exact(convs, recorded_inputs):
     return out
 
 
-def errors(mean, var, o_mean, o_var, eps=1e-12):
-    o_std = o_var.clamp_min(eps).sqrt()
-    e_mu = (((mean - o_mean) / o_std) ** 2).mean().sqrt()
-    e_sigma = (((var.clamp_min(0).sqrt() - o_std) / o_std) ** 2).mean().sqrt()
-    return float(e_mu), float(e_sigma)
-
-
 def run(k, lr, args, data):
     """One training run with CBN(window=k) at learning rate ``lr``; returns its measurement records."""
     x_train, y_train = data
@@ -168,6 +114,10 @@ def run(k, lr, args, data):
     for name, conv in convs.items():
         conv.register_forward_pre_hook(
             lambda mod, inp, name=name: conv_inputs.__setitem__(name, inp[0].detach().clone()))
+    cbn_inputs = {}  # CBN layer name -> its input in this iteration's training forward
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(
+            lambda mod, inp, name=name: cbn_inputs.__setitem__(name, inp[0].detach()))
     gen = torch.Generator().manual_seed(args.seed)
     batches = deque(maxlen=k)
     recorded_inputs = deque(maxlen=k)
@@ -188,27 +138,21 @@ def run(k, lr, args, data):
         losses.append(loss.item())
         measure = it >= start_measuring and (it - start_measuring) % args.every == 0
         if measure:
-            stats = {name: window_statistics(layer) for name, layer in layers.items()}
+            stats = {name: window_statistics(layer, cbn_inputs[name]) for name, layer in layers.items()}
             used = {name: (s[0], s[1]) for name, s in stats.items()}
             oracle = oracle_statistics(model, batches, used)
             own = own_layer_exact(convs, recorded_inputs)
             for li, (name, s) in enumerate(stats.items()):
                 o_mean, o_var = oracle[name]
-                for method, (m, v) in zip(METHODS, ((s[0], s[1]), (s[2], s[3]), (s[4], s[5]),
-                                                    own[name])):
+                for method, (m, v) in zip(ESTIMATES, ((s[0], s[1]), (s[2], s[3]), (s[4], s[5]),
+                                                      own[name])):
                     e_mu, e_sigma = errors(m, v, o_mean, o_var)
                     records.append(dict(k=k, lr=lr, iter=it, layer=name, layer_index=li,
                                         method=method, e_mu=e_mu, e_sigma=e_sigma))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    tail = losses[-min(50, len(losses)):]
-    return records, sum(tail) / len(tail)
-
-
-def mean(values):
-    values = list(values)
-    return sum(values) / len(values) if values else float('nan')
+    return records, mean(losses[-50:])
 
 
 def summarise(records, ks, lrs, layer_names):
@@ -216,7 +160,7 @@ def summarise(records, ks, lrs, layer_names):
     for lr in lrs:
         for k in ks:
             row = dict(lr=lr, k=k)
-            for method in METHODS:
+            for method in ESTIMATES:
                 sel = [r for r in records if r['k'] == k and r['lr'] == lr and r['method'] == method]
                 row[method] = (mean(r['e_mu'] for r in sel), mean(r['e_sigma'] for r in sel))
             summary.append(row)
@@ -224,7 +168,7 @@ def summarise(records, ks, lrs, layer_names):
     for lr in lrs:
         for k in ks:
             for name in layer_names:
-                for method in METHODS:
+                for method in ESTIMATES:
                     sel = [r for r in records if r['k'] == k and r['lr'] == lr and
                            r['layer'] == name and r['method'] == method]
                     per_layer[(lr, k, name, method)] = (mean(r['e_mu'] for r in sel),
@@ -234,12 +178,12 @@ def summarise(records, ks, lrs, layer_names):
 
 def tables(summary, per_layer, ks, lrs, layer_names, final_loss):
     out = []
-    header = ['lr', 'k'] + [f'e_μ {m}' for m in METHODS] + [f'e_σ {m}' for m in METHODS] + \
+    header = ['lr', 'k'] + [f'e_μ {m}' for m in ESTIMATES] + [f'e_σ {m}' for m in ESTIMATES] + \
         ['Naive/CBN e_μ', 'Naive/CBN e_σ', 'final train loss']
     rows = []
     for row in summary:
-        mu = [row[m][0] for m in METHODS]
-        sg = [row[m][1] for m in METHODS]
+        mu = [row[m][0] for m in ESTIMATES]
+        sg = [row[m][1] for m in ESTIMATES]
         rows.append([row['lr'], row['k']] + [fmt(v) for v in mu] + [fmt(v) for v in sg] +
                     [f'{mu[1] / mu[0]:.1f}×' if mu[0] > 0 else '–',
                      f'{sg[1] / sg[0]:.1f}×' if sg[0] > 0 else '–',
@@ -248,9 +192,9 @@ def tables(summary, per_layer, ks, lrs, layer_names, final_loss):
                markdown_table(header, rows))
     for lr in lrs:
         for k in ks:
-            header = ['layer'] + [f'e_μ {m}' for m in METHODS] + [f'e_σ {m}' for m in METHODS]
-            rows = [[name] + [fmt(per_layer[(lr, k, name, m)][0]) for m in METHODS] +
-                    [fmt(per_layer[(lr, k, name, m)][1]) for m in METHODS] for name in layer_names]
+            header = ['layer'] + [f'e_μ {m}' for m in ESTIMATES] + [f'e_σ {m}' for m in ESTIMATES]
+            rows = [[name] + [fmt(per_layer[(lr, k, name, m)][0]) for m in ESTIMATES] +
+                    [fmt(per_layer[(lr, k, name, m)][1]) for m in ESTIMATES] for name in layer_names]
             out.append(f'Per layer, lr={lr}, k={k} (mean over measurement points):\n\n' +
                        markdown_table(header, rows))
     return out
@@ -259,52 +203,27 @@ def tables(summary, per_layer, ks, lrs, layer_names, final_loss):
 def plot(records, ks, lrs, layer_names, path_time, path_layers):
     pyplot = plt()
     colours = {k: c for k, c in zip(ks, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red'))}
-    styles = {'CBN': '-', 'Naive CBN': '--', 'BN': ':', 'Own-layer exact': '-.'}
     fig, axes = pyplot.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 7), squeeze=False)
     for col, lr in enumerate(lrs):
         for row, key in enumerate(('e_mu', 'e_sigma')):
-            ax = axes[row][col]
-            for k in ks:
-                for method in PLOTTED:
-                    its = sorted({r['iter'] for r in records if r['k'] == k and r['lr'] == lr})
-                    ys = [mean(r[key] for r in records if r['k'] == k and r['lr'] == lr and
-                               r['method'] == method and r['iter'] == i) for i in its]
-                    ax.plot(its, ys, styles[method], color=colours[k], label=f'{method}, k={k}')
-            ax.set_yscale('log')
-            ax.set_xlabel('iteration')
-            ax.set_ylabel('e_μ (mean error / σ*)' if key == 'e_mu' else 'e_σ (relative σ error)')
-            ax.set_title(f'lr={lr}: {"mean" if key == "e_mu" else "std"}, layer average')
-            ax.grid(True, which='both', alpha=0.3)
+            plot_errors(axes[row][col], [r for r in records if r['lr'] == lr], ks, PLOTTED_ESTIMATES, key,
+                        colours)
+            axes[row][col].set_title(f'lr={lr}: {"mean" if key == "e_mu" else "std"}, layer average')
     axes[0][0].legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path_time, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, path_time)
 
     fig, axes = pyplot.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 7), squeeze=False)
-    x = list(range(len(layer_names)))
     for col, lr in enumerate(lrs):
         for row, key in enumerate(('e_mu', 'e_sigma')):
-            ax = axes[row][col]
-            for k in ks:
-                for method in ('CBN', 'Naive CBN', 'Own-layer exact'):
-                    ys = [mean(r[key] for r in records if r['k'] == k and r['lr'] == lr and
-                               r['method'] == method and r['layer'] == name) for name in layer_names]
-                    ax.plot(x, ys, styles[method], marker='o', ms=3, color=colours[k],
-                            label=f'{method}, k={k}')
-            ax.set_xticks(x)
-            ax.set_xticklabels(layer_names, rotation=60, fontsize=7)
-            ax.set_yscale('log')
-            ax.set_title(f'lr={lr}: {"e_μ" if key == "e_mu" else "e_σ"} per layer')
-            ax.grid(True, which='both', alpha=0.3)
+            plot_errors(axes[row][col], [r for r in records if r['lr'] == lr], ks,
+                        ('CBN', 'Naive CBN', 'Own-layer exact'), key, colours, layers=layer_names)
+            axes[row][col].set_title(f'lr={lr}: {"e_μ" if key == "e_mu" else "e_σ"} per layer')
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path_layers, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, path_layers)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=osp.join(REPO_ROOT, 'docs', 'evidence'))
+    parser = analysis_parser(__doc__, quick='a few-second run (tests)')
     parser.add_argument('--ks', type=int, nargs='+', default=[2, 4, 8])
     parser.add_argument('--lrs', type=float, nargs='+', default=[0.02, 0.1])
     parser.add_argument('--iters', type=int, default=600)
@@ -313,18 +232,15 @@ def main(argv=None):
     parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--weight-decay', type=float, default=1e-4)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--freeze-convs', action='store_true',
                         help='conv weights fixed (a check: CBN = Naive CBN, first layer exact)')
-    parser.add_argument('--quick', action='store_true', help='a few-second run (tests)')
     args = parser.parse_args(argv)
     if args.quick:
         args.ks, args.iters, args.burn_in, args.every = args.ks[:2] if len(args.ks) > 1 else args.ks, \
             40, 5, 10
     torch.set_num_threads(args.threads)
-    out = ensure_dir(args.out)
     x_train, y_train, _, _ = load_digits_tensors(size=16)
-    start = time.time()
+    report = Report(args.out, 'statistics_estimation')
     records, final_loss = [], {}
     for lr in args.lrs:
         for k in args.ks:
@@ -332,25 +248,21 @@ def main(argv=None):
             records += recs
             final_loss[(lr, k)] = loss
             print(f'[statistics_estimation] lr={lr} k={k}: {len(recs)} records, '
-                  f'final train loss {loss:.3f} ({time.time() - start:.0f} s)', flush=True)
+                  f'final train loss {loss:.3f} ({report.seconds:.0f} s)', flush=True)
     layer_names = list(dict.fromkeys(r['layer'] for r in records))
     summary, per_layer = summarise(records, args.ks, args.lrs, layer_names)
     text = tables(summary, per_layer, args.ks, args.lrs, layer_names, final_loss)
     command = ('.venv/bin/python tools/analysis/statistics_estimation.py ' +
                ' '.join(f'--{k.replace("_", "-")} {" ".join(map(str, v)) if isinstance(v, list) else v}'
                         for k, v in vars(args).items()
-                        if k not in ('out', 'quick', 'freeze_convs')) +
-               (' --freeze-convs' if args.freeze_convs else ''))
+                        if k not in ('out', 'quick', 'freeze_convs', 'threads')) +
+               f' --threads {args.threads}' + (' --freeze-convs' if args.freeze_convs else ''))
     md = (f'# Statistics estimation (item 1)\n\nCommand: `{command}`\n\n'
-          f'Wall time: {time.time() - start:.0f} s\n\n' + '\n\n'.join(text) + '\n')
-    print(md)
-    with open(osp.join(out, 'statistics_estimation.md'), 'w') as f:
-        f.write(md)
-    with open(osp.join(out, 'statistics_estimation.json'), 'w') as f:
-        json.dump(dict(args={k: v for k, v in vars(args).items()}, records=records,
-                       final_loss={f'lr={lr},k={k}': v for (lr, k), v in final_loss.items()}), f)
-    plot(records, args.ks, args.lrs, layer_names, osp.join(out, 'statistics_estimation.png'),
-         osp.join(out, 'statistics_estimation_layers.png'))
+          f'Wall time: {report.seconds:.0f} s\n\n' + '\n\n'.join(text) + '\n')
+    report.write(md, dict(args=dict(vars(args)), records=records,
+                          final_loss={f'lr={lr},k={k}': v for (lr, k), v in final_loss.items()}),
+                 plot=lambda path: plot(records, args.ks, args.lrs, layer_names, path,
+                                        report.path('_layers.png')))
     return records
 
 

@@ -1,11 +1,7 @@
-"""Per-layer fixed cost of CBN: many tiny conv + norm + ReLU layers, where the arithmetic is
-negligible and what is left is bookkeeping (small tensor operations, Python control flow).
+"""Per-layer fixed cost of CBN: many tiny conv + norm + ReLU layers, where only bookkeeping is left.
 
-For BN, Naive CBN and CBN (exact compensation) it reports the training-step time per layer
-(forward + backward + SGD step, median over steps, variants interleaved round-robin in one process
-so that drifts of the machine's speed hit all alike), the time above BN per layer, and the number of
-tensor operations per layer and step (counted with a dispatch mode: every aten call, forward and
-backward).
+For BN, Naive CBN and CBN: training-step time per layer, time above BN, and tensor operations per layer
+and step. Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--out FILE.json]

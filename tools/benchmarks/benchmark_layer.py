@@ -1,14 +1,8 @@
 """Layer-level cost of CBN: conv + CBN vs conv + BN, forward + backward + optimizer step.
 
-Each row is a conv shape from ResNet-50/101, FPN or the 4conv1fc head, normalised by BN measured in the
-same run (medians over repeats after warm-up). Also reports the autograd reference path (the authors'
-method: two extra autograd passes), Naive CBN, the approximate modes (``statistics_gradients=
-'subsampled'``, ``history_dtype='bfloat16'``) and the history memory per layer; then, for the
-approximate modes, their compensation error against the exact mode: a shadow layer with the mode runs
-on the same conv outputs as an exact CBN for 6 training steps (only the exact one drives the loss),
-and the table gives mean |var̃_mode − var̃_exact| / mean |var̃_exact − var_recorded| over the past
-entries of the last window, i.e. the error relative to the size of the Taylor correction itself (random
-ReLU inputs; 1 = no better than Naive CBN on average).
+Rows are conv shapes of ResNet-50/101, FPN and the 4conv1fc head, against BN in the same run; also the
+autograd reference, Naive CBN, the approximate modes with their compensation error, and the history
+memory per layer. Design: docs/analysis.md. Prints the tables.
 
     .venv/bin/python tools/benchmarks/benchmark_layer.py [--repeats 7] [--windows 2 4 8] [--quick]
         [--no-accuracy]
@@ -53,7 +47,7 @@ def time_steps(norm_factory, shape, c_out, kernel, stride, repeats, warmup=2):
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    history_bytes = sum(t.numel() * t.element_size() for t in norm.history.tensors.values())
+    history_bytes = norm.history.nbytes()
     del x
     weight_bytes = conv.weight.numel() * conv.weight.element_size()
     return statistics.median(times), history_bytes / weight_bytes

@@ -1,19 +1,11 @@
 """Model-level cost of CBN (the paper's Table 8 analog): Faster/Mask R-CNN R50-FPN with 4conv1fc heads.
 
-For each normalizer variant, in a fresh subprocess (so peak memory is its own): median training-step
-time (forward + backward + SGD step), peak memory (CUDA allocator peak on a GPU; on CPU the peak
-resident set size of a second process that runs one warm-up and one training step with glibc told to
-map every allocation above 64 KiB separately (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave
-the RSS and its peak follows the peak of live tensors; reported whole and above the RSS after the
-imports, i.e. without the ~0.35 GB of libraries common to all variants), the CBN history's exact size,
-FLOPs of one training step (torch's FlopCounterMode: convolutions and matmuls, CBN's extra
-weight-gradient convolutions included), and median inference time. Ratios are against BN in the
-same run.
+Per normalizer variant, in its own subprocess: training-step time, peak memory, CBN history size, FLOPs
+and inference time, against BN in the same run. Design: docs/analysis.md. Prints the table.
 
     .venv/bin/python tools/benchmarks/benchmark_model.py [--arch faster|mask] [--size 320 448]
         [--images 2] [--rois 128] [--repeats 5] [--warmup 2] [--skip-flops] [--skip-inference] [--amp]
-        [--interleave]
-        [--variants bn gn cbn-head cbn-all naive-all cbn-all-sub2]
+        [--interleave] [--variants bn gn cbn-head cbn-all naive-all cbn-all-sub2]
 """
 import argparse
 import json
@@ -164,8 +156,8 @@ def run_one(args):
         import_mb = 0.0
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    history = sum(t.numel() * t.element_size() for m in model.modules()
-                  if isinstance(m, CrossIterationBatchNorm2d) for t in m.history.tensors.values())
+    history = sum(m.history.nbytes() for m in model.modules()
+                  if isinstance(m, CrossIterationBatchNorm2d))
     print(json.dumps(dict(variant=args.variant, train_s=statistics.median(times),
                           infer_s=statistics.median(infer), peak_mb=peak,
                           above_import_mb=peak - import_mb, history_mb=history / 2**20,
