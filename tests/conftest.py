@@ -1,9 +1,17 @@
-"""Shared fixtures."""
+"""Shared fixtures and paths. The test tree mirrors the code: ``test_models``, ``test_ops``,
+``test_engine`` (cbn_mmdet), ``test_tools``, ``test_configs``, ``test_demo`` (cbn_mmdet_demo)."""
 import os.path as osp
+import sys
 
 import pytest
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOLS = osp.join(REPO_ROOT, 'tools')
+HELPERS = osp.join(REPO_ROOT, 'tests', 'helpers')
+# the tools are scripts, not a package; the helpers are stand-ins and subprocess workers
+for path in (TOOLS, HELPERS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 #: Generation arguments of :func:`tiny_demo_data`: 4 train / 2 val images of 64 px.
 TINY_DEMO_ARGS = dict(num_train=4, num_val=2, image_size=64, seed=0, min_objects=1, max_objects=3)

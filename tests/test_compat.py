@@ -25,7 +25,7 @@ from mmengine.logging import HistoryBuffer  # noqa: E402
 from mmengine.model import BaseModel  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 
 
 class ToyModel(BaseModel):

@@ -12,7 +12,7 @@ from mmengine.config import Config, DictAction
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet.engine import hooks
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 README = open(osp.join(REPO, 'README.md')).read()
 
 

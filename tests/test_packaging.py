@@ -6,7 +6,7 @@ import sys
 
 import cbn_mmdet
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 
 
 def test_one_version_everywhere():

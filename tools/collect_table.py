@@ -179,7 +179,7 @@ NORMALIZERS = {'none': '-', 'bn': 'BN', 'syncbn': 'SyncBN', 'gn': 'GN', 'brn': '
 
 def describe_config(config: str) -> dict:
     """Normalizer, where, window and burn-in of a paper config, read from its name
-    (``tests/test_paper_configs.py`` checks each name against the config's content)."""
+    (``tests/test_configs/test_paper_configs.py`` checks each name against the config's content)."""
     norm_part = config.split('_')[3]                         # e.g. 'cbn-k8-head', 'bn2syncbn-ep8-head'
     where = norm_part.rsplit('-', 1)[1]                       # 'head' or 'all'
     tokens = norm_part[:-len(where) - 1]

@@ -365,7 +365,7 @@ def run(args):
     if torch.device(device).type == 'cuda':
         sections.append(('sync', lambda: check_no_sync(device, steps)))
     else:
-        notes.append('host-sync check skipped: it needs CUDA (on CPU, tests/test_cbn_precision.py '
+        notes.append('host-sync check skipped: it needs CUDA (on CPU, tests/test_models/test_cbn_precision.py '
                      'checks that no tensor is read back or made from Python data)')
     for name, section in sections:
         try:

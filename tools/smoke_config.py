@@ -8,7 +8,7 @@ then validates it with CocoMetric: no pretrained weights (``init_cfg=None``), 2 
 small images, few RoIs, 5 classes. Hooks that act on epochs act on iterations instead, so their
 effect is seen in two iterations: ``CBNBurnInHook`` burns in for 1 iteration; ``NormSwitchHook``
 switches at iteration 1 and, where it targets SyncBN (CUDA and several processes only), to CBN.
-Use it to check a config end to end before a COCO run; tests/test_paper_configs.py runs it.
+Use it to check a config end to end before a COCO run; tests/test_configs/test_paper_configs.py runs it.
 """
 import argparse
 import os.path as osp

@@ -15,5 +15,5 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import torch, pytest'
 fi
 cd "$repo"
 PYTHONPATH="$repo" "$venv/bin/python" -m pytest -p no:cacheprovider "$@" \
-  tests/test_torch_only.py tests/test_cbn_layer.py tests/test_cbn_maths.py \
-  tests/test_cbn_checkpointing.py tests/test_cbn_precision.py tests/test_cbn_compile.py
+  tests/test_torch_only.py tests/test_models/test_cbn_layer.py tests/test_ops/test_cbn_maths.py \
+  tests/test_models/test_cbn_checkpointing.py tests/test_models/test_cbn_precision.py tests/test_models/test_cbn_compile.py

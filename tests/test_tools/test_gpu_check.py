@@ -1,12 +1,9 @@
 """tools/gpu_check.py: its CPU parts run and pass here; without CUDA the GPU run skips cleanly."""
 import json
-import os.path as osp
-import sys
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
 import gpu_check  # noqa: E402
 
 from cbn_mmdet.models import convert_to_cbn  # noqa: E402

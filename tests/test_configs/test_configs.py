@@ -7,7 +7,7 @@ import os.path as osp
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 CONFIGS = sorted(
     osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
     if '_base_' not in osp.relpath(p, REPO).split(osp.sep))
@@ -35,7 +35,7 @@ def test_config_builds_model(path):
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
     # No pretrained weights can be downloaded here: nothing may ask for them, except the paper's
-    # COCO configs (building a model loads nothing; tests/test_paper_configs.py checks their weights).
+    # COCO configs (building a model loads nothing; tests/test_configs/test_paper_configs.py checks their weights).
     if not path.startswith('configs/cbn_paper/'):
         assert 'Pretrained' not in repr(cfg.model), f'{path} asks for pretrained weights'
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from test_tools import CONFIG, tiny_overrides
+from tiny_runs import CONFIG, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from mmengine.registry import init_default_scope
 
 import cbn_mmdet  # noqa: F401
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 
 
 def _torchvision_layout_resnet(depth):

@@ -1,6 +1,6 @@
 """The paper configs (configs/cbn_paper) say what the paper did; each family trains end to end.
 
-tests/test_configs.py builds every config's model; here the resolved settings are checked against
+tests/test_configs/test_configs.py builds every config's model; here the resolved settings are checked against
 the paper's (Section 4.2) and against what each config's name promises, without building models.
 The ``slow`` test trains one representative per family (every config with
 ``CBN_MMDET_ALL_CONFIGS=1``) for two iterations + COCO validation on the tiny demo data, through
@@ -15,8 +15,7 @@ import sys
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(REPO, 'tools'))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 from collect_table import load_paper_results, read_final_metrics  # noqa: E402
 
 PR = load_paper_results()

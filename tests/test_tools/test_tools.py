@@ -3,7 +3,7 @@
 A tiny run of the demo Faster R-CNN config on :func:`tiny_demo_data` (4 train / 2 val images of
 64 px, few proposals and RoIs: ``tools/short_run.py``): train 2 iterations with validation, resume to
 iteration 4 and evaluate the last checkpoint with tools/test.py. (tools/dist_train.sh:
-tests/test_dist_train_cbn.py.)
+tests/test_engine/test_dist_train_cbn.py.)
 """
 import argparse
 import glob
@@ -23,39 +23,12 @@ import cbn_mmdet  # noqa: F401  (torch.load of mmengine checkpoints)
 
 from conftest import REPO_ROOT  # noqa: E402
 
-sys.path.insert(0, osp.join(REPO_ROOT, 'tools'))
 from short_run import shrink_config  # noqa: E402
+from tiny_runs import CONFIG, schedule_overrides, tiny_overrides  # noqa: E402
 
-CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'faster-rcnn_r18_fpn_demo-shapes.py')
 TIMEOUT = 300
 
 pytestmark = pytest.mark.skipif(not osp.isfile(CONFIG), reason=f'{CONFIG} is missing')
-
-
-def changed_options(before, after, prefix=''):
-    """``(dotted key, value)`` for every value ``after`` sets differently from ``before`` (dicts are
-    entered, anything else is compared whole)."""
-    for key, value in after.items():
-        old = before.get(key)
-        if isinstance(value, dict) and isinstance(old, dict):
-            yield from changed_options(old, value, f'{prefix}{key}.')
-        elif value != old:
-            yield f'{prefix}{key}', value
-
-
-def schedule_overrides(max_iters, interval):
-    """--cfg-options: train ``max_iters`` iterations, validate and save a checkpoint every ``interval``."""
-    return [f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={interval}',
-            f'default_hooks.checkpoint.interval={interval}', 'default_hooks.checkpoint.max_keep_ckpts=-1',
-            'default_hooks.logger.interval=1', 'randomness.seed=0']
-
-
-def tiny_overrides(data_root, max_iters, interval=2):
-    """--cfg-options that make the demo config :func:`short_run.shrink_config`'s on ``data_root``,
-    with :func:`schedule_overrides`."""
-    tiny = shrink_config(Config.fromfile(CONFIG), data_root)
-    shrink = changed_options(Config.fromfile(CONFIG).to_dict(), tiny.to_dict())
-    return [f'{key}={value}' for key, value in shrink] + schedule_overrides(max_iters, interval)
 
 
 def parse_overrides(opts):

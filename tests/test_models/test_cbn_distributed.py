@@ -6,8 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
-WORKER = os.path.join(os.path.dirname(__file__), 'helpers', 'dist_cbn_worker.py')
+WORKER = os.path.join(REPO_ROOT, 'tests', 'helpers', 'dist_cbn_worker.py')
 
 pytestmark = pytest.mark.slow
 

@@ -4,12 +4,10 @@ import io
 import json
 import os
 import os.path as osp
-import sys
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(REPO, 'tools'))
+from conftest import REPO_ROOT as REPO  # noqa: E402
 import collect_table  # noqa: E402
 import run_table  # noqa: E402
 

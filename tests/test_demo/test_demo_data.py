@@ -15,6 +15,7 @@ import pytest
 from cbn_mmdet_demo import shapes
 from cbn_mmdet_demo.shapes import (CLASSES, encode_png, generate_split, make_demo_dataset,
                                    mask_to_bbox, mask_to_rle, rle_to_mask)
+from conftest import REPO_ROOT
 
 SMALL = dict(num_train=12, num_val=6, image_size=64, seed=0)
 
@@ -231,7 +232,7 @@ def test_registered_dataset_rejects_data_from_other_arguments(small_root):
 
 def test_make_demo_data_tool(tmp_path, small_root, capsys):
     import importlib.util
-    path = osp.join(osp.dirname(__file__), '..', 'tools', 'make_demo_data.py')
+    path = osp.join(REPO_ROOT, 'tools', 'make_demo_data.py')
     spec = importlib.util.spec_from_file_location('make_demo_data', path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -253,7 +254,7 @@ def test_module_has_no_mmdet_dependency():
 
 def _run_python(script):
     """Runs ``script`` in a fresh interpreter from the repository root; returns its stdout."""
-    repo = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    repo = REPO_ROOT
     proc = subprocess.run([sys.executable, '-c', textwrap.dedent(script)], cwd=repo,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

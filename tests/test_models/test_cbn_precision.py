@@ -1,8 +1,6 @@
 """Precision and device paths on CPU: the CUDA backward through stand-ins of its kernels, autocast,
 half-precision modules, no host synchronisation in steady state, and the smaller numerical guards."""
 import copy
-import os.path as osp
-import sys
 
 import pytest
 import torch
@@ -14,8 +12,6 @@ from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN, iteration_clock
 from cbn_mmdet.ops import statistics as S
 from cbn_mmdet.ops import window_norm
 
-sys.path.insert(0, osp.join(osp.dirname(__file__), 'helpers'))
-sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'tools'))
 import cuda_batch_norm_kernels as cuda_standins  # noqa: E402
 import gpu_check  # noqa: E402
 

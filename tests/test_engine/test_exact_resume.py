@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from test_tools import CONFIG, tiny_overrides
+from tiny_runs import CONFIG, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
