@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/soak_cbn.py [--iters 10000] [--window 4] [--every 1000]
 
-CBN's history is preallocated (window slots per layer, written in place), so memory must stay flat
+CBN's history is preallocated (window - 1 slots per layer, written in place), so memory must stay flat
 after the first iterations. Exits non-zero if resident memory grows by more than --tolerance-mb
 between the first report and the end.
 """

@@ -13,7 +13,7 @@ from ..options import is_int, is_real, reject_unknown, require, require_bool, re
 from . import iteration_clock
 from .conv_binding import AutogradPass, BindStatus, ConvProducer, autograd_pass
 from .input_checks import check_4d, check_like_module
-from .window_history import HISTORY_KEYS, WindowHistory
+from .window_history import HISTORY_KEYS, HISTORY_VERSION, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
 
@@ -105,10 +105,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         >>> norm_cfg = dict(type='CBN', window=4)   # in any mmdet config
         >>> m = CrossIterationBatchNorm2d(64, window=4)
     """
-    # 2: torch's BatchNorm (num_batches_tracked); 3: + CBN history (lazy), a ring of window slots;
-    # 4: the ring has window - 1 slots, its newest entry possibly the open current iteration;
-    # 5: history_index also says whether the conv's bias was trainable
-    _version = 5
+    _version = HISTORY_VERSION  # torch's BN is 2; 3-5: the history's layouts (window_history.py)
     _abbr_ = 'bn'  # mmcv's build_norm_layer names it like BN (bn1, ...), so BN checkpoints match
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -141,9 +138,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.subsample = subsample
         self.history_dtype = history_dtype
         self._active_window = window
-        # The history is state (saved, loaded, moved by .to()) but deliberately not registered as
-        # buffers: DDP's broadcast_buffers and mmengine's SyncBuffersHook operate on buffers(), and
-        # would overwrite or average the per-GPU history across processes.
+        # state, not buffers: DDP and SyncBuffersHook would overwrite the per-GPU history (docs/design.md)
         self.history = WindowHistory(num_features, self._slots, _HISTORY_DTYPES[history_dtype],
                                      self._warn_once)
         self._producer = ConvProducer()
@@ -173,15 +168,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         _check_window('window', window)
         if window == self.window:
             return
-        held, clock = self.history.state(), self.history.opened_at
         following = self._active_window == self.window
         self.window = window
         self._active_window = window if following else min(self._active_window, window)
-        self.history = WindowHistory(self.num_features, self._slots,
-                                     _HISTORY_DTYPES[self.history_dtype], self._warn_once)
-        if held:
-            self.history.load(held, self._version, self._home_device())
-            self.history.opened_at = clock  # same process: the open entry is still this iteration's
+        self.history.resize(self._slots, self._home_device())
 
     def extra_repr(self) -> str:
         extra = '' if self.history_dtype == 'float32' else f', history_dtype={self.history_dtype!r}'

@@ -28,6 +28,10 @@ HISTORY_TENSORS = HISTORY_STATS + HISTORY_GRADS
 #: cursor lives on the host and is written only into state dicts
 HISTORY_INDEX = 'history_index'
 HISTORY_KEYS = HISTORY_TENSORS + (HISTORY_INDEX, )
+#: the layer's state-dict version of this layout. 3: a ring of ``window`` slots; 4: ``window - 1``
+#: slots, the newest entry possibly the open current iteration; 5: ``history_index`` also says
+#: whether the conv's bias was trainable
+HISTORY_VERSION = 5
 
 Geometry = Tuple  # ConvWeights.geometry; its last item may be None when loaded from version 4
 
@@ -269,6 +273,15 @@ class WindowHistory:
                 (slots, c_out, c_in // groups, kh, kw), dtype=self.grad_dtype or dtype,
                 device=like.device)
             self.geometry = weights.geometry
+
+    def resize(self, slots: int, device: torch.device) -> None:
+        """Change the ring to ``slots`` entries in place, keeping the newest ones."""
+        held, clock = self.state(), self.opened_at
+        self.slots = slots
+        self.reset()
+        if held:
+            self.load(held, HISTORY_VERSION, device)
+            self.opened_at = clock  # same process: the open entry is still this iteration's
 
     # ------------------------------------------------------------------ state
     def state(self) -> Dict[str, Tensor]:
