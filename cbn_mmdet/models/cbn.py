@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.statistics import batch_moments, conv_statistic_gradients, window_moments
+from ..ops.statistics import (all_finite, batch_moments, conv_statistic_gradients,
+                              window_moments)
 from ..ops.window_norm import WindowBatchNormFunction
 from ..options import is_int, is_real, reject_unknown, require, require_bool, require_choice
 from . import iteration_clock
@@ -21,7 +22,8 @@ __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
 _eager = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 _CHOICES = dict(fallback=('bn', 'naive'), running_stats=('window', 'batch'),
                 statistics_gradients=('closed_form', 'subsampled', 'autograd'))
-_HISTORY_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # None: the statistics' precision
+# history_dtype, var_grad_dtype -> torch dtype (None: the statistics' precision)
+_DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
 
 #: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
 HISTORY_STATE_KEYS = HISTORY_KEYS
@@ -95,6 +97,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             the Taylor term is computed in float32 from the rounded gradients, and the reference
             inner product from the same rounded values, so only the gradients' 8-bit mantissa
             rounding, relative 2⁻⁹, enters the correction).
+        var_grad_dtype: operands of the ``∂var/∂θ`` product (the layer's one extra weight-gradient
+            convolution): ``'float32'`` (default) or ``'bfloat16'`` (float32 accumulation, centred
+            operands; faster where bfloat16 kernels are: CUDA, CPUs with AVX-512 BF16/AMX).
         monitor: record the relative size of the Taylor correction at each compensated forward in
             ``last_correction`` (a few small reductions, no host sync); ``CBNMonitorHook`` logs it.
 
@@ -112,8 +117,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
                  compensate: bool = True, fallback: str = 'bn', running_stats: str = 'window',
                  statistics_gradients: str = 'closed_form', subsample: int = 2,
-                 history_dtype: str = 'float32', monitor: bool = False, device=None, dtype=None,
-                 **unknown):
+                 history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
+                 monitor: bool = False, device=None, dtype=None, **unknown):
         reject_unknown('CBN', unknown, CrossIterationBatchNorm2d.__init__,
                        ' (and requires_grad in norm_cfg)')
         _check_window('window', window)
@@ -123,7 +128,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         for name, value in (('fallback', fallback), ('running_stats', running_stats),
                             ('statistics_gradients', statistics_gradients)):
             require_choice('CBN', name, value, _CHOICES[name])
-        require_choice('CBN', 'history_dtype', history_dtype, _HISTORY_DTYPES)
+        require_choice('CBN', 'history_dtype', history_dtype, _DTYPES)
+        require_choice('CBN', 'var_grad_dtype', var_grad_dtype, _DTYPES)
         require(is_int(subsample) and subsample >= 2, 'CBN', 'subsample', "an int >= 2 (the row/column "
                 "stride of statistics_gradients='subsampled')", subsample)
         require_bool('CBN', 'compensate', compensate)
@@ -137,9 +143,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.statistics_gradients = statistics_gradients
         self.subsample = subsample
         self.history_dtype = history_dtype
+        self.var_grad_dtype = var_grad_dtype
         self._active_window = window
         # state, not buffers: DDP and SyncBuffersHook would overwrite the per-GPU history (docs/design.md)
-        self.history = WindowHistory(num_features, self._slots, _HISTORY_DTYPES[history_dtype],
+        self.history = WindowHistory(num_features, self._slots, _DTYPES[history_dtype],
                                      self._warn_once)
         self._producer = ConvProducer()
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
@@ -177,6 +184,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         extra = '' if self.history_dtype == 'float32' else f', history_dtype={self.history_dtype!r}'
         if self.statistics_gradients != 'closed_form':
             extra += f', statistics_gradients={self.statistics_gradients!r}'
+        if self.var_grad_dtype != 'float32':
+            extra += f', var_grad_dtype={self.var_grad_dtype!r}'
         return (f'{super().extra_repr()}, window={self.window}, compensate={self.compensate}, '
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')
 
@@ -222,7 +231,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 # before the normalisation saves its tensors: a checkpoint's recomputation may stop
                 # right after that save
                 count = float(input.shape[0] * input.shape[2] * input.shape[3])
-                finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+                finite = all_finite(batch_mean, batch_var)
                 self._update_running_stats(batch_mean, batch_var, mean, var, count, past.count,
                                            finite)
                 self.history.record(input, batch_mean, batch_var, count, finite,
@@ -230,7 +239,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                     lambda: conv_statistic_gradients(
                                         binding.input, input, batch_mean, binding.weight, binding.bias,
                                         binding.stride, binding.padding, binding.dilation,
-                                        binding.groups, self.statistics_gradients, self.subsample))
+                                        binding.groups, self.statistics_gradients, self.subsample,
+                                        _DTYPES[self.var_grad_dtype]))
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps)
 
     def _explain_binding(self, kind: str, status: str, binding, detail: str) -> bool:

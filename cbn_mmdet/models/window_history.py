@@ -12,8 +12,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.statistics import (compensate_history, linear_term_mean, linear_term_var, merge_gradients,
-                              merge_moments)
+from ..ops.statistics import (all_finite, compensate_history, linear_term_mean, linear_term_var,
+                              merge_gradients, merge_moments)
 from ..ops.window_norm import statistics_dtype
 from .conv_binding import ConvWeights
 
@@ -95,7 +95,7 @@ class WindowHistory:
         self.geometry: Optional[Geometry] = None  # of the conv whose gradients are recorded
         # ((iteration, active window), weight state, PastWindow) of the current iteration
         self._cache: Optional[tuple] = None
-        self._slot_ids: Optional[Tensor] = None  # arange(slots) on the history's device
+        self._in_window: Dict[tuple, Tensor] = {}  # the window's slots by cursor position
 
     # ------------------------------------------------------------------ queries
     def get(self, name: str) -> Optional[Tensor]:
@@ -177,12 +177,17 @@ class WindowHistory:
     def _valid(self, active_window: int) -> Tensor:
         """1 for the slots in the window, on the device, from host integers only."""
         count = self.tensors['history_count']
-        if self._slot_ids is None or self._slot_ids.device != count.device:
-            self._slot_ids = torch.arange(self.slots, device=count.device)
-        age = (self.head - self._slot_ids) % self.slots     # 0: the newest entry
-        first = int(self.open)                              # the open entry is this iteration's
-        last = min(self.filled, first + active_window - 1)
-        return ((age >= first) & (age < last)).to(count.dtype) * (count > 0)
+        key = (self.head, self.filled, self.open, active_window, count.device, count.dtype)
+        in_window = self._in_window.get(key)
+        if in_window is None:
+            first = int(self.open)                          # the open entry is this iteration's
+            last = min(self.filled, first + active_window - 1)
+            ages = [(self.head - slot) % self.slots for slot in range(self.slots)]  # 0: newest
+            # built once per cursor position (a few per window), then no host-to-device copy
+            in_window = torch.tensor([float(first <= age < last) for age in ages], dtype=count.dtype,
+                                     device=count.device)
+            self._in_window[key] = in_window
+        return in_window * (count > 0)
 
     def geometry_matches(self, weights: ConvWeights) -> bool:
         """Whether the recorded gradients belong to a conv shaped like ``weights`` (a geometry
@@ -226,7 +231,7 @@ class WindowHistory:
         else:
             patch, var_grad = gradients()
             # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
-            finite = finite & torch.isfinite(var_grad).all() & torch.isfinite(patch).all()
+            finite = finite & all_finite(var_grad, patch)
             zero = patch.new_zeros((), dtype=dtype)
             slot_grad = t['history_var_grad'][slot]
             if pooling:
@@ -298,7 +303,7 @@ class WindowHistory:
             dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
             self.tensors[name] = t.to(device=target.device, dtype=dtype)
         self._cache = None
-        self._slot_ids = None
+        self._in_window = {}
 
     def load(self, loaded: Dict[str, Tensor], version: int, device: torch.device) -> None:
         """Restore a saved ring, re-packed by age into this ring's slots (newest kept).

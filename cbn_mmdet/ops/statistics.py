@@ -29,6 +29,7 @@ __all__ = [
     'batch_moments', 'patch_mean', 'variance_weight_gradient', 'statistic_gradients_autograd',
     'conv_statistic_gradients',
     'linear_term_mean', 'linear_term_var', 'compensate_history', 'window_moments', 'merge_moments',
+    'all_finite',
 ]
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -83,7 +84,8 @@ def patch_mean(conv_input: Tensor, kernel_size: Sequence[int], output_size: Sequ
 def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, patch: Tensor,
                              weight: Tensor, stride: Sequence[int], padding: Sequence[int],
                              dilation: Sequence[int], groups: int, subsample: int = 1,
-                             centred: bool = False) -> Tensor:
+                             centred: bool = False,
+                             operand_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``∂var/∂θ = 2/m Σ_i (x_i − μ) y_i`` for the conv ``x = θ * y``: one weight-gradient convolution.
 
     This is Appendix B's ``∂ν/∂θ`` minus ``2μ ∂μ/∂θ`` (see the module docstring); it has the shape of
@@ -97,6 +99,10 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     ``subsample = r > 1`` is the approximate mode: the sum runs over every ``r``-th output row and
     column only (the same conv with stride ``r·s``), ``r²`` times fewer multiply-adds; ``patch`` must
     then be the patch mean of those positions, which makes the estimate exactly centred on them.
+
+    ``operand_dtype=torch.bfloat16`` runs the weight-gradient convolution on bfloat16 operands (the
+    kernels accumulate in float32), always centred: the rounding then applies to ``x − μ`` and ``y``,
+    relative 2⁻⁹, not to a large uncentred sum that the centring would cancel.
     """
     dtype = _acc_dtype(x)
     if subsample == 1 and _input_covariance_is_cheaper(conv_input, x, weight, padding, groups):
@@ -107,9 +113,14 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     count = x.shape[0] * x.shape[2] * x.shape[3]
     w = weight.to(dtype)
     grad_out = x.to(dtype)
+    centred = centred or operand_dtype is not None
     if centred:
         grad_out = grad_out - batch_mean.to(dtype).view(1, -1, 1, 1)
-    second = weight_gradient(grad_out, conv_input.to(dtype), w, stride, padding, dilation, groups)
+    if operand_dtype is None:
+        second = weight_gradient(grad_out, conv_input.to(dtype), w, stride, padding, dilation, groups)
+    else:
+        second = weight_gradient(grad_out.to(operand_dtype), conv_input.to(operand_dtype),
+                                 w.to(operand_dtype), stride, padding, dilation, groups).to(dtype)
     if centred:
         return second.mul_(2.0 / count)
     centring = batch_mean.to(dtype).view(-1, 1, 1, 1) * patch_mean_as_weight(
@@ -194,11 +205,13 @@ def statistic_gradients_autograd(conv_input: Tensor, weight: Tensor, bias: Optio
 def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, weight: Tensor,
                              bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                              dilation: Sequence[int], groups: int, method: str = 'closed_form',
-                             subsample: int = 1) -> Tuple[Tensor, Tensor]:
+                             subsample: int = 1,
+                             operand_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """``(∂μ/∂θ as a (C_in, kh, kw) patch mean, ∂var/∂θ)`` of the batch ``x = conv(conv_input)``.
 
     ``method``: ``'closed_form'`` (Appendix B), ``'subsampled'`` (∂var/∂θ from every
-    ``subsample``-th output row and column) or ``'autograd'`` (the reference).
+    ``subsample``-th output row and column) or ``'autograd'`` (the reference). ``operand_dtype``:
+    see :func:`variance_weight_gradient`.
     """
     if method == 'autograd':
         d_mean, d_second = statistic_gradients_autograd(conv_input, weight, bias, stride, padding,
@@ -214,7 +227,8 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
         padding, dilation)
     # centred on CUDA, where cuDNN may round the product's operands to TF32 (allowed by default)
     var_grad = variance_weight_gradient(conv_input, x, batch_mean, sub_patch, weight, stride, padding,
-                                        dilation, groups, sub, centred=x.is_cuda)
+                                        dilation, groups, sub, centred=x.is_cuda,
+                                        operand_dtype=operand_dtype)
     return patch, var_grad
 
 
@@ -279,6 +293,17 @@ def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Ten
     return mean_t, var_t
 
 
+def all_finite(*tensors: Tensor) -> Tensor:
+    """0-d bool: whether every value is finite, from one sum per tensor (a sum is NaN or ±inf when any
+    term is; finite values whose sum overflows count as non-finite too)."""
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+            for t in tensors]
+    total = sums[0]
+    for more in sums[1:]:
+        total = total + more
+    return (total - total) == 0
+
+
 def window_moments(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, past_var: Tensor,
                    past_valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Eqs. 9-11: window mean ``μ̄`` and variance ``σ̄² = ν̄ − μ̄²`` from the current batch and the past.
@@ -293,11 +318,11 @@ def window_moments(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, pas
     """
     valid = past_valid.to(batch_mean.dtype)
     k = 1.0 + valid.sum()
-    v = valid.unsqueeze(1)
-    mean = (batch_mean + (past_mean * v).sum(0)) / k
-    within = (batch_var + (past_var * v).sum(0)) / k
-    between = ((batch_mean - mean) ** 2 + (((past_mean - mean) ** 2) * v).sum(0)) / k
-    return mean, within + between, k
+    mean = (batch_mean + valid @ past_mean) / k
+    # within-iteration variance plus the spread of the iterations' means around μ̄ (centred)
+    spread = past_var + (past_mean - mean).square()
+    var = (batch_var + (batch_mean - mean).square() + valid @ spread) / k
+    return mean, var, k
 
 
 def merge_moments(count_a: Tensor, mean_a: Tensor, var_a: Tensor, count_b: Tensor, mean_b: Tensor,

@@ -94,7 +94,8 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of '
           f'{args.repeats} steps after 2 warm-up; time ratio to BN in the same run\n')
     header = '| layer | BN ms | ' + ' | '.join(
-        f'CBN k={k} | autograd k={k} | naive k={k} | subsampled k={k} | bf16 history k={k}'
+        f'CBN k={k} | autograd k={k} | naive k={k} | subsampled k={k} | bf16 history k={k} | '
+        f'bf16 product k={k}'
         for k in windows) + ' | history / weight (k=max) | bf16 history / weight |'
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
@@ -115,20 +116,24 @@ def main():
                 args.repeats)
             half, mem_half = time_steps(lambda c: CrossIterationBatchNorm2d(
                 c, window=k, history_dtype='bfloat16'), shape, c_out, kernel, stride, args.repeats)
-            cells += [f'{t / bn:.2f}x' for t in (cbn, ref, naive, sub, half)]
+            product, _ = time_steps(lambda c: CrossIterationBatchNorm2d(
+                c, window=k, var_grad_dtype='bfloat16'), shape, c_out, kernel, stride, args.repeats)
+            cells += [f'{t / bn:.2f}x' for t in (cbn, ref, naive, sub, half, product)]
         print(f'| {name} | {bn * 1e3:.1f} | ' + ' | '.join(cells) + f' | {mem:.2f} | {mem_half:.2f} |',
               flush=True)
     if args.no_accuracy:
         return
     print('\nCompensation error of the approximate modes against the exact one (k = 4, random ReLU '
           'inputs, 6 SGD steps): mean |var~_mode - var~_exact| / mean |var~_exact - var_recorded|\n')
-    print('| layer | subsampled (every 2nd row/column) | subsampled 3 | bfloat16 history |')
-    print('|---|---|---|---|')
+    print('| layer | subsampled (every 2nd row/column) | subsampled 3 | bfloat16 history | '
+          'bfloat16 product |')
+    print('|---|---|---|---|---|')
     for name, shape, c_out, kernel, stride in shapes:
         errors = [correction_error(shape, c_out, kernel, stride, statistics_gradients='subsampled'),
                   correction_error(shape, c_out, kernel, stride, statistics_gradients='subsampled',
                                    subsample=3),
-                  correction_error(shape, c_out, kernel, stride, history_dtype='bfloat16')]
+                  correction_error(shape, c_out, kernel, stride, history_dtype='bfloat16'),
+                  correction_error(shape, c_out, kernel, stride, var_grad_dtype='bfloat16')]
         print(f'| {name} | ' + ' | '.join(f'{e:.3f}' for e in errors) + ' |', flush=True)
 
 
