@@ -87,7 +87,10 @@ class WindowHistory:
 
     def reset(self) -> None:
         """Forget every entry."""
+        # the per-slot statistics are views into one (slots, 4C + 2) tensor, so that an entry is
+        # written in one operation; the gradients are tensors of their own
         self.tensors: Dict[str, Tensor] = {}
+        self._packed: Optional[Tensor] = None
         self.head = self.slots - 1        # slot of the newest entry (the next one goes to slot 0)
         self.filled = 0                   # entries held, the open one included
         self.open = False                 # the newest entry is the current iteration's
@@ -96,6 +99,17 @@ class WindowHistory:
         # ((iteration, active window), weight state, PastWindow) of the current iteration
         self._cache: Optional[tuple] = None
         self._in_window: Dict[tuple, Tensor] = {}  # the window's slots by cursor position
+
+    def _set_packed(self, packed: Tensor) -> None:
+        """Make ``packed`` the per-slot statistics (columns: mean, var, mean_ref, var_ref by channel,
+        then count and compensable)."""
+        c = self.num_features
+        self._packed = packed
+        for i, name in enumerate(('history_mean', 'history_var', 'history_mean_ref',
+                                  'history_var_ref')):
+            self.tensors[name] = packed[:, i * c:(i + 1) * c]
+        self.tensors['history_count'] = packed[:, 4 * c]
+        self.tensors['history_compensable'] = packed[:, 4 * c + 1]
 
     # ------------------------------------------------------------------ queries
     def get(self, name: str) -> Optional[Tensor]:
@@ -222,12 +236,10 @@ class WindowHistory:
                 old_count, old_mean, t['history_var'][slot], new_count, new_mean, new_var)
         else:
             pooled_count, pooled_mean, pooled_var = new_count, new_mean, new_var
-        t['history_count'][slot] = pooled_count
-        t['history_mean'][slot] = pooled_mean
-        t['history_var'][slot] = pooled_var
 
         if weights is None:
-            t['history_compensable'][slot] = 0
+            refs = new_mean.new_zeros(2 * self.num_features)
+            compensable = new_count.new_zeros(())
         else:
             patch, var_grad = gradients()
             # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
@@ -251,10 +263,12 @@ class WindowHistory:
                 compensable = finite.to(dtype)
             t['history_patch_mean'][slot] = patch
             # the linear terms of Eqs. 7-8 at this iteration's weights, kept instead of the weights
-            t['history_mean_ref'][slot] = linear_term_mean(patch[None], weights.weight, weights.bias,
-                                                           weights.groups)[0]
-            t['history_var_ref'][slot] = linear_term_var(slot_grad[None], weights.weight)[0]
-            t['history_compensable'][slot] = compensable
+            refs = torch.cat([
+                linear_term_mean(patch[None], weights.weight, weights.bias, weights.groups)[0],
+                linear_term_var(slot_grad[None], weights.weight)[0].to(dtype)])
+        # the entry's statistics in one write: mean, var, mean_ref, var_ref, count, compensable
+        self._packed[slot] = torch.cat([pooled_mean, pooled_var, refs, pooled_count.reshape(1),
+                                        compensable.reshape(1)])
         if not pooling:
             self.head = slot
             self.filled = min(self.filled + 1, self.slots)
@@ -263,9 +277,7 @@ class WindowHistory:
     def _allocate(self, like: Tensor, weights: Optional[ConvWeights]) -> None:
         slots, c, dtype = self.slots, self.num_features, statistics_dtype(like)
         if not self.tensors:
-            for name in HISTORY_STATS:
-                shape = (slots, ) if name in ('history_count', 'history_compensable') else (slots, c)
-                self.tensors[name] = torch.zeros(shape, dtype=dtype, device=like.device)
+            self._set_packed(torch.zeros((slots, 4 * c + 2), dtype=dtype, device=like.device))
         if weights is not None and not self.geometry_matches(weights):
             if self.geometry is not None:
                 self._warn('geometry', 'its conv changed shape, or its bias became trainable or '
@@ -293,15 +305,23 @@ class WindowHistory:
         """The tensors and the cursor, as saved in state dicts (empty while empty)."""
         if not self.tensors:
             return {}
-        return dict(self.tensors, **{HISTORY_INDEX: self.index()})
+        # contiguous: a saved view would carry the whole packed storage
+        return dict({name: t.contiguous() for name, t in self.tensors.items()},
+                    **{HISTORY_INDEX: self.index()})
 
     def apply(self, fn) -> None:
         """Move like the module's ``_apply(fn)``, never narrowing below the statistics' precision
         (the history of a ``.half()`` module stays float32, like the statistics BN's kernels use)."""
-        for name, t in self.tensors.items():
+        def move(t: Tensor) -> Tensor:
             target = fn(t.new_empty(0))
             dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
-            self.tensors[name] = t.to(device=target.device, dtype=dtype)
+            return t.to(device=target.device, dtype=dtype)
+
+        for name in HISTORY_GRADS:
+            if name in self.tensors:
+                self.tensors[name] = move(self.tensors[name])
+        if self._packed is not None:
+            self._set_packed(move(self._packed))
         self._cache = None
         self._in_window = {}
 
@@ -332,15 +352,22 @@ class WindowHistory:
         else:
             src, dst = keep, list(range(len(keep)))
         self.reset()
+        stats_dtype = loaded['history_mean'].dtype
+        self._set_packed(torch.zeros((self.slots, 4 * channels + 2), dtype=stats_dtype,
+                                     device=device))
+        dst_index = torch.tensor(dst, dtype=torch.long, device=device)
+        src_index = torch.tensor(src, dtype=torch.long, device=device)
         for name, value in loaded.items():
             if name == HISTORY_INDEX:
                 continue
             value = value.detach().to(device=device)
+            if name in HISTORY_STATS:
+                self.tensors[name][dst_index] = value[src_index].to(stats_dtype)
+                continue
             if name == 'history_var_grad':
-                value = value.to(self.grad_dtype or loaded['history_mean'].dtype)
+                value = value.to(self.grad_dtype or stats_dtype)
             fresh = value.new_zeros((self.slots, ) + tuple(value.shape[1:]))
-            fresh[torch.tensor(dst, dtype=torch.long, device=device)] = value[
-                torch.tensor(src, dtype=torch.long, device=device)]
+            fresh[dst_index] = value[src_index]
             self.tensors[name] = fresh
         self.filled = len(keep)
         self.head = head if same_layout else (len(keep) - 1) % self.slots

@@ -231,15 +231,15 @@ def test_conv_bias_frozen_midway_discards_its_gradients():
 def test_non_finite_statistic_gradients_never_enter_the_history(monkeypatch):
     torch.manual_seed(0)
     conv, norm = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window=3)
-    real = S.variance_weight_gradient
+    real = S.conv_statistic_gradients
     calls = []
 
     def overflowing(*args, **kwargs):
         calls.append(1)
-        grad = real(*args, **kwargs)
-        return grad.fill_(float('inf')) if len(calls) == 2 else grad
+        patch, grad = real(*args, **kwargs)
+        return patch, (grad.fill_(float('inf')) if len(calls) == 2 else grad)
 
-    monkeypatch.setattr('cbn_mmdet.ops.statistics.variance_weight_gradient', overflowing)
+    monkeypatch.setattr('cbn_mmdet.models.cbn.conv_statistic_gradients', overflowing)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         norm(conv(torch.randn(2, 3, 6, 6, generator=gen))).sum().backward()

@@ -261,3 +261,23 @@ def test_expanding_1x1_conv_float32_with_offset_inputs():
     y32, x32 = y.float(), x.float()
     approx = _var_grad(y32, x32, batch_moments(x32)[0], w.float(), (1, 1), (0, 0), (1, 1), 1)
     torch.testing.assert_close(approx.double(), exact, rtol=0, atol=1e-4 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize('variant', CONV_VARIANTS)
+def test_small_conv_gradients_by_unfold_equal_the_weight_gradient_path(variant, monkeypatch):
+    """Small CPU convs take both statistic gradients from one unfolded input: the same numbers as the
+    patch sums + weight-gradient convolution used for larger ones (float64)."""
+    from cbn_mmdet.ops import statistics as S
+    y, w, b, s, p, d, g = _conv_case(variant)
+    x = F.conv2d(y, w, b, s, p, d, g)
+    mean, _ = batch_moments(x)
+    args = (y, x, mean, w, b, s, p, d, g)
+    small = S.conv_statistic_gradients(*args)
+    monkeypatch.setattr(S, '_UNFOLD_MAX_ELEMENTS', 0)  # every conv takes the large-conv path
+    large = S.conv_statistic_gradients(*args)
+    torch.testing.assert_close(small[0], large[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(small[1], large[1], rtol=1e-10, atol=1e-10)
+    if w.shape[2:] != (1, 1):  # the unfold path is taken (1x1 convs have their own)
+        monkeypatch.setattr(S, 'patch_mean', None)
+        monkeypatch.setattr(S, '_UNFOLD_MAX_ELEMENTS', 1 << 16)
+        S.conv_statistic_gradients(*args)
