@@ -5,7 +5,7 @@ autograd reference, Naive CBN, the approximate modes with their compensation err
 memory per layer. Design: docs/analysis.md. Prints the tables.
 
     .venv/bin/python tools/benchmarks/benchmark_layer.py [--repeats 7] [--windows 2 4 8] [--quick]
-        [--no-accuracy]
+        [--no-accuracy] [--bf16-product [LAYER ...]]
 """
 import argparse
 import statistics
@@ -47,7 +47,7 @@ def time_steps(norm_factory, shape, c_out, kernel, stride, repeats, warmup=2):
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    history_bytes = norm.history.nbytes()
+    history_bytes = norm.history.nbytes() if isinstance(norm, CrossIterationBatchNorm2d) else 0
     del x
     weight_bytes = conv.weight.numel() * conv.weight.element_size()
     return statistics.median(times), history_bytes / weight_bytes
@@ -77,12 +77,32 @@ def correction_error(shape, c_out, kernel, stride, steps=6, **options):
     return float((got['var_compensated'] - ref['var_compensated'])[rows].abs().mean() / correction)
 
 
+def bf16_product_table(shapes, rounds: int = 3, repeats: int = 3) -> None:
+    """CBN with the float32 and with the bfloat16 ∂var/∂θ product against BN, alternating rounds."""
+    print('| layer | BN ms | CBN | CBN, bf16 product | bf16 product: error / correction |')
+    print('|---|---|---|---|---|')
+    variants = {'bn': nn.BatchNorm2d, 'cbn': lambda c: CrossIterationBatchNorm2d(c, window=4),
+                'bf16': lambda c: CrossIterationBatchNorm2d(c, window=4, var_grad_dtype='bfloat16')}
+    for name, shape, c_out, kernel, stride in shapes:
+        times = {v: [] for v in variants}
+        for _ in range(rounds):  # alternating: drifts of the machine's speed hit all alike
+            for v, factory in variants.items():
+                times[v].append(time_steps(factory, shape, c_out, kernel, stride, repeats)[0])
+        bn, cbn, bf16 = (statistics.median(times[v]) for v in variants)
+        error = correction_error(shape, c_out, kernel, stride, var_grad_dtype='bfloat16')
+        print(f'| {name} | {bn * 1e3:.1f} | {cbn / bn:.2f}x | {bf16 / bn:.2f}x | {error:.4f} |',
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--windows', type=int, nargs='+', default=[2, 4, 8])
     parser.add_argument('--quick', action='store_true', help='first 3 shapes, window 4 only')
     parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--bf16-product', nargs='*', metavar='LAYER',
+                        help='only the float32 vs bfloat16 product table, for the named rows '
+                        '(default: all)')
     parser.add_argument('--no-accuracy', action='store_true',
                         help='skip the compensation-error table of the approximate modes')
     args = parser.parse_args()
@@ -90,6 +110,9 @@ def main():
         torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')
     shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.bf16_product is not None:
+        chosen = [row for row in shapes if not args.bf16_product or row[0] in args.bf16_product]
+        return bf16_product_table(chosen)
     windows = [4] if args.quick else args.windows
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, median of '
           f'{args.repeats} steps after 2 warm-up; time ratio to BN in the same run\n')

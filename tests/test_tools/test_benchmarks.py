@@ -1,0 +1,37 @@
+"""The benchmark scripts run (tiny sizes, one step each): a refactoring of the layer must not leave
+them broken until the next measurement."""
+import os.path as osp
+import sys
+
+import torch.nn as nn
+
+from conftest import TOOLS
+
+sys.path.insert(0, osp.join(TOOLS, 'benchmarks'))
+
+import benchmark_fixed_cost  # noqa: E402
+import benchmark_layer  # noqa: E402
+from cbn_mmdet.models import CrossIterationBatchNorm2d  # noqa: E402
+
+
+def test_fixed_cost_benchmark_reports_every_variant():
+    rows = benchmark_fixed_cost.run(benchmark_fixed_cost.parse_args(
+        ['--layers', '2', '--channels', '4', '--size', '4', '--steps', '2', '--warmup', '1']))
+    assert set(rows) == {'bn', 'naive', 'cbn'}
+    assert rows['cbn']['ops'] > rows['naive']['ops'] > rows['bn']['ops'] > 0
+
+
+def test_layer_benchmark_times_bn_and_cbn_and_measures_an_error():
+    shape = (2, 4, 6, 6)
+    _, bn_history = benchmark_layer.time_steps(nn.BatchNorm2d, shape, 4, 3, 1, repeats=1, warmup=1)
+    _, cbn_history = benchmark_layer.time_steps(
+        lambda c: CrossIterationBatchNorm2d(c, window=3), shape, 4, 3, 1, repeats=1, warmup=1)
+    assert bn_history == 0 and 2.0 <= cbn_history < 3.0  # window - 1 weight copies + statistics
+    error = benchmark_layer.correction_error(shape, 4, 3, 1, steps=3, var_grad_dtype='bfloat16')
+    assert 0 <= error < 0.05
+
+
+def test_bf16_product_table(capsys):
+    benchmark_layer.bf16_product_table([('tiny', (2, 4, 6, 6), 4, 3, 1)], rounds=1, repeats=1)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith('| tiny |') and row.count('x |') == 2
