@@ -32,8 +32,20 @@ VARIANTS = {
     'GN-all': ('GN', 'GN'),
     'NaiveCBN-all': ('NaiveCBN', 'NaiveCBN'),
     'CBN-all': ('CBN', 'CBN'),
+    'BRN-all': ('BRN', 'BRN'),
+    'NaiveCBN-all-k8': ('NaiveCBN', 'NaiveCBN'),
+    'CBN-all-k8': ('CBN', 'CBN'),
+    'BN-x4': ('BN', 'BN'),
+    'BN-x8': ('BN', 'BN'),
 }
-LABELS = {'BN': 'BN', 'GN': 'GN', 'NaiveCBN': 'Naive CBN', 'CBN': 'CBN'}
+#: the variants run by default (the study at 2 images per iteration)
+DEFAULT_VARIANTS = ('BN', 'GN-heads', 'NaiveCBN-heads', 'CBN-heads', 'GN-all', 'NaiveCBN-all', 'CBN-all')
+#: a variant's own window k (others: --window)
+WINDOWS = {'NaiveCBN-all-k8': 8, 'CBN-all-k8': 8}
+#: the paper's upper bound (Section 4.3): BN with k times the images per iteration, the examples a
+#: window of k iterations sees; its learning rate follows the sqrt rule of --lr
+IMAGES = {'BN-x4': 4, 'BN-x8': 8}
+LABELS = {'BN': 'BN', 'GN': 'GN', 'NaiveCBN': 'Naive CBN', 'CBN': 'CBN', 'BRN': 'BRN'}
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
 ITERS, QUICK_ITERS = 1200, 20  # default --iters, without and with --quick
 
@@ -42,7 +54,7 @@ def uses_cbn(variant):
     return any('CBN' in kind for kind in VARIANTS[variant])
 
 
-def norm_cfg(kind, window, gn_groups):
+def norm_cfg(kind, window, gn_groups, burn_in=0, iters=1):
     if kind == 'BN':
         return dict(type='BN', requires_grad=True)
     if kind == 'GN':
@@ -51,6 +63,11 @@ def norm_cfg(kind, window, gn_groups):
         return dict(type='CBN', window=window, requires_grad=True)
     if kind == 'NaiveCBN':
         return dict(type='CBN', window=window, compensate=False, requires_grad=True)
+    if kind == 'BRN':
+        # BN while CBN burns in, then r_max 1 -> 3 and d_max 0 -> 5 (the BRN paper's limits) by mid-run
+        ramp_end = max(burn_in, iters // 2, 1)
+        return dict(type='BRN', warmup_iters=burn_in, rmax_iters=ramp_end, dmax_iters=ramp_end,
+                    requires_grad=True)
     raise ValueError(f'unknown normalizer {kind!r}')
 
 
@@ -65,11 +82,14 @@ def build_config(variant, seed, settings, work_dir):
     """The demo config with the variant's normalizers, the seed and the short schedule (an mmengine
     ``Config``)."""
     heads, backbone = VARIANTS[variant]
-    window, groups = settings['window'], settings['gn_groups']
+    window, groups = WINDOWS.get(variant, settings['window']), settings['gn_groups']
+    images = IMAGES.get(variant, 1)
+    norm_args = (window, groups, settings['burn_in'], settings['iters'])
     cfg = demo_detector_config(
-        norm_cfg(heads, window, groups), backbone_norm=norm_cfg(backbone, window, groups),
+        norm_cfg(heads, *norm_args), backbone_norm=norm_cfg(backbone, *norm_args),
         burn_in=settings['burn_in'] if uses_cbn(variant) else None, iters=settings['iters'],
-        warmup=settings['warmup'], lr=settings['lr'], seed=seed, batch_size=settings['batch_size'],
+        warmup=settings['warmup'], lr=settings['lr'] * math.sqrt(images), seed=seed,
+        batch_size=settings['batch_size'] * images,
         data_root=settings['data_root'], generation=settings['generation'],
         few_rois=settings['small_rois'])
     cfg.work_dir = work_dir
@@ -235,7 +255,8 @@ def plot(path, variants, summary, title):
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 4.2))
     x = list(range(len(variants)))
-    colors = {'BN': 'tab:blue', 'GN': 'tab:green', 'NaiveCBN': 'tab:orange', 'CBN': 'tab:red'}
+    colors = {'BN': 'tab:blue', 'GN': 'tab:green', 'NaiveCBN': 'tab:orange', 'CBN': 'tab:red',
+              'BRN': 'tab:purple'}
     for ax, m, name in zip(axes, ('bbox_mAP', 'bbox_mAP_50'), ('bbox AP', 'AP50')):
         means = [summary[v][m]['mean'] for v in variants]
         stds = [summary[v][m]['std'] for v in variants]
@@ -243,8 +264,8 @@ def plot(path, variants, summary, title):
                       yerr=[0 if s is None else 100 * s for s in stds], capsize=4,
                       color=[colors[VARIANTS[v][0]] for v in variants], alpha=0.8)
         for bar, v in zip(bars, variants):
-            if v.endswith('-all'):
-                bar.set_hatch('//')  # the normalizer in the backbone too
+            if VARIANTS[v][1] != 'BN' or v != 'BN' and VARIANTS[v] == ('BN', 'BN'):
+                bar.set_hatch('//')  # the normalizer in the backbone too, or more images
         for i, v in enumerate(variants):
             vals = [100 * a for a in summary[v][m]['values'] if a is not None]
             ax.plot([i] * len(vals), vals, 'k.', markersize=4)
@@ -262,7 +283,7 @@ def main(argv=None):
                              quick='tiny data (8 train / 4 val images of 64 px), 20 iterations, 1 seed, '
                                    'BN and CBN-heads (tests)', threads='torch threads per run')
     parser.add_argument('--variants', nargs='+', default=None, choices=list(VARIANTS),
-                        help='default: all seven (--quick: BN CBN-heads)')
+                        help='default: ' + ' '.join(DEFAULT_VARIANTS) + ' (--quick: BN CBN-heads)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help='default 0 1 2 (--quick: 0)')
     parser.add_argument('--window', type=int, default=4, help='CBN / Naive CBN window k')
     parser.add_argument('--gn-groups', type=int, default=16)
@@ -279,7 +300,7 @@ def main(argv=None):
         args.variants = args.variants or ['BN', 'CBN-heads']
         args.seeds = args.seeds if args.seeds is not None else [0]
     else:
-        args.variants = args.variants or list(VARIANTS)
+        args.variants = args.variants or list(DEFAULT_VARIANTS)
         args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
     resolve_detector_args(args, 'detection_analog', ITERS, QUICK_ITERS)
     settings = settings_from_args(args)
@@ -298,7 +319,9 @@ def main(argv=None):
                       flush=True)
             else:
                 jobs.append((variant, seed))
-    report = Report(args.out, 'detection_analog')
+    # the study at 2 images keeps its name; other batch sizes are written beside it
+    report = Report(args.out, 'detection_analog' + ('' if args.batch_size == 2 or args.quick
+                                                    else f'_bs{args.batch_size}'))
     print(f'[detection_analog] {len(jobs)} run(s) to do, {len(runs)} done before; {args.workers} '
           f'worker(s); settings {settings}', flush=True)
     lost = []
@@ -320,13 +343,16 @@ def main(argv=None):
     wall = report.seconds
 
     summary = summarize(args.variants, args.seeds, runs)
-    header = ['variant', 'FPN + box head', 'backbone', 'bbox AP', 'AP50', 'AP75', 'runs',
+    header = ['variant', 'FPN + box head', 'backbone', 'k', 'images / iteration', 'bbox AP', 'AP50',
+              'AP75', 'runs',
               'final train loss', 's / iteration', 's / run']
     rows = []
     for v in args.variants:
         e = summary[v]
         n_ok = len(e['seeds']) - len(e['failures'])
-        rows.append([v, LABELS[e['heads']], LABELS[e['backbone']]] + [cell(e[m]) for m in METRICS] +
+        k = str(WINDOWS.get(v, args.window)) if uses_cbn(v) else '–'
+        rows.append([v, LABELS[e['heads']], LABELS[e['backbone']], k,
+                     str(args.batch_size * IMAGES.get(v, 1))] + [cell(e[m]) for m in METRICS] +
                     [f"{n_ok}/{len(args.seeds)}" + (f" ({len(e['failures'])} failed)" if e['failures'] else ''),
                      '–' if e['final_loss'] is None else f"{e['final_loss']:.3f}",
                      '–' if e['seconds_per_iter'] is None else f"{e['seconds_per_iter']:.3f}",
@@ -341,7 +367,7 @@ def main(argv=None):
                f' --warmup {args.warmup} --lr {args.lr:g} --window {args.window}'
                f' --gn-groups {args.gn_groups} --workers {args.workers}')
     gen = args.generation
-    md = (f'# Detection analog (item 4): BN, GN, Naive CBN, CBN in Faster R-CNN at {args.batch_size} '
+    md = (f'# Detection analog: normalizers in Faster R-CNN at {args.batch_size} '
           f'image(s) per iteration\n\nCommand: `{command}`\n\n'
           f"Data: demo shapes, {gen['num_train']} train / {gen['num_val']} val images of "
           f"{gen['image_size']} px (`{osp.relpath(args.data_root, REPO_ROOT)}`). Model: "
@@ -349,7 +375,9 @@ def main(argv=None):
           f'of {args.batch_size} image(s), lr {args.lr:g}, warm-up {args.warmup}, ×0.1 at 75 % and 90 %; '
           f'CBN / Naive CBN: k = {args.window} after {args.burn_in} burn-in iterations (k = 1); '
           f'GN: {args.gn_groups} groups. "heads" = FPN + box head (backbone BN); "all" = backbone too '
-          f'(BN in all layers is the BN row).\n\n'
+          f'(BN in all layers is the BN row). BRN: BN for the burn-in iterations, then r_max 1 → 3 and '
+          f'd_max 0 → 5 by half the run. BN-x<k>: BN with k times the images per iteration (lr × √k), '
+          f'the examples a window of k iterations sees (the paper\'s upper bound, Section 4.3).\n\n'
           f'Wall time: {wall:.0f} s for {len(jobs)} run(s) with {args.workers} worker(s), '
           f'{args.threads} thread(s) each ({len(runs)} results in all, earlier ones included).\n\n'
           f'COCO bbox AP (%) on the val split, mean ± std over seeds {args.seeds}:\n\n' +

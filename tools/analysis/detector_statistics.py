@@ -453,7 +453,9 @@ def main(argv=None):
     from cbn_mmdet_demo.shapes import make_demo_dataset
     make_demo_dataset(args.data_root, **args.generation)
 
-    report = Report(args.out, 'detector_statistics')
+    # the study at 2 images keeps its name; other batch sizes are written beside it
+    report = Report(args.out, 'detector_statistics' + ('' if args.batch_size == 2 or args.quick
+                                                       else f'_bs{args.batch_size}'))
     records, checks, final_loss, seconds = [], [], {}, {}
     for k in args.ks:
         recs, chks, loss, secs = run(k, args)
