@@ -392,7 +392,8 @@ def analog_settings(**over):
 
 
 @pytest.mark.parametrize('variant', ['BN', 'GN-heads', 'NaiveCBN-heads', 'CBN-heads', 'GN-all',
-                                     'NaiveCBN-all', 'CBN-all'])
+                                     'NaiveCBN-all', 'CBN-all', 'BRN-all', 'NaiveCBN-all-k8',
+                                     'CBN-all-k8', 'BN-x4', 'BN-x8'])
 def test_detection_analog_variant_configs(variant, tmp_path):
     """Each variant's config puts its normalizer where it says (counted in the built detector), has the
     burn-in hook exactly when it has a CBN layer, and the short schedule / batch / seed asked for."""
@@ -415,12 +416,18 @@ def test_detection_analog_variant_configs(variant, tmp_path):
     if heads == 'GN':
         assert cfg.model.neck.norm_cfg == dict(type='GN', num_groups=16, requires_grad=True)
     if 'CBN' in heads:
-        assert cfg.model.roi_head.bbox_head.norm_cfg['window'] == 4
+        window = 8 if variant.endswith('-k8') else 4
+        assert cfg.model.roi_head.bbox_head.norm_cfg['window'] == window
+        assert backbone == 'BN' or cfg.model.backbone.norm_cfg['window'] == window
         assert cfg.model.neck.norm_cfg.get('compensate', True) == (heads == 'CBN')
+    if heads == 'BRN':  # BN through the burn-in, full limits by half the run
+        assert cfg.model.backbone.norm_cfg == dict(type='BRN', warmup_iters=10, rmax_iters=20,
+                                                   dmax_iters=20, requires_grad=True)
+    images = {'BN-x4': 4, 'BN-x8': 8}.get(variant, 1)  # the upper bound: k times the images
     assert cfg.train_cfg.max_iters == 40 and cfg.train_cfg.val_interval == 40
     assert cfg.param_scheduler[0]['end'] == 5 and cfg.param_scheduler[1]['milestones'] == [30, 36]
-    assert cfg.optim_wrapper.optimizer.lr == 0.02
-    assert cfg.train_dataloader.batch_size == 1 and cfg.randomness.seed == 3
+    assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.02 * images ** 0.5)
+    assert cfg.train_dataloader.batch_size == images and cfg.randomness.seed == 3
     assert cfg.default_hooks.checkpoint is None and cfg.work_dir == str(tmp_path)
 
 

@@ -99,13 +99,15 @@ def build_config(variant, seed, settings, work_dir):
 def norm_census(model):
     """``{part: {normalizer: count}}`` over backbone / neck / rpn_head / roi_head of a built detector."""
     import torch.nn as nn
-    from cbn_mmdet.models import CrossIterationBatchNorm2d
+    from cbn_mmdet.models import BatchRenorm2d, CrossIterationBatchNorm2d
     census = {}
     for part in ('backbone', 'neck', 'rpn_head', 'roi_head'):
         counts = {}
         for m in getattr(model, part).modules():
             if isinstance(m, CrossIterationBatchNorm2d):
                 kind = 'CBN' if m.compensate else 'NaiveCBN'
+            elif isinstance(m, BatchRenorm2d):
+                kind = 'BRN'
             elif isinstance(m, nn.GroupNorm):
                 kind = 'GN'
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -28,6 +28,7 @@ VARIANTS = {
     'cbn-all': ('CBN', 'all', {'window': 4}),
     'naive-all': ('CBN', 'all', {'window': 4, 'compensate': False}),
     'cbn-all-bf16': ('CBN', 'all', {'window': 4, 'history_dtype': 'bfloat16'}),
+    'cbn-all-bf16-product': ('CBN', 'all', {'window': 4, 'var_grad_dtype': 'bfloat16'}),
     'cbn-all-sub2': ('CBN', 'all', {'window': 4, 'statistics_gradients': 'subsampled'}),
 }
 
