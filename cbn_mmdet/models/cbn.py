@@ -14,7 +14,7 @@ from ..options import is_int, is_real, reject_unknown, require, require_bool, re
 from . import iteration_clock
 from .conv_binding import AutogradPass, BindStatus, ConvProducer, autograd_pass
 from .input_checks import check_4d, check_like_module
-from .window_history import HISTORY_KEYS, HISTORY_VERSION, WindowHistory
+from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
 
@@ -100,6 +100,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         var_grad_dtype: operands of the ``∂var/∂θ`` product (the layer's one extra weight-gradient
             convolution): ``'float32'`` (default) or ``'bfloat16'`` (float32 accumulation, centred
             operands; faster where bfloat16 kernels are: CUDA, CPUs with AVX-512 BF16/AMX).
+        per_call: ``0`` (default): the calls of one iteration (a head shared across FPN levels,
+            micro-batches) pool into one entry; ``N``: the layer is applied ``N`` times per forward
+            (e.g. a single-stage head once per level): the i-th call of an iteration is normalised
+            with the i-th calls of the past iterations (``i`` modulo ``N``, so gradient-accumulation
+            micro-batches pool per call). Not with activation checkpointing.
         monitor: record the relative size of the Taylor correction at each compensated forward in
             ``last_correction`` (a few small reductions, no host sync); ``CBNMonitorHook`` logs it.
 
@@ -118,7 +123,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  compensate: bool = True, fallback: str = 'bn', running_stats: str = 'window',
                  statistics_gradients: str = 'closed_form', subsample: int = 2,
                  history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
-                 monitor: bool = False, device=None, dtype=None, **unknown):
+                 per_call: int = 0, monitor: bool = False, device=None, dtype=None, **unknown):
         reject_unknown('CBN', unknown, CrossIterationBatchNorm2d.__init__,
                        ' (and requires_grad in norm_cfg)')
         _check_window('window', window)
@@ -132,6 +137,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         require_choice('CBN', 'var_grad_dtype', var_grad_dtype, _DTYPES)
         require(is_int(subsample) and subsample >= 2, 'CBN', 'subsample', "an int >= 2 (the row/column "
                 "stride of statistics_gradients='subsampled')", subsample)
+        require(is_int(per_call) and per_call >= 0, 'CBN', 'per_call', 'an int >= 0 (0: the calls of '
+                'an iteration pool into one entry; N: a layer applied N times per forward, e.g. once '
+                'per FPN level, keeps one history per call)', per_call)
         require_bool('CBN', 'compensate', compensate)
         require_bool('CBN', 'monitor', monitor)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
@@ -146,8 +154,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.var_grad_dtype = var_grad_dtype
         self._active_window = window
         # state, not buffers: DDP and SyncBuffersHook would overwrite the per-GPU history (docs/design.md)
-        self.history = WindowHistory(num_features, self._slots, _DTYPES[history_dtype],
-                                     self._warn_once)
+        self.per_call = per_call
+        self.call_histories = CallHistories(per_call, lambda: WindowHistory(
+            num_features, self._slots, _DTYPES[history_dtype], self._warn_once))
+        self.history = self.call_histories[0]  # the (first call's) past iterations
         self._producer = ConvProducer()
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
         self.last_bind_status: Optional[str] = None
@@ -178,7 +188,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         following = self._active_window == self.window
         self.window = window
         self._active_window = window if following else min(self._active_window, window)
-        self.history.resize(self._slots, self._home_device())
+        for history in self.call_histories:
+            history.resize(self._slots, self._home_device())
 
     def extra_repr(self) -> str:
         extra = '' if self.history_dtype == 'float32' else f', history_dtype={self.history_dtype!r}'
@@ -186,6 +197,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             extra += f', statistics_gradients={self.statistics_gradients!r}'
         if self.var_grad_dtype != 'float32':
             extra += f', var_grad_dtype={self.var_grad_dtype!r}'
+        if self.per_call:
+            extra += f', per_call={self.per_call}'
         return (f'{super().extra_repr()}, window={self.window}, compensate={self.compensate}, '
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')
 
@@ -201,7 +214,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         check_like_module('CBN', input, self.running_mean if self.running_mean is not None
                           else self.weight)
         if input.numel() == 0:
-            # e.g. a mask head with no positive RoI: nothing to measure, nothing to record
+            # e.g. a mask head with no positive RoI: nothing to measure, nothing to record (but the
+            # call counts, so that the next call meets its own history)
+            if self.per_call > 1 and torch.is_grad_enabled():
+                self._call_history(autograd_pass())
             return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var,
                                     False, 0.0, self.eps, torch.backends.cudnn.enabled)
         torch.nn.functional._verify_batch_size(input.size())
@@ -219,10 +235,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0, self.eps,
                                     torch.backends.cudnn.enabled)
         compensating = self.compensate and binding is not None
+        history = self._call_history(kind)
 
         with torch.no_grad(), _autocast_disabled(input.device.type):
-            self.history.advance(iteration_clock.current_iteration())
-            past = self.history.past(binding if compensating else None, input, self._active_window)
+            history.advance(iteration_clock.current_iteration())
+            past = history.past(binding if compensating else None, input, self._active_window)
             if self.monitor and past.compensated:
                 self.last_correction = past.correction_size(self.eps)
             batch_mean, batch_var = batch_moments(input)
@@ -234,7 +251,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 finite = all_finite(batch_mean, batch_var)
                 self._update_running_stats(batch_mean, batch_var, mean, var, count, past.count,
                                            finite)
-                self.history.record(input, batch_mean, batch_var, count, finite,
+                history.record(input, batch_mean, batch_var, count, finite,
                                     binding if compensating else None,
                                     lambda: conv_statistic_gradients(
                                         binding.input, input, batch_mean, binding.weight, binding.bias,
@@ -242,6 +259,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                         binding.groups, self.statistics_gradients, self.subsample,
                                         _DTYPES[self.var_grad_dtype]))
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps)
+
+    def _call_history(self, kind: str) -> WindowHistory:
+        """This call's history (see :class:`CallHistories`)."""
+        if self.per_call > 1 and kind != AutogradPass.RECORD:
+            raise RuntimeError(
+                f'CBN({self.num_features}) per_call={self.per_call} tells calls apart by their order in '
+                'the iteration; activation checkpointing and training forwards without autograd '
+                'change that order, so they are not supported with per_call (use per_call=0, or '
+                'train this part without checkpointing)')
+        return self.call_histories.next_call(iteration_clock.current_iteration())
 
     def _explain_binding(self, kind: str, status: str, binding, detail: str) -> bool:
         """Say once what the layer does when it cannot compensate; True: normalise like BN."""
@@ -318,18 +345,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def reset_history(self) -> None:
         """Forget all past iterations (the next forward is BN on its batch)."""
-        self.history.reset()
+        self.call_histories.reset()
         self._producer = ConvProducer()
 
-    def past_window(self) -> Optional[Dict[str, Tensor]]:
+    def past_window(self, call: int = 0) -> Optional[Dict[str, Tensor]]:
         """The past iterations of the current iteration's window (for analysis and tests).
 
         ``{'mean', 'var'}``: as recorded; ``{'mean_compensated', 'var_compensated'}``: moved to the
         current weights (Eqs. 7, 8, 10; equal to the recorded ones without compensation); ``'valid'``:
         1 for the entries in the window; ``'count'``: their number of values. Indexed like the ring
         (``history.slots_newest_first()``). ``None`` when the current iteration used no past entry.
+        ``call``: with ``per_call``, which call's history.
         """
-        past = self.history.last_window()
+        past = self.call_histories[call].last_window()
         if past is None:
             return None
         return {'mean': past.recorded_mean, 'var': past.recorded_var, 'mean_compensated': past.mean,
@@ -338,31 +366,30 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ state dict, device moves
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        self.history.apply(fn)
+        for history in self.call_histories:
+            history.apply(fn)
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, t in self.history.state().items():
-            destination[prefix + name] = t if keep_vars else t.detach()
+        for key, t in self.call_histories.state().items():
+            destination[prefix + key] = t if keep_vars else t.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        keys = {prefix + name for name in HISTORY_KEYS}
-        loaded: Dict[str, Tensor] = {name: state_dict[prefix + name] for name in HISTORY_KEYS
-                                     if prefix + name in state_dict}
+        keys = {prefix + key for key in self.call_histories.keys()}
+        loaded = {key[len(prefix):]: state_dict[key] for key in keys if key in state_dict}
         self.reset_history()  # a checkpoint without history (e.g. BN's) starts an empty window
         # torch's loader sees neither our history keys nor our (now empty) history buffers
         super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in keys}, prefix,
                                       local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if loaded:
-            try:
-                self.history.load(loaded, local_metadata.get('version') or self._version,
-                                  self._home_device())
-            except ValueError as err:
-                error_msgs.append(f'{prefix[:-1] or "CBN"}: {err}')
-                self.reset_history()
+        try:
+            self.call_histories.load(loaded, local_metadata.get('version') or self._version,
+                                     self._home_device())
+        except ValueError as err:
+            error_msgs.append(f'{prefix[:-1] or "CBN"}: {err}')
+            self.reset_history()
 
     def _home_device(self) -> torch.device:
         for tensor in (self.running_mean, self.weight):

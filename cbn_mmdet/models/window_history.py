@@ -17,7 +17,7 @@ from ..ops.statistics import (all_finite, compensate_history, linear_term_mean, 
 from ..ops.window_norm import statistics_dtype
 from .conv_binding import ConvWeights
 
-__all__ = ['WindowHistory', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS', 'HISTORY_GRADS', 'HISTORY_TENSORS',
+__all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS', 'HISTORY_GRADS', 'HISTORY_TENSORS',
            'HISTORY_INDEX', 'HISTORY_KEYS']
 
 HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
@@ -378,3 +378,60 @@ class WindowHistory:
             groups = c_in // self.tensors['history_var_grad'].shape[2]
             self.geometry = (self.num_features, c_in, kh, kw, groups,
                              None if conv_bias < 0 else bool(conv_bias))
+
+
+class CallHistories:
+    """The histories of one layer: one, or with ``per_call=N`` one per call of a forward.
+
+    A layer applied N times per forward (a single-stage head, once per FPN level) normalises the i-th
+    call of an iteration with the i-th calls of the past iterations; calls are told apart by their
+    order in the iteration, modulo N (so gradient-accumulation micro-batches pool per call). The first
+    call's state-dict keys are the plain ones, call i's are prefixed ``call<i>_``.
+    """
+
+    def __init__(self, per_call: int, make: Callable[[], WindowHistory]):
+        self.per_call = per_call
+        self.histories = [make() for _ in range(max(per_call, 1))]
+        self._clock: Optional[int] = None  # iteration of the calls counted in _calls
+        self._calls = 0
+
+    def __iter__(self):
+        return iter(self.histories)
+
+    def __getitem__(self, call: int) -> WindowHistory:
+        return self.histories[call]
+
+    def next_call(self, clock: int) -> WindowHistory:
+        """The history of the next recorded call in iteration ``clock``."""
+        if len(self.histories) == 1:
+            return self.histories[0]
+        if clock != self._clock:
+            self._clock, self._calls = clock, 0
+        history = self.histories[self._calls % self.per_call]
+        self._calls += 1
+        return history
+
+    def reset(self) -> None:
+        for history in self.histories:
+            history.reset()
+        self._clock = None
+
+    @staticmethod
+    def key(call: int, name: str) -> str:
+        return name if call == 0 else f'call{call}_{name}'
+
+    def keys(self) -> List[str]:
+        """Every state-dict key (suffix) the histories may use."""
+        return [self.key(call, name) for call in range(len(self.histories)) for name in HISTORY_KEYS]
+
+    def state(self) -> Dict[str, Tensor]:
+        return {self.key(call, name): t for call, history in enumerate(self.histories)
+                for name, t in history.state().items()}
+
+    def load(self, state: Dict[str, Tensor], version: int, device: torch.device) -> None:
+        """Restore from state-dict entries (keys without the module prefix); calls absent stay empty."""
+        for call, history in enumerate(self.histories):
+            loaded = {name: state[self.key(call, name)] for name in HISTORY_KEYS
+                      if self.key(call, name) in state}
+            if loaded:
+                history.load(loaded, version, device)
