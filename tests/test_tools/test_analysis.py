@@ -490,7 +490,8 @@ def test_detection_analog_quick(tmp_path):
         assert result['norms'] == {'backbone': {'BN': 20}, 'neck': {heads: 8}, 'rpn_head': {},
                                    'roi_head': {heads: 4}}
         assert result['burn_in_hook'] == (variant == 'CBN-heads')
-        row = (f"| {variant} | {da.LABELS[heads]} | BN | " +
+        k = '4' if da.uses_cbn(variant) else '–'  # window k, then images per iteration
+        row = (f"| {variant} | {da.LABELS[heads]} | BN | {k} | 2 | " +
                ' | '.join(da.cell(data['summary'][variant][m]) for m in metrics) + ' | 1/1 |')
         assert row in md and row in stdout, (row, md)
         assert osp.isfile(work / 'bs2' / variant / 'seed0' / 'config.py')
