@@ -50,7 +50,7 @@ def assert_png(path):
         assert f.read(8) == PNG_MAGIC, path
 
 
-# ---------------------------------------------------------------------------- item 1: statistics
+# ---------------------------------------------------------------------------- statistics estimation
 @pytest.fixture(scope='module')
 def estimation(tmp_path_factory):
     out = tmp_path_factory.mktemp('statistics_estimation')
@@ -216,7 +216,7 @@ def test_window_statistics_cbn_matches_compensation():
         opt.step()
 
 
-# ---------------------------------------------------------------------------- item 1: the demo detector
+# ---------------------------------------------------------------------------- the demo detector
 DETECTOR_LAYER_TYPES = {'FPN lateral': 4, 'FPN output': 4, 'box head conv': 4}
 
 
@@ -303,7 +303,7 @@ def test_detector_statistics_known_answers_at_lr0(detector_statistics_lr0):
                 assert r['e_mu'] < 1e-4 and r['e_sigma'] < 1e-4, r
 
 
-# ---------------------------------------------------------------------------- item 2: gradient ratios
+# ---------------------------------------------------------------------------- gradient ratios
 @pytest.mark.slow
 def test_gradient_ratios_outputs(tmp_path):
     stdout, data, md = run('gradient_ratios', tmp_path)
@@ -342,7 +342,7 @@ def test_gradient_ratio_known_answers():
     assert abs(gr.jacobian_norms(mu, [w])[0] - expected) < 1e-5
 
 
-# ---------------------------------------------------------------------------- item 3: batch sizes
+# ---------------------------------------------------------------------------- batch sizes
 @pytest.mark.slow
 def test_batch_size_table_outputs(tmp_path):
     stdout, data, md = run('batch_size_table', tmp_path)
@@ -383,7 +383,7 @@ def test_one_value_per_channel_is_reported_not_raised():
     assert r['failure'] is None and r['iters'] == 3 and 0 <= r['test_acc'] <= 1
 
 
-# ---------------------------------------------------------------------------- item 4: detection analog
+# ---------------------------------------------------------------------------- detection analog
 def analog_settings(**over):
     settings = dict(batch_size=2, iters=40, burn_in=10, warmup=5, lr=0.02, window=4, gn_groups=16,
                     data_root='data/demo_shapes', generation=script('common').DEMO_DATA, small_rois=False)

@@ -181,7 +181,7 @@ def main(argv=None):
                f'--epochs {args.epochs} --burn-in {args.burn_in} --lr {args.lr} '
                f'--weight-decay {args.weight_decay} --threads {args.threads}' +
                (f' --model {args.model}' if args.model != 'cnn' else ''))
-    md = (f'# Batch size table (item 3), model {args.model!r}: {CNN_VARIANTS[args.model]}\n\nCommand: `{command}`\n\n'
+    md = (f'# Batch size table, model {args.model!r}: {CNN_VARIANTS[args.model]}\n\nCommand: `{command}`\n\n'
           f'Wall time: {wall:.0f} s ({len(runs)} runs, {args.threads} thread(s))\n\n'
           f'Test accuracy (%), mean ± std over seeds {args.seeds} (600 test images):\n\n' +
           markdown_table(header, rows + [k_row]) +

@@ -125,7 +125,7 @@ class SmallResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A plain CNN (item 3): conv-norm-ReLU layers, global average pool, linear classifier.
+    """A plain CNN (the batch-size study): conv-norm-ReLU layers, global average pool, linear classifier.
 
     Default: four layers, 16, 32, 64, 64 channels, strides 1, 2, 2, 1 (16×16 input: 16×16 … 4×4 maps).
     """
@@ -144,7 +144,7 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-#: item 3's models: the default CNN, and one whose last layers see 2×2 and 1×1 maps (16×16 input)
+#: the batch-size study's models: the default CNN, and one whose last layers see 2×2 and 1×1 maps (16×16 input)
 CNN_VARIANTS = {
     'cnn': dict(widths=(16, 32, 64, 64), strides=(1, 2, 2, 1)),
     'cnn-1x1': dict(widths=(16, 32, 64, 64, 64), strides=(1, 2, 2, 2, 2)),
@@ -152,7 +152,7 @@ CNN_VARIANTS = {
 
 
 class VGGNet(nn.Module):
-    """A VGG-style plain conv net (item 2): [conv-norm-ReLU]×2 per stage, max-pool, 4 stages, GAP, fc."""
+    """A VGG-style plain conv net (the gradient-ratio study): [conv-norm-ReLU]×2 per stage, max-pool, 4 stages, GAP, fc."""
 
     def __init__(self, norm, widths=(16, 32, 64, 128), in_channels=1, num_classes=NUM_CLASSES):
         super().__init__()

@@ -488,7 +488,7 @@ def main(argv=None):
                            f"k={k}: e_μ {fmt(mean(c['oracle_gap']['e_mu'] for c in gaps if c['k'] == k))}, "
                            f"e_σ {fmt(mean(c['oracle_gap']['e_sigma'] for c in gaps if c['k'] == k))}"
                            for k in args.ks) + '.')
-    md = (f'# Window statistics in the demo detector (item 1, detector)\n\nCommand: `{command}`\n\n'
+    md = (f'# Window statistics in the demo detector\n\nCommand: `{command}`\n\n'
           f"Data: demo shapes, {gen['num_train']} train images of {gen['image_size']} px "
           f"(`{osp.relpath(args.data_root, REPO_ROOT)}`). Model: "
           '`configs/demo/faster-rcnn_r18_fpn_demo-shapes.py` from scratch, CBN(k) in the FPN (4 lateral + 4 '

@@ -211,7 +211,7 @@ def main(argv=None):
     command = (f'.venv/bin/python tools/analysis/gradient_ratios.py --archs {" ".join(args.archs)} '
                f'--iters {args.iters} --points {args.points} --batch-size {args.batch_size} '
                f'--lr {args.lr} --window {args.window} --burn-in {args.burn_in} --seed {args.seed}')
-    md = (f'# Gradient ratios (item 2, Appendix C)\n\nCommand: `{command}`\n\n'
+    md = (f'# Gradient ratios (Appendix C)\n\nCommand: `{command}`\n\n'
           f'Wall time: {report.seconds:.0f} s\n\n' + '\n\n'.join(text) + '\n')
     report.write(md, dict(args=vars(args), records=records, paper=PAPER),
                  plot=lambda path: plot(path, records, args.archs))

@@ -257,7 +257,7 @@ def main(argv=None):
                         for k, v in vars(args).items()
                         if k not in ('out', 'quick', 'freeze_convs', 'threads')) +
                f' --threads {args.threads}' + (' --freeze-convs' if args.freeze_convs else ''))
-    md = (f'# Statistics estimation (item 1)\n\nCommand: `{command}`\n\n'
+    md = (f'# Statistics estimation\n\nCommand: `{command}`\n\n'
           f'Wall time: {report.seconds:.0f} s\n\n' + '\n\n'.join(text) + '\n')
     report.write(md, dict(args=dict(vars(args)), records=records,
                           final_loss={f'lr={lr},k={k}': v for (lr, k), v in final_loss.items()}),
