@@ -23,7 +23,7 @@ from mmdet.registry import RUNNERS
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d
-from cbn_mmdet.models.cbn import HISTORY_STATE_KEYS
+from cbn_mmdet.models.cbn import is_history_state_key
 
 
 class CBNHistoryNotice(Hook):
@@ -38,7 +38,7 @@ class CBNHistoryNotice(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state_dict = checkpoint.get('state_dict', checkpoint)
-        history = [k for k in state_dict if k.rsplit('.', 1)[-1] in HISTORY_STATE_KEYS]
+        history = [k for k in state_dict if is_history_state_key(k)]
         if not history or any(
                 isinstance(m, CrossIterationBatchNorm2d) for m in runner.model.modules()):
             return

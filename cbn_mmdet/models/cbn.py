@@ -16,7 +16,7 @@ from .conv_binding import AutogradPass, BindStatus, ConvProducer, autograd_pass
 from .input_checks import check_4d, check_like_module
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
-__all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS']
+__all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS', 'is_history_state_key']
 
 # the layer keeps host-side state (ring cursor, iteration, caches) that graph capture cannot follow
 _eager = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
@@ -27,6 +27,8 @@ _DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
 
 #: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
 HISTORY_STATE_KEYS = HISTORY_KEYS
+#: whether a state-dict key is a CBN history tensor, the per-call ones (``call<i>_history_*``) included
+is_history_state_key = CallHistories.is_key
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):

@@ -7,6 +7,7 @@ weights it was recorded with (which replace storing old weights). The first call
 compensates the past entries, keeps the result for the iteration's later calls, then overwrites the
 oldest slot with its own entry, open until the optimizer steps.
 """
+import re
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -419,6 +420,13 @@ class CallHistories:
     @staticmethod
     def key(call: int, name: str) -> str:
         return name if call == 0 else f'call{call}_{name}'
+
+    @staticmethod
+    def is_key(key: str) -> bool:
+        """Whether a state-dict key (``<layer path>.<name>``) holds a history tensor of any call."""
+        name = key.rsplit('.', 1)[-1]
+        return name.split('_', 1)[1] in HISTORY_KEYS if re.fullmatch(r'call\d+_.+', name) \
+            else name in HISTORY_KEYS
 
     def keys(self) -> List[str]:
         """Every state-dict key (suffix) the histories may use."""

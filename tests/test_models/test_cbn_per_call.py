@@ -103,3 +103,14 @@ def test_deepcopy_keeps_one_history_per_call():
     assert clone.history is clone.call_histories[0]
     assert clone.call_histories[1].entries()[0].mean.data_ptr() != \
         shared.call_histories[1].entries()[0].mean.data_ptr()
+
+
+def test_per_call_history_keys_are_history_keys():
+    """Tools that drop the history (publish_model, test.py) see every call's keys."""
+    from cbn_mmdet.models.cbn import is_history_state_key
+    shared = _cbn(per_call=2)
+    _train([shared, shared], steps=2)
+    model = nn.Sequential(shared)
+    history = {k for k in model.state_dict() if is_history_state_key(k)}
+    assert history == {k for k in model.state_dict() if 'history' in k}
+    assert '0.call1_history_var_grad' in history and not is_history_state_key('0.running_mean')

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import cbn_mmdet  # noqa: F401,E402  (torch.load of runner checkpoints: see cbn_mmdet.compat)
-from cbn_mmdet.models.cbn import HISTORY_STATE_KEYS  # noqa: E402
+from cbn_mmdet.models.cbn import is_history_state_key  # noqa: E402
 
 #: Top-level checkpoint keys that are published; everything else is training state.
 KEEP_KEYS = ('meta', 'state_dict')
@@ -45,7 +45,7 @@ def parse_args():
 
 def is_history_key(key: str) -> bool:
     """Whether a state-dict key is a CBN history tensor (``<layer path>.history_mean`` etc.)."""
-    return key.rsplit('.', 1)[-1] in HISTORY_STATE_KEYS
+    return is_history_state_key(key)
 
 
 def is_torch_file(path: str) -> bool:
