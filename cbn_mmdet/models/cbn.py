@@ -264,7 +264,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _call_history(self, kind: str) -> WindowHistory:
         """This call's history (see :class:`CallHistories`)."""
-        if self.per_call > 1 and kind != AutogradPass.RECORD:
+        if self.per_call <= 1:
+            return self.history
+        if kind != AutogradPass.RECORD:
             raise RuntimeError(
                 f'CBN({self.num_features}) per_call={self.per_call} tells calls apart by their order in '
                 'the iteration; activation checkpointing and training forwards without autograd '
