@@ -1,7 +1,7 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), a drop-in ``_BatchNorm``."""
 import contextlib
 import warnings
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -211,18 +211,22 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     @_eager  # under torch.compile: a graph break, and the layer runs as in eager mode
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or self.window == 1 or self._active_window == 1:
-            return super().forward(input)  # exactly BN: eval with running stats, or burn-in
+        if not self.training:
+            return super().forward(input)  # exactly BN with the running statistics
+        group = self._statistics_group()
+        if self.window == 1 or self._active_window == 1:
+            return self._batch_norm(input, group, update=True)  # exactly BN, e.g. during burn-in
         check_like_module('CBN', input, self.running_mean if self.running_mean is not None
                           else self.weight)
-        if input.numel() == 0:
+        if input.numel() == 0 and group is None:
             # e.g. a mask head with no positive RoI: nothing to measure, nothing to record (but the
             # call counts, so that the next call meets its own history)
             if self.per_call > 1 and torch.is_grad_enabled():
                 self._call_history(autograd_pass())
             return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var,
                                     False, 0.0, self.eps, torch.backends.cudnn.enabled)
-        torch.nn.functional._verify_batch_size(input.size())
+        if group is None:
+            torch.nn.functional._verify_batch_size(input.size())
 
         # Only a pass whose saved tensors are readable updates the state; the first pass of an
         # activation checkpoint normalises the same way (same window, same weights) and leaves the
@@ -232,35 +236,58 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         binding, status, detail = self._producer.bind(input, kind)
         self.last_bind_status = status
         if self._explain_binding(kind, status, binding, detail):  # fallback='bn'
-            if recording:
-                return super().forward(input)
-            return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0, self.eps,
-                                    torch.backends.cudnn.enabled)
+            return self._batch_norm(input, group, update=recording)
         compensating = self.compensate and binding is not None
         history = self._call_history(kind)
 
         with torch.no_grad(), _autocast_disabled(input.device.type):
             history.advance(iteration_clock.current_iteration())
-            past = history.past(binding if compensating else None, input, self._active_window)
+            past = history.past(binding if compensating else None, input, self._active_window,
+                                clamp=group is None)
             if self.monitor and past.compensated:
                 self.last_correction = past.correction_size(self.eps)
             batch_mean, batch_var = batch_moments(input)
-            mean, var, k = window_moments(batch_mean, batch_var, past.mean, past.var, past.valid)
+            count = float(input.shape[0] * input.shape[2] * input.shape[3])
+            finite = all_finite(batch_mean, batch_var)
+            window_input = WindowInput(batch_mean, batch_var, count, finite, past.mean, past.var,
+                                       past.valid, past.count)
+            if group is not None:  # SyncCBN: the moments of all processes' batches
+                window_input = self._pool_across(group, window_input, past.counts)
+            w = window_input
+            mean, var, k = window_moments(w.batch_mean, w.batch_var, w.past_mean, w.past_var,
+                                          w.past_valid)
             if recording:
                 # before the normalisation saves its tensors: a checkpoint's recomputation may stop
                 # right after that save
-                count = float(input.shape[0] * input.shape[2] * input.shape[3])
-                finite = all_finite(batch_mean, batch_var)
-                self._update_running_stats(batch_mean, batch_var, mean, var, count, past.count,
-                                           finite)
-                history.record(input, batch_mean, batch_var, count, finite,
-                                    binding if compensating else None,
-                                    lambda: conv_statistic_gradients(
-                                        binding.input, input, batch_mean, binding.weight, binding.bias,
-                                        binding.stride, binding.padding, binding.dilation,
-                                        binding.groups, self.statistics_gradients, self.subsample,
-                                        _DTYPES[self.var_grad_dtype]))
-        return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps)
+                self._update_running_stats(w.batch_mean, w.batch_var, mean, var, w.count,
+                                           w.past_count, w.finite)
+                if count > 0:
+                    history.record(input, batch_mean, batch_var, count, finite,
+                                   binding if compensating else None,
+                                   lambda: conv_statistic_gradients(
+                                       binding.input, input, batch_mean, binding.weight,
+                                       binding.bias, binding.stride, binding.padding,
+                                       binding.dilation, binding.groups, self.statistics_gradients,
+                                       self.subsample, _DTYPES[self.var_grad_dtype]))
+                elif not history.open:  # an empty batch of SyncCBN: an empty entry keeps the
+                    history.record(input, batch_mean, batch_var, 0.0, finite, None, None)  # ring in step
+        return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps,
+                                             group, None if group is None else w.count)
+
+    # ------------------------------------------------------------------ across processes (SyncCBN)
+    def _statistics_group(self):
+        """The process group whose batches are normalised together; None: this process's batch."""
+        return None
+
+    def _pool_across(self, group, local: 'WindowInput', past_counts: Tensor) -> 'WindowInput':
+        raise NotImplementedError  # SyncCBN's; CBN's group is always None
+
+    def _batch_norm(self, input: Tensor, group, update: bool) -> Tensor:
+        """Normalise with the current batch like BN; ``update``: also the running statistics."""
+        if update:
+            return super().forward(input)
+        return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0, self.eps,
+                                torch.backends.cudnn.enabled)
 
     def _call_history(self, kind: str) -> WindowHistory:
         """This call's history (see :class:`CallHistories`)."""
@@ -312,7 +339,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ running statistics
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
-                              count: float, past_count: Tensor, finite: Tensor) -> None:
+                              count, past_count: Tensor, finite: Tensor) -> None:
+        # count: the batch's number of values, a float, or a 0-d tensor when pooled across processes
         if not self.track_running_stats or self.running_mean is None:
             return
         self.num_batches_tracked.add_(1)
@@ -323,7 +351,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             unbiased = var * (n / (n - 1.0).clamp_min(1.0))
             new_mean = mean
         else:
-            unbiased = batch_var * (count / max(count - 1.0, 1.0))
+            unbiased = batch_var * (count / ((count - 1.0).clamp_min(1.0) if torch.is_tensor(count)
+                                             else max(count - 1.0, 1.0)))
             new_mean = batch_mean
         rm = torch.lerp(self.running_mean, new_mean.to(self.running_mean.dtype), factor)
         rv = torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), factor)
@@ -400,6 +429,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if tensor is not None:
                 return tensor.device
         return torch.device('cpu')
+
+
+class WindowInput(NamedTuple):
+    """What the window statistics (Eqs. 9-11) are computed from."""
+    batch_mean: Tensor      # (C,) the current iteration's batch
+    batch_var: Tensor
+    count: float            # its number of values
+    finite: Tensor          # () whether its moments are finite
+    past_mean: Tensor       # (T, C) compensated past entries, Eq. 10 applied
+    past_var: Tensor
+    past_valid: Tensor      # (T,) 1 for the entries in the window
+    past_count: Tensor      # () their number of values
 
 
 def _check_window(name: str, value) -> None:

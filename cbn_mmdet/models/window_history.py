@@ -18,8 +18,9 @@ from ..ops.statistics import (all_finite, compensate_history, linear_term_mean, 
 from ..ops.window_norm import statistics_dtype
 from .conv_binding import ConvWeights
 
-__all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS', 'HISTORY_GRADS', 'HISTORY_TENSORS',
-           'HISTORY_INDEX', 'HISTORY_KEYS']
+__all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS',
+           'HISTORY_GRADS', 'HISTORY_TENSORS', 'HISTORY_INDEX', 'HISTORY_KEYS', 'PROCESSES_KEY',
+           'RANK_KEY', 'rank_key']
 
 HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
                  'history_var_ref', 'history_compensable')
@@ -29,6 +30,10 @@ HISTORY_TENSORS = HISTORY_STATS + HISTORY_GRADS
 #: cursor lives on the host and is written only into state dicts
 HISTORY_INDEX = 'history_index'
 HISTORY_KEYS = HISTORY_TENSORS + (HISTORY_INDEX, )
+#: SyncCBN's state-dict keys: long ``[processes, rank, gathered]`` of the run that saved the history
+#: (``gathered``: every process's history is saved, call i's key ``k`` of rank r as ``rank<r>_k``)
+PROCESSES_KEY = 'history_processes'
+RANK_KEY = re.compile(r'rank(\d+)_(.+)')
 #: the layer's state-dict version of this layout. 3: a ring of ``window`` slots; 4: ``window - 1``
 #: slots, the newest entry possibly the open current iteration; 5: ``history_index`` also says
 #: whether the conv's bias was trainable
@@ -42,7 +47,8 @@ class PastWindow(NamedTuple):
     mean: Tensor            # (slots, C) μ̃, moved to the current weights (Eq. 7) when compensated
     var: Tensor             # (slots, C) var̃ = max(ν̃ − μ̃², 0) (Eqs. 8, 10)
     valid: Tensor           # (slots,) 1 for the slots in the window
-    count: Tensor           # () number of values in the valid entries
+    counts: Tensor          # (slots,) number of values of each valid entry (0 elsewhere)
+    count: Tensor           # () their sum
     recorded_mean: Tensor   # (slots, C) as recorded
     recorded_var: Tensor
     compensated: bool
@@ -151,13 +157,15 @@ class WindowHistory:
             self.open = False
         self.opened_at = clock
 
-    def past(self, weights: Optional[ConvWeights], like: Tensor, active_window: int) -> PastWindow:
+    def past(self, weights: Optional[ConvWeights], like: Tensor, active_window: int,
+             clamp: bool = True) -> PastWindow:
         """Compensated past of the active window; computed at the first call of an iteration and
         reused by its later calls (and by the recomputation of a checkpointed forward, which must
-        normalise exactly as the first pass did)."""
+        normalise exactly as the first pass did). ``clamp=False``: ``var`` without Eq. 10 (for
+        SyncCBN, which clamps after pooling the processes' moments)."""
         weight_state = None if weights is None else (weights.weight.data_ptr(),
                                                      weights.weight._version)
-        key = (self.opened_at, active_window)
+        key = (self.opened_at, active_window, clamp)
         if self._cache is not None and self._cache[0] == key:
             cached_state = self._cache[1]
             if weight_state is None or cached_state is None or cached_state == weight_state:
@@ -170,8 +178,8 @@ class WindowHistory:
                        'cbn_mmdet.models.iteration_clock.next_iteration() after each step)')
         if not self.tensors or self.filled - self.open == 0:
             empty = like.new_zeros((0, self.num_features), dtype=statistics_dtype(like))
-            result = PastWindow(empty, empty, empty.new_zeros(0), empty.new_zeros(()), empty, empty,
-                                False)
+            none = empty.new_zeros(0)
+            result = PastWindow(empty, empty, none, none, empty.new_zeros(()), empty, empty, False)
         else:
             t = self.tensors
             valid = self._valid(active_window)
@@ -183,9 +191,9 @@ class WindowHistory:
                 mean, var = compensate_history(
                     mean, var, t['history_mean_ref'], t['history_var_ref'], t['history_patch_mean'],
                     t['history_var_grad'], t['history_compensable'], weights.weight, weights.bias,
-                    weights.groups)
-            result = PastWindow(mean, var, valid, (t['history_count'] * valid).sum(), *recorded,
-                                compensated)
+                    weights.groups, clamp)
+            counts = t['history_count'] * valid
+            result = PastWindow(mean, var, valid, counts, counts.sum(), *recorded, compensated)
         self._cache = (key, weight_state, result)
         return result
 
@@ -274,6 +282,12 @@ class WindowHistory:
             self.head = slot
             self.filled = min(self.filled + 1, self.slots)
             self.open = True
+
+    def drop_values(self) -> None:
+        """Keep the cursor but make every entry empty (no values, no gradients used)."""
+        if self._packed is not None:
+            self._packed.zero_()
+        self._cache = None
 
     def _allocate(self, like: Tensor, weights: Optional[ConvWeights]) -> None:
         slots, c, dtype = self.slots, self.num_features, statistics_dtype(like)
@@ -381,6 +395,11 @@ class WindowHistory:
                              None if conv_bias < 0 else bool(conv_bias))
 
 
+def rank_key(rank: int, key: str) -> str:
+    """The key of process ``rank``'s history tensor ``key`` in a SyncCBN checkpoint."""
+    return f'rank{rank}_{key}'
+
+
 class CallHistories:
     """The histories of one layer: one, or with ``per_call=N`` one per call of a forward.
 
@@ -423,10 +442,14 @@ class CallHistories:
 
     @staticmethod
     def is_key(key: str) -> bool:
-        """Whether a state-dict key (``<layer path>.<name>``) holds a history tensor of any call."""
+        """Whether a state-dict key (``<layer path>.<name>``) holds a history tensor of any call (or
+        of any process, SyncCBN's gathered histories included)."""
         name = key.rsplit('.', 1)[-1]
+        rank = RANK_KEY.fullmatch(name)
+        if rank:
+            name = rank.group(2)
         return name.split('_', 1)[1] in HISTORY_KEYS if re.fullmatch(r'call\d+_.+', name) \
-            else name in HISTORY_KEYS
+            else name in HISTORY_KEYS or name == PROCESSES_KEY
 
     def keys(self) -> List[str]:
         """Every state-dict key (suffix) the histories may use."""

@@ -29,7 +29,7 @@ __all__ = [
     'batch_moments', 'patch_mean', 'variance_weight_gradient', 'statistic_gradients_autograd',
     'conv_statistic_gradients',
     'linear_term_mean', 'linear_term_var', 'compensate_history', 'window_moments', 'merge_moments',
-    'all_finite',
+    'pool_moments', 'all_finite',
 ]
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -40,9 +40,13 @@ def batch_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
 
     Computed in float32 (or float64 for float64 input) whatever the input precision. On CPU this is
     BN's own statistics kernel (``batch_norm_update_stats``, a one-pass Welford reduction per channel,
-    about 3× faster there than the generic ``var_mean`` reduction over three dimensions).
+    about 3× faster there than the generic ``var_mean`` reduction over three dimensions). An empty
+    batch gives zeros.
     """
     acc = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if acc.numel() == 0:  # no values: zeros, which callers weigh by the batch's count of 0
+        zeros = acc.new_zeros(acc.shape[1])
+        return zeros, zeros.clone()
     if acc.device.type == 'cpu':
         mean, var = torch.batch_norm_update_stats(acc, None, None, 0.0)
         return mean, var
@@ -301,7 +305,8 @@ def linear_term_var(var_grads: Tensor, weight: Tensor) -> Tensor:
 
 def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,
                        patch_means: Tensor, var_grads: Tensor, compensable: Tensor, weight: Tensor,
-                       bias: Optional[Tensor], groups: int) -> Tuple[Tensor, Tensor]:
+                       bias: Optional[Tensor], groups: int,
+                       clamp: bool = True) -> Tuple[Tensor, Tensor]:
     """Eqs. 7, 8 and 10 for all recorded iterations at once.
 
     Args:
@@ -311,6 +316,8 @@ def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Ten
         var_grads: ``(T, C, C_in/G, kh, kw)`` ``∂var/∂θ`` per recorded iteration.
         compensable: ``(T,)`` 1 where the entry has gradients, 0 where it must be used as recorded.
         weight, bias: the current ``θ_t`` (and conv bias, if trainable).
+        clamp: apply Eq. 10; ``False`` returns ``ν̃ − μ̃²`` as is, for moments that are pooled with
+            other processes' before the clamp (:func:`pool_moments`).
 
     Returns:
         ``(μ̃, var̃)`` at the current weights, ``var̃ = max(ν̃ − μ̃², 0)`` (Eq. 10), shape ``(T, C)``.
@@ -319,8 +326,8 @@ def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Ten
     d_mean = (linear_term_mean(patch_means, weight, bias, groups) - mean_ref) * mask
     d_var = (linear_term_var(var_grads, weight) - var_ref) * mask
     mean_t = mean + d_mean
-    var_t = (var + d_var - d_mean * d_mean).clamp_min(0.0)
-    return mean_t, var_t
+    var_t = var + d_var - d_mean * d_mean
+    return mean_t, var_t.clamp_min(0.0) if clamp else var_t
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
@@ -367,6 +374,26 @@ def merge_moments(count_a: Tensor, mean_a: Tensor, var_a: Tensor, count_b: Tenso
     delta = mean_b - mean_a
     mean = mean_a + share_b * delta
     var = share_a * var_a + share_b * var_b + share_a * share_b * delta * delta
+    return count, mean, var
+
+
+def pool_moments(counts: Tensor, means: Tensor, variances: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pool per-channel moments over a leading dimension of parts (e.g. processes), centred.
+
+    Args:
+        counts: ``(P, R)`` number of values of each part in each of ``R`` rows (0: absent).
+        means, variances: ``(P, R, C)`` the parts' means and biased variances (``ν − μ²``).
+
+    Returns ``(count, mean, var)`` of the union per row, shapes ``(R,)``, ``(R, C)``, ``(R, C)``:
+    ``var = Σ_p w_p (var_p + (μ_p − μ)²)`` with ``w_p = n_p / n``; a row without values gives zeros.
+    The parts are summed in order, so every process pooling the same gathered parts gets the same bits.
+    """
+    count = counts.sum(0)
+    share = torch.where(counts > 0, counts / count.clamp_min(1e-12), 0.0).unsqueeze(-1)
+    present = share > 0  # a part without values never contributes, whatever its moments hold
+    mean = torch.where(present, share * means, 0.0).sum(0)
+    spread = variances + (means - mean).square()
+    var = torch.where(present, share * spread, 0.0).sum(0)
     return count, mean, var
 
 

@@ -56,15 +56,20 @@ class WindowBatchNormFunction(torch.autograd.Function):
     """``y = γ (x − μ̄)/sqrt(σ̄² + ε) + β`` for window statistics ``(μ̄, σ̄², k)`` computed by the caller
     from ``x``'s own moments and the past (:func:`window_batch_norm`); the backward treats the past as
     constants, so ``∂μ̄/∂x`` and ``∂σ̄²/∂x`` are ``1/k`` times BN's.
+
+    With a process ``group``, the current iteration's statistics are those of all processes' batches
+    (``count`` values in all, this process's ``x`` possibly empty): the backward all-reduces the two
+    per-channel sums like SyncBN's and divides by ``k·count``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                var: Tensor, k: Tensor, eps: float) -> Tensor:
-        y = _normalize(x, weight, bias, mean, var, eps)
+                var: Tensor, k: Tensor, eps: float, group=None, count: Optional[float] = None) -> Tensor:
+        y = _normalize(x, weight, bias, mean, var, eps) if x.numel() else torch.empty_like(x)
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, invstd, k)
-        ctx.eps = eps
+        ctx.eps, ctx.group = eps, group
+        ctx.count = x.shape[0] * x.shape[2] * x.shape[3] if count is None else count
         return y
 
     @staticmethod
@@ -75,15 +80,23 @@ class WindowBatchNormFunction(torch.autograd.Function):
         need_w = need_w and weight is not None
         need_b = need_b and weight is not None  # affine: γ and β come together
         grad_y = grad_y.contiguous(memory_format=_memory_format(x))
-        count = x.shape[0] * x.shape[2] * x.shape[3]
+        count, group = ctx.count, ctx.group
         # γ in the statistics' precision, as SyncBN does for its elementwise kernel
         gamma = None if weight is None else weight.to(mean.dtype)
-        if cuda_kernels.applies(x):
+        if x.numel() == 0:
+            # nothing here, but the other processes' all-reduce needs this one's (zero) sums
+            if group is not None and need_x:
+                _all_reduce_sums(mean.new_zeros(mean.shape), mean.new_zeros(mean.shape), group)
+            grad_x = torch.empty_like(x) if need_x else None
+            grad_w = grad_b = mean.new_zeros(mean.shape)
+        elif cuda_kernels.applies(x):
             # SyncBN's kernels: the elementwise pass divides the sums by a count we make k·m
             sum_dy, sum_dy_xmu, grad_w, grad_b = cuda_kernels.backward_reduce(
                 grad_y, x, mean, invstd, gamma, need_x, need_w, need_b)
             grad_x = None
             if need_x:
+                if group is not None:
+                    sum_dy, sum_dy_xmu = _all_reduce_sums(sum_dy, sum_dy_xmu, group)
                 counts = (k * count).round().to(torch.int32).reshape(1)
                 grad_x = cuda_kernels.backward_elemt(grad_y, x, mean, invstd, gamma, sum_dy,
                                                      sum_dy_xmu, counts)
@@ -92,8 +105,11 @@ class WindowBatchNormFunction(torch.autograd.Function):
             ones = gamma if gamma is not None else torch.ones_like(mean)
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, ones, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+            grad_w, grad_b = sum_dy_xhat, sum_dy  # this process's share, as in SyncBN
             grad_x = None
             if need_x:
+                if group is not None:
+                    sum_dy, sum_dy_xhat = _all_reduce_sums(sum_dy, sum_dy_xhat, group)
                 a = ones * invstd
                 scale = a / (k * count)
                 b = -scale * invstd * sum_dy_xhat
@@ -102,11 +118,17 @@ class WindowBatchNormFunction(torch.autograd.Function):
                 grad_x = torch.addcmul(c.view(shape), x, b.view(shape))
                 grad_x.addcmul_(grad_y, a.view(shape))
                 grad_x = grad_x.to(x.dtype).contiguous(memory_format=_memory_format(x))
-            grad_w, grad_b = sum_dy_xhat, sum_dy
         # a gradient only for inputs that are tensors needing one, in their own dtype
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _all_reduce_sums(first: Tensor, second: Tensor, group) -> Tuple[Tensor, Tensor]:
+    """Sum two per-channel tensors over the processes of ``group`` with one all-reduce."""
+    combined = torch.cat([first, second])
+    torch.distributed.all_reduce(combined, torch.distributed.ReduceOp.SUM, group)
+    return combined[:first.numel()], combined[first.numel():]
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

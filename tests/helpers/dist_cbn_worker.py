@@ -1,7 +1,8 @@
 """One process of a 2-process gloo training of a toy model through a real mmengine Runner + DDP.
 
-Usage: python dist_cbn_worker.py RANK WORLD PORT WORK_DIR [--resume]
-The model starts with BN; NormSwitchHook switches it to CBN(window=3) after the first of two epochs,
+Usage: python dist_cbn_worker.py RANK WORLD PORT WORK_DIR [--resume] [--sync]
+The model starts with BN; NormSwitchHook switches it to CBN(window=3) (``--sync``: SyncCBN) after the
+first of two epochs,
 SyncBuffersHook averages buffers after each epoch. Writes WORK_DIR/rank{RANK}.pt: the norm's type,
 whether it kept BN's weight tensor (in the optimizer, with its momentum state), the parameters and
 the CBN state dict (history, running statistics).
@@ -48,6 +49,7 @@ class ToyModel(BaseModel):
 def main():
     rank, world, port, work_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     resume = '--resume' in sys.argv
+    to = 'SyncCBN' if '--sync' in sys.argv else 'CBN'
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
     torch.manual_seed(0)
@@ -60,7 +62,7 @@ def main():
         train_cfg=dict(by_epoch=True, max_epochs=3 if resume else 2),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
         custom_hooks=[dict(type='SyncBuffersHook'),
-                      dict(type='NormSwitchHook', switch_epoch=1, to=dict(type='CBN', window=3))],
+                      dict(type='NormSwitchHook', switch_epoch=1, to=dict(type=to, window=3))],
         default_hooks=dict(logger=None, checkpoint=dict(type='CheckpointHook', interval=1)),
         resume=resume, default_scope='mmdet')
     model = runner.model.module

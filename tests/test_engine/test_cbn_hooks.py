@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet.engine.hooks import CBNBurnInHook, auto_window
 from cbn_mmdet.engine.sync_bn_guard import SyncBNWithCBNError
+from cbn_mmdet.models import BatchRenorm2d as BRN
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
 
 
@@ -133,6 +134,29 @@ def test_sync_bn_conversion_refuses_cbn():
         runner_module.convert_sync_batchnorm(model, 'torch')
     plain = runner_module.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 'torch')
     assert isinstance(plain[0], nn.SyncBatchNorm)
+
+
+def test_sync_bn_sync_cbn_converts_cbn_with_its_options_tensors_and_history():
+    import mmengine.runner.runner as runner_module
+
+    from cbn_mmdet.models import SyncCrossIterationBatchNorm2d
+    cbn = CBN(4, window=3, momentum=0.2, per_call=2, var_grad_dtype='bfloat16')
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.warns(UserWarning):  # nothing trainable upstream: uncompensated
+        cbn(conv(torch.randn(2, 3, 6, 6)).detach())
+    model = nn.Sequential(conv, cbn, nn.BatchNorm2d(4))
+    runner_module.convert_sync_batchnorm(model, 'SyncCBN')
+    sync = model[1]
+    assert type(sync) is SyncCrossIterationBatchNorm2d and isinstance(model[2], nn.SyncBatchNorm)
+    assert (sync.window, sync.momentum, sync.per_call, sync.var_grad_dtype) == (3, 0.2, 2,
+                                                                              'bfloat16')
+    assert sync.weight is cbn.weight and sync.running_mean is cbn.running_mean
+    assert sync.history is cbn.history and sync.history.filled == 1
+    with pytest.raises(SyncBNWithCBNError, match='BatchRenorm2d'):
+        runner_module.convert_sync_batchnorm(nn.Sequential(CBN(4), BRN(4)), 'SyncCBN')
+    with pytest.raises(SyncBNWithCBNError, match="sync_bn='SyncCBN'"):
+        runner_module.convert_sync_batchnorm(nn.Sequential(SyncCrossIterationBatchNorm2d(4)),
+                                             'torch')
 
 
 class BNToyModel(ToyModel):

@@ -55,3 +55,21 @@ def test_switch_to_cbn_under_ddp_keeps_per_process_history_and_resumes_from_rank
         assert resumed['type'] == 'CrossIterationBatchNorm2d'
         for key in ('history_mean', 'history_var_grad', 'history_index'):
             torch.testing.assert_close(resumed['state'][key], states[0][key])
+
+
+def test_switch_to_sync_cbn_checkpoint_resumes_each_process_with_its_own_history(tmp_path):
+    """BN → SyncCBN under DDP: each process keeps the history of its own batches; mmengine's
+    checkpoint (written by rank 0) holds both, and resuming gives each process its own."""
+    _run_two(tmp_path, '--sync')
+    states = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True)['state'] for r in range(2)]
+    assert not torch.allclose(states[0]['history_mean'], states[1]['history_mean'])
+    checkpoint = torch.load(tmp_path / 'epoch_2.pth', weights_only=False)['state_dict']
+    for r in range(2):
+        torch.testing.assert_close(checkpoint[f'norm.rank{r}_history_var_grad'],
+                                   states[r]['history_var_grad'])
+    _run_two(tmp_path, '--sync', '--resume')
+    for r in range(2):
+        resumed = torch.load(tmp_path / f'resumed_rank{r}.pt', weights_only=True)
+        assert resumed['type'] == 'SyncCrossIterationBatchNorm2d'
+        for key in ('history_mean', 'history_var_grad', 'history_index'):
+            torch.testing.assert_close(resumed['state'][key], states[r][key])

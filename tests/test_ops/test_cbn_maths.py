@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from cbn_mmdet.ops.statistics import (batch_moments, compensate_history, linear_term_mean,
                                       linear_term_var, merge_gradients, merge_moments, patch_mean,
-                                      patch_mean_as_weight, statistic_gradients_autograd,
+                                      patch_mean_as_weight, pool_moments,
+                                      statistic_gradients_autograd,
                                       subsampled_output_size,
                                       variance_weight_gradient, window_moments)
 from cbn_mmdet.ops.window_norm import window_batch_norm, window_batch_norm_reference
@@ -194,6 +195,58 @@ def test_merge_moments_and_gradients_equal_concatenation():
     torch.testing.assert_close(v, vr)
     torch.testing.assert_close(patch, pr)
     torch.testing.assert_close(var_grad, gr)
+
+
+def test_pooling_processes_compensated_moments_equals_compensating_their_union():
+    """SyncCBN's maths: each process compensates its own entry (Eqs. 7-8) without Eq. 10; pooling
+    those moments and then clamping equals compensating the entry of the union (same iteration,
+    same weights). Here one process's first-order variance goes negative in 3 channels while the
+    union's stays positive, so clamping before pooling would be wrong (checked)."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen)
+    b = torch.randn(4, dtype=torch.float64, generator=gen)
+    one_flat = torch.randn(1, 3, 7, 7, dtype=torch.float64, generator=gen) * 0.05 + 1.0
+    three = torch.randn(3, 3, 7, 7, dtype=torch.float64, generator=gen) * 2.0
+
+    def entry(inp):
+        x = F.conv2d(inp, w, b, 1, 1)
+        mean, var = batch_moments(x)
+        count = torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3])], dtype=torch.float64)
+        patch = patch_mean(inp, w.shape[2:], x.shape[2:], (1, 1), (1, 1), (1, 1))
+        var_grad = variance_weight_gradient(inp, x, mean, patch, w, (1, 1), (1, 1), (1, 1), 1)
+        return count, mean[None], var[None], patch[None], var_grad[None]
+
+    small, large, union = entry(one_flat), entry(three), entry(torch.cat([one_flat, three]))
+    w_new = w - 1.5 * small[4][0] / small[4][0].norm()
+
+    def compensate(e, clamp):
+        count, mean, var, patch, var_grad = e
+        return compensate_history(mean, var, linear_term_mean(patch, w, b, 1),
+                                  linear_term_var(var_grad, w), patch, var_grad,
+                                  torch.ones(1, dtype=torch.float64), w_new, b, 1, clamp)
+
+    def pooled(clamp):
+        parts = [compensate(e, clamp) for e in (small, large)]
+        _, mean, var = pool_moments(torch.stack([small[0], large[0]]),
+                                    torch.stack([m for m, _ in parts]),
+                                    torch.stack([v for _, v in parts]))
+        return mean, var.clamp_min(0.0)
+
+    assert int((compensate(small, False)[1] < 0).sum()) == 3
+    ref_mean, ref_var = compensate(union, True)
+    mean, var = pooled(clamp=False)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(pooled(clamp=True)[1], ref_var, rtol=1e-3)
+
+
+def test_pool_moments_ignores_parts_without_values():
+    counts = torch.tensor([[0.0, 3.0], [2.0, 0.0]], dtype=torch.float64)
+    means = torch.tensor([[[float('nan')], [1.0]], [[2.0], [5.0]]], dtype=torch.float64)
+    variances = torch.ones(2, 2, 1, dtype=torch.float64)
+    count, mean, var = pool_moments(counts, means, variances)
+    assert count.tolist() == [2.0, 3.0]
+    assert mean.flatten().tolist() == [2.0, 1.0] and var.flatten().tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize('history', [0, 1, 3])

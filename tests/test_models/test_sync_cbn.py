@@ -1,0 +1,104 @@
+"""SyncCBN: CBN on the concatenation of all processes' batches (2 CPU processes, gloo)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from sync_cbn_worker import (SAVE_AFTER, SIZES, STEPS, WINDOW, TwoLayerNet, running_stats, share,
+                             step_batch, train_step)
+
+from cbn_mmdet.models import CrossIterationBatchNorm2d
+from cbn_mmdet.models.sync_cbn import SyncCrossIterationBatchNorm2d
+
+WORKER = os.path.join(REPO_ROOT, 'tests', 'helpers', 'sync_cbn_worker.py')
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp('sync_cbn')
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), '2', port, str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [torch.load(out / f'rank{r}.pt', weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope='module')
+def whole_batch():
+    """CBN on one process with each step's whole batch."""
+    model = TwoLayerNet(lambda c: CrossIterationBatchNorm2d(c, window=WINDOW))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    outputs, stats = [], []
+    for step in range(STEPS):
+        x, weights = step_batch(step)
+        outputs.append(train_step(model, opt, x, weights))
+        stats.append(running_stats(model))
+    return dict(outputs=outputs, stats=stats,
+                params={k: v.detach() for k, v in model.named_parameters()})
+
+
+def test_two_processes_equal_cbn_on_the_whole_batch(two_processes, whole_batch):
+    """Outputs at every step, running statistics on both processes and the parameters after 6 SGD
+    steps (window 3, so compensated past entries from step 2 on) equal CBN on the concatenated
+    batch, with uneven shares and each process empty at one step."""
+    for step in range(STEPS):
+        for rank, result in enumerate(two_processes):
+            torch.testing.assert_close(result['outputs'][step],
+                                       share(whole_batch['outputs'][step], step, rank), **TOL)
+            for key, value in whole_batch['stats'][step].items():
+                torch.testing.assert_close(result['stats'][step][key], value, **TOL)
+    for rank, result in enumerate(two_processes):
+        for name, value in whole_batch['params'].items():
+            torch.testing.assert_close(result['params'][name], value, **TOL)
+        # each process keeps the entries of its own batches, one per iteration, in step
+        assert result['entries'] == [WINDOW - 1] * 2
+
+
+def test_gathered_checkpoint_from_rank0_resumes_every_process_exactly(two_processes):
+    for result in two_processes:
+        resumed = result['resumed']['gathered']
+        assert resumed['warnings'] == [] and resumed['filled'] == [WINDOW - 1] * 2
+        for step, output in zip(range(SAVE_AFTER, STEPS), resumed['outputs']):
+            assert torch.equal(output, result['outputs'][step]), step
+
+
+def test_checkpoint_of_one_process_history_restarts_the_window_loudly(two_processes):
+    for result in two_processes:
+        resumed = result['resumed']['plain']
+        assert resumed['filled'] == [0, 0]
+        assert any("one process's history of a 2-process run" in w for w in resumed['warnings'])
+
+
+def test_one_process_is_cbn_and_says_so():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).double()
+    sync, plain = (cls(4, window=3).double() for cls in (SyncCrossIterationBatchNorm2d,
+                                                         CrossIterationBatchNorm2d))
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match='outside a distributed run'):
+        for _ in range(4):
+            x = conv(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+            y = sync(x)
+            assert torch.equal(y, plain(x))
+            y.sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_sizes_cover_uneven_and_empty_shares():
+    assert any(a != b for a, b in SIZES) and any(0 in s for s in SIZES)
+    assert {s.index(0) for s in SIZES if 0 in s} == {0, 1}
