@@ -6,7 +6,8 @@ Trains :class:`TwoLayerNet` with SyncCBN for ``STEPS`` SGD steps, each process o
 processes; after ``SAVE_AFTER`` steps saves rank 0's checkpoint with ``gathered_histories`` (and one
 without), then resumes a fresh model from each and repeats the remaining steps. Writes
 ``OUT_DIR/rank{RANK}.pt``: per step the output of its share and the running statistics; the final
-parameters; the outputs of the resumed runs; the warnings of the run without gathering.
+parameters; the outputs of the resumed runs; the warnings of the run without gathering; the outputs
+of the same training under activation checkpointing (reentrant and not).
 """
 import os
 import sys
@@ -37,6 +38,19 @@ class TwoLayerNet(nn.Module):
 
     def forward(self, x):
         return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
+
+
+class CheckpointedNet(TwoLayerNet):
+    """The same under activation checkpointing (reentrant like mmdet's ``with_cp``, or not)."""
+
+    def __init__(self, norm, reentrant: bool):
+        super().__init__(norm)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if self.reentrant:
+            x = x.detach().requires_grad_()  # a reentrant checkpoint needs an input with grad
+        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=self.reentrant)
 
 
 def step_batch(step: int):
@@ -81,8 +95,10 @@ def main():
     dist.init_process_group('gloo', rank=rank, world_size=world)
     from cbn_mmdet.models.sync_cbn import SyncCrossIterationBatchNorm2d, gathered_histories
 
-    def make():
-        model = TwoLayerNet(lambda c: SyncCrossIterationBatchNorm2d(c, window=WINDOW))
+    def make(checkpointed=None):
+        def norm(c):
+            return SyncCrossIterationBatchNorm2d(c, window=WINDOW)
+        model = TwoLayerNet(norm) if checkpointed is None else CheckpointedNet(norm, checkpointed)
         return model, torch.optim.SGD(model.parameters(), lr=0.05)
 
     model, opt = make()
@@ -113,7 +129,14 @@ def main():
             x, weights = step_batch(step)
             resumed[name]['outputs'].append(train_step(
                 fresh, fresh_opt, share(x, step, rank), share(weights, step, rank), _sum_grads))
-    torch.save(dict(outputs=outputs, stats=stats, resumed=resumed,
+    checkpointed = {}
+    for reentrant in (False, True):
+        cp_model, cp_opt = make(reentrant)
+        checkpointed[reentrant] = [
+            train_step(cp_model, cp_opt, share(x, step, rank), share(weights, step, rank),
+                       _sum_grads)
+            for step, (x, weights) in ((step, step_batch(step)) for step in range(STEPS))]
+    torch.save(dict(outputs=outputs, stats=stats, resumed=resumed, checkpointed=checkpointed,
                     params={k: v.detach().clone() for k, v in model.named_parameters()},
                     entries=[len(m.history.entries()) for m in (model.norm1, model.norm2)]),
                os.path.join(out_dir, f'rank{rank}.pt'))

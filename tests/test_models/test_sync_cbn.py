@@ -83,6 +83,16 @@ def test_checkpoint_of_one_process_history_restarts_the_window_loudly(two_proces
         assert any("one process's history of a 2-process run" in w for w in resumed['warnings'])
 
 
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_activation_checkpointing_trains_the_same(two_processes, reentrant):
+    """Under a checkpoint the first pass and the recomputation both pool across the processes
+    (the same collectives on every process); the state is updated once."""
+    for result in two_processes:
+        for step in range(STEPS):
+            torch.testing.assert_close(result['checkpointed'][reentrant][step],
+                                       result['outputs'][step], **TOL)
+
+
 def test_one_process_is_cbn_and_says_so():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3).double()
@@ -102,3 +112,13 @@ def test_one_process_is_cbn_and_says_so():
 def test_sizes_cover_uneven_and_empty_shares():
     assert any(a != b for a, b in SIZES) and any(0 in s for s in SIZES)
     assert {s.index(0) for s in SIZES if 0 in s} == {0, 1}
+
+
+def test_gathered_history_keys_count_as_history():
+    """publish_model.py and tools/test.py drop what ``is_history_state_key`` names."""
+    from cbn_mmdet.models.cbn import is_history_state_key
+    for key in ('neck.bn.rank1_history_var_grad', 'neck.bn.rank0_call2_history_mean',
+                'neck.bn.history_processes'):
+        assert is_history_state_key(key), key
+    for key in ('neck.bn.rank1_running_mean', 'neck.bn.weight', 'neck.rank0_conv.weight'):
+        assert not is_history_state_key(key), key

@@ -1,5 +1,6 @@
 """The benchmark scripts run (tiny sizes, one step each): a refactoring of the layer must not leave
 them broken until the next measurement."""
+import json
 import os.path as osp
 import sys
 
@@ -11,6 +12,7 @@ sys.path.insert(0, osp.join(TOOLS, 'benchmarks'))
 
 import benchmark_fixed_cost  # noqa: E402
 import benchmark_layer  # noqa: E402
+import benchmark_sync_cbn  # noqa: E402
 from cbn_mmdet.models import CrossIterationBatchNorm2d  # noqa: E402
 
 
@@ -35,3 +37,16 @@ def test_bf16_product_table(capsys):
     benchmark_layer.bf16_product_table([('tiny', (2, 4, 6, 6), 4, 3, 1)], rounds=1, repeats=1)
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.startswith('| tiny |') and row.count('x |') == 2
+
+
+def test_sync_cbn_benchmark_counts_the_normalisation_collectives(tmp_path):
+    """2 gloo processes: SyncCBN sends one all-gather (current batch and window - 1 past entries:
+    (1 + 3)·(2C + 1) values) and one all-reduce (2C) per layer and step; BN and CBN none."""
+    out = tmp_path / 'sync.json'
+    args = benchmark_sync_cbn.parse_args(['--layers', '2', '--channels', '4', '--size', '4',
+                                          '--steps', '1', '--warmup', '1', '--out', str(out)])
+    benchmark_sync_cbn.launch(args)
+    rows = {r['variant']: r for r in json.loads(out.read_text())['rows']}
+    assert rows['bn']['collectives_per_step'] == rows['cbn']['collectives_per_step'] == 0
+    assert rows['sync-cbn']['collectives_per_step'] == 2 * 2
+    assert rows['sync-cbn']['kib_sent_per_step'] * 1024 == 2 * 4 * ((1 + 3) * (2 * 4 + 1) + 2 * 4)
