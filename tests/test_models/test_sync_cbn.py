@@ -52,15 +52,18 @@ def whole_batch():
 
 
 def test_two_processes_equal_cbn_on_the_whole_batch(two_processes, whole_batch):
-    """Outputs at every step, running statistics on both processes and the parameters after 6 SGD
-    steps (window 3, so compensated past entries from step 2 on) equal CBN on the concatenated
-    batch, with uneven shares and each process empty at one step."""
+    """Outputs at every step, running statistics on both processes (bitwise the same on both) and
+    the parameters after 6 SGD steps (window 3, so compensated past entries from step 2 on) equal CBN
+    on the concatenated batch, with uneven shares and each process empty at one step."""
     for step in range(STEPS):
         for rank, result in enumerate(two_processes):
             torch.testing.assert_close(result['outputs'][step],
                                        share(whole_batch['outputs'][step], step, rank), **TOL)
             for key, value in whole_batch['stats'][step].items():
                 torch.testing.assert_close(result['stats'][step][key], value, **TOL)
+        # every process pools the same gathered moments in the same order: the same bits
+        for key, value in two_processes[0]['stats'][step].items():
+            assert torch.equal(two_processes[1]['stats'][step][key], value), (step, key)
     for rank, result in enumerate(two_processes):
         for name, value in whole_batch['params'].items():
             torch.testing.assert_close(result['params'][name], value, **TOL)
