@@ -21,6 +21,9 @@ def test_fixed_cost_benchmark_reports_every_variant():
         ['--layers', '2', '--channels', '4', '--size', '4', '--steps', '2', '--warmup', '1']))
     assert set(rows) == {'bn', 'naive', 'cbn'}
     assert rows['cbn']['ops'] > rows['naive']['ops'] > rows['bn']['ops'] > 0
+    phases = rows['cbn']['phase_ops']
+    assert len(phases) == len(benchmark_fixed_cost.PHASES) and all(n > 0 for n in phases.values())
+    assert phases['record (incl. statistic gradients)'] > phases['statistic gradients']
 
 
 def test_layer_benchmark_times_bn_and_cbn_and_measures_an_error():

@@ -1,12 +1,14 @@
 """Per-layer fixed cost of CBN: many tiny conv + norm + ReLU layers, where only bookkeeping is left.
 
 For BN, Naive CBN and CBN: training-step time per layer, time above BN, and tensor operations per layer
-and step. Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
+and step (for CBN also by part of the layer). Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--out FILE.json]
 """
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -18,7 +20,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
-from cbn_mmdet.models import CrossIterationBatchNorm2d  # noqa: E402
+from cbn_mmdet.models import CrossIterationBatchNorm2d, cbn, window_history  # noqa: E402
 
 VARIANTS = {
     'bn': lambda c: nn.BatchNorm2d(c),
@@ -44,6 +46,40 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+#: the parts of a CBN training step counted separately: (owner, attribute, label)
+PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
+          (window_history.WindowHistory, 'record', 'record (incl. statistic gradients)'),
+          (cbn, 'conv_statistic_gradients', 'statistic gradients'),
+          (cbn, 'window_moments', 'window moments'),
+          (cbn.CrossIterationBatchNorm2d, '_update_running_stats', 'running statistics'),
+          (cbn, 'all_finite', 'finiteness of the batch moments'),
+          (cbn, 'batch_moments', 'batch moments')]
+
+
+@contextlib.contextmanager
+def counting_phases(totals: Counter):
+    """Count the tensor operations inside each of :data:`PHASES` into ``totals``."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in PHASES]
+
+    def counted(fn, label):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            counter = OpCounter()
+            with counter:
+                result = fn(*args, **kwargs)
+            totals[label] += sum(counter.ops.values())
+            return result
+        return wrapper
+
+    for (owner, name, fn), (_, _, label) in zip(originals, PHASES):
+        setattr(owner, name, counted(fn, label))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
 
 
 def step(model, opt, x):
@@ -75,6 +111,11 @@ def run(args):
             step(model, opt, x)
         rows[name] = dict(step_ms=1e3 * statistics.median(times[name]),
                           ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
+    phases = Counter()
+    model, opt = setups['cbn']
+    with counting_phases(phases):
+        step(model, opt, x)
+    rows['cbn']['phase_ops'] = {label: n / args.layers for label, n in phases.items()}
     base = rows['bn']
     lines = [f'{args.layers} layers of conv {args.channels}->{args.channels} 3x3 + norm + ReLU, input '
              f'{args.batch}x{args.channels}x{args.size}x{args.size}, {args.threads} thread(s), '
@@ -89,6 +130,8 @@ def run(args):
     print('\n'.join(lines))
     for name, r in rows.items():
         print(f"{name}: most frequent ops per step: {r['top_ops']}")
+    print('cbn: ops per layer and step by part (nested parts also count in the outer one): ' +
+          ', '.join(f'{label} {n:.0f}' for label, n in rows['cbn']['phase_ops'].items()))
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
