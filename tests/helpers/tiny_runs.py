@@ -1,5 +1,5 @@
-"""Tiny training runs of the demo Faster R-CNN config through tools/train.py (shared by the tool,
-resume and distributed tests)."""
+"""Tiny training runs of the demo configs through tools/train.py (shared by the tool, resume,
+distributed and single-stage config tests; the demo Faster R-CNN config unless told otherwise)."""
 import os.path as osp
 
 from mmengine.config import Config
@@ -28,9 +28,11 @@ def schedule_overrides(max_iters, interval):
             'default_hooks.logger.interval=1', 'randomness.seed=0']
 
 
-def tiny_overrides(data_root, max_iters, interval=2):
-    """--cfg-options that make the demo config :func:`short_run.shrink_config`'s on ``data_root``,
-    with :func:`schedule_overrides`."""
-    tiny = shrink_config(Config.fromfile(CONFIG), data_root)
-    shrink = changed_options(Config.fromfile(CONFIG).to_dict(), tiny.to_dict())
+def tiny_overrides(data_root, max_iters, interval=2, config=CONFIG):
+    """--cfg-options that make the demo config ``config`` :func:`short_run.shrink_config`'s on
+    ``data_root``, with :func:`schedule_overrides`. Single-stage detectors (no RPN) keep their
+    numbers of detections (``few_rois`` is about proposals)."""
+    original = Config.fromfile(config)
+    tiny = shrink_config(Config.fromfile(config), data_root, few_rois='rpn_head' in original.model)
+    shrink = changed_options(original.to_dict(), tiny.to_dict())
     return [f'{key}={value}' for key, value in shrink] + schedule_overrides(max_iters, interval)

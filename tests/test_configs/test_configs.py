@@ -34,14 +34,18 @@ def test_config_builds_model(path):
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
-    # No pretrained weights can be downloaded here: nothing may ask for them, except the paper's
-    # COCO configs (building a model loads nothing; tests/test_configs/test_paper_configs.py checks their weights).
-    if not path.startswith('configs/cbn_paper/'):
+    # No pretrained weights can be downloaded here: nothing may ask for them, except the COCO configs
+    # (building a model loads nothing; tests/test_configs/test_paper_configs.py and
+    # test_single_stage.py check their weights).
+    if not path.startswith(('configs/cbn_paper/', 'configs/cbn_single_stage/')):
         assert 'Pretrained' not in repr(cfg.model), f'{path} asks for pretrained weights'
 
 
 def _norm_cfgs(model_cfg):
-    """(where, norm_cfg) for the neck and the RoI heads of a two-stage detector config."""
+    """(where, norm_cfg) for the neck and the RoI heads of a two-stage detector config, the head of
+    a single-stage one (whose FPN has no normalizer, as in mmdet)."""
+    if 'roi_head' not in model_cfg:
+        return [('bbox_head', model_cfg.bbox_head.get('norm_cfg'))]
     out = [('neck', model_cfg.neck.get('norm_cfg'))]
     for head in ('bbox_head', 'mask_head'):
         if head in model_cfg.roi_head:
@@ -55,7 +59,8 @@ def test_demo_configs_use_one_head_norm_variable(path):
     assert 'head_norm_cfg' in cfg
     for where, norm_cfg in _norm_cfgs(cfg.model):
         assert norm_cfg == cfg.head_norm_cfg, f'{path}: {where} norm {norm_cfg}'
-    assert cfg.model.roi_head.bbox_head.type == 'Shared4Conv1FCBBoxHead'
+    if 'roi_head' in cfg.model:
+        assert cfg.model.roi_head.bbox_head.type == 'Shared4Conv1FCBBoxHead'
     assert cfg.model.backbone.init_cfg is None
     # Trains from scratch: the backbone norm layers learn and update their statistics.
     assert cfg.model.backbone.frozen_stages == -1 and cfg.model.backbone.norm_eval is False
@@ -74,7 +79,7 @@ def test_demo_configs_data_settings(path):
     metrics = cfg.val_evaluator.metric
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     assert cfg.val_evaluator.type == 'CocoMetric'
-    assert metrics == (['bbox', 'segm'] if 'mask_head' in cfg.model.roi_head else ['bbox'])
+    assert metrics == (['bbox', 'segm'] if 'mask_head' in cfg.model.get('roi_head', {}) else ['bbox'])
     assert cfg.val_evaluator.ann_file == (cfg.val_dataloader.dataset.data_root
                                           + cfg.val_dataloader.dataset.ann_file)
 
