@@ -159,6 +159,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.per_call = per_call
         self.call_histories = CallHistories(per_call, lambda: WindowHistory(
             num_features, self._slots, _DTYPES[history_dtype], self._warn_once))
+        if per_call > 1 and self.track_running_stats:
+            # running statistics per call as well: evaluation normalises the i-th call of a forward
+            # (a level) with its own (call 0's are BN's running_mean/var)
+            for call in range(1, per_call):
+                for name in ('running_mean', 'running_var'):
+                    self.register_buffer(CallHistories.key(call, name),
+                                         getattr(self, name).detach().clone())
+        self._eval_calls = 0  # calls since the last train()/eval(), for per_call in evaluation
         self.history = self.call_histories[0]  # the (first call's) past iterations
         self._producer = ConvProducer()
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
@@ -212,10 +220,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
+            if self.per_call > 1 and self.running_mean is not None:
+                call, self._eval_calls = self._eval_calls % self.per_call, self._eval_calls + 1
+                mean, var = self._running_stats(call)
+                return torch.batch_norm(input, self.weight, self.bias, mean, var, False, 0.0,
+                                        self.eps, torch.backends.cudnn.enabled)
             return super().forward(input)  # exactly BN with the running statistics
         group = self._statistics_group()
-        if self.window == 1 or self._active_window == 1:
-            return self._batch_norm(input, group, update=True)  # exactly BN, e.g. during burn-in
+        if self.window == 1 or self._active_window == 1:  # exactly BN, e.g. during burn-in
+            if self.per_call > 1:
+                self._call_history(autograd_pass())  # counts the call
+            return self._batch_norm(input, group, update=True, call=self._call_index())
         check_like_module('CBN', input, self.running_mean if self.running_mean is not None
                           else self.weight)
         if input.numel() == 0 and group is None:
@@ -235,10 +250,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         recording = kind == AutogradPass.RECORD
         binding, status, detail = self._producer.bind(input, kind)
         self.last_bind_status = status
-        if self._explain_binding(kind, status, binding, detail):  # fallback='bn'
-            return self._batch_norm(input, group, update=recording)
-        compensating = self.compensate and binding is not None
         history = self._call_history(kind)
+        call = self._call_index()
+        if self._explain_binding(kind, status, binding, detail):  # fallback='bn'
+            return self._batch_norm(input, group, update=recording, call=call)
+        compensating = self.compensate and binding is not None
 
         with torch.no_grad(), _autocast_disabled(input.device.type):
             history.advance(iteration_clock.current_iteration())
@@ -260,7 +276,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 # before the normalisation saves its tensors: a checkpoint's recomputation may stop
                 # right after that save
                 self._update_running_stats(w.batch_mean, w.batch_var, mean, var, w.count,
-                                           w.past_count, w.finite)
+                                           w.past_count, w.finite, call)
                 if count > 0:
                     history.record(input, batch_mean, batch_var, count, finite,
                                    binding if compensating else None,
@@ -282,12 +298,33 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _pool_across(self, group, local: 'WindowInput', past_counts: Tensor) -> 'WindowInput':
         raise NotImplementedError  # SyncCBN's; CBN's group is always None
 
-    def _batch_norm(self, input: Tensor, group, update: bool) -> Tensor:
-        """Normalise with the current batch like BN; ``update``: also the running statistics."""
-        if update:
+    def _batch_norm(self, input: Tensor, group, update: bool, call: int = 0) -> Tensor:
+        """Normalise with the current batch like BN; ``update``: also the (call's) running
+        statistics."""
+        if update and call == 0:
             return super().forward(input)
+        if update and self.running_mean is not None:  # BN's training step on the call's statistics
+            # (counted at call 0: every call then sees the count a layer of its own would have)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+            mean, var = self._running_stats(call)
+            return torch.batch_norm(input, self.weight, self.bias, mean, var, True, factor, self.eps,
+                                    torch.backends.cudnn.enabled)
         return torch.batch_norm(input, self.weight, self.bias, None, None, True, 0.0, self.eps,
                                 torch.backends.cudnn.enabled)
+
+    def _call_index(self) -> int:
+        """Which call of the iteration this is (0 without ``per_call``); see :class:`CallHistories`."""
+        return self.call_histories.current if self.per_call > 1 else 0
+
+    def _running_stats(self, call: int):
+        """The running mean and variance of the ``call``-th call (BN's for call 0)."""
+        return (getattr(self, CallHistories.key(call, 'running_mean')),
+                getattr(self, CallHistories.key(call, 'running_var')))
+
+    def train(self, mode: bool = True):
+        self._eval_calls = 0  # per_call counts the calls of each evaluation forward from here
+        return super().train(mode)
 
     def _call_history(self, kind: str) -> WindowHistory:
         """This call's history (see :class:`CallHistories`)."""
@@ -339,11 +376,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ running statistics
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
-                              count, past_count: Tensor, finite: Tensor) -> None:
+                              count, past_count: Tensor, finite: Tensor, call: int = 0) -> None:
         # count: the batch's number of values, a float, or a 0-d tensor when pooled across processes
         if not self.track_running_stats or self.running_mean is None:
             return
-        self.num_batches_tracked.add_(1)
+        if call == 0:  # with per_call, every call then sees the count a layer of its own would have
+            self.num_batches_tracked.add_(1)
         factor = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
                   if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
@@ -354,11 +392,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             unbiased = batch_var * (count / ((count - 1.0).clamp_min(1.0) if torch.is_tensor(count)
                                              else max(count - 1.0, 1.0)))
             new_mean = batch_mean
-        rm = torch.lerp(self.running_mean, new_mean.to(self.running_mean.dtype), factor)
-        rv = torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), factor)
+        running_mean, running_var = self._running_stats(call)
+        rm = torch.lerp(running_mean, new_mean.to(running_mean.dtype), factor)
+        rv = torch.lerp(running_var, unbiased.to(running_var.dtype), factor)
         # non-finite statistics never enter the running stats (BN would write NaN into them)
-        self.running_mean.copy_(torch.where(finite, rm, self.running_mean))
-        self.running_var.copy_(torch.where(finite, rv, self.running_var))
+        running_mean.copy_(torch.where(finite, rm, running_mean))
+        running_var.copy_(torch.where(finite, rv, running_var))
 
     # ------------------------------------------------------------------ history
     # ``self.history`` (a :class:`WindowHistory`) is the public view of the past iterations.
@@ -414,9 +453,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         loaded = {key[len(prefix):]: state_dict[key] for key in keys if key in state_dict}
         self.reset_history()  # a checkpoint without history (e.g. BN's) starts an empty window
         # torch's loader sees neither our history keys nor our (now empty) history buffers
-        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in keys}, prefix,
-                                      local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        rest = {k: v for k, v in state_dict.items() if k not in keys}
+        for call in range(1, self.per_call if self.running_mean is not None else 0):
+            for name in ('running_mean', 'running_var'):
+                # a checkpoint with one set (BN's, a pooled CBN's): every call starts from it
+                if prefix + CallHistories.key(call, name) not in rest and prefix + name in rest:
+                    rest[prefix + CallHistories.key(call, name)] = rest[prefix + name]
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         try:
             self.call_histories.load(loaded, local_metadata.get('version') or self._version,
                                      self._home_device())

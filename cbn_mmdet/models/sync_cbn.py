@@ -75,9 +75,9 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         return WindowInput(mean[0], var[0], count[0], all_finite(mean[0], var[0]), mean[1:],
                            var[1:].clamp_min(0.0), (count[1:] > 0).to(mean.dtype), count[1:].sum())
 
-    def _batch_norm(self, input: Tensor, group, update: bool) -> Tensor:
+    def _batch_norm(self, input: Tensor, group, update: bool, call: int = 0) -> Tensor:
         if group is None:
-            return super()._batch_norm(input, group, update)
+            return super()._batch_norm(input, group, update, call)
         with torch.no_grad(), _autocast_disabled(input.device.type):  # SyncBN on the union
             batch_mean, batch_var = batch_moments(input)
             none = batch_mean.new_zeros((0, self.num_features))
@@ -88,7 +88,7 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             w = self._pool_across(group, local, none[:, 0])
             if update:
                 self._update_running_stats(w.batch_mean, w.batch_var, w.batch_mean, w.batch_var,
-                                           w.count, w.past_count, w.finite)
+                                           w.count, w.past_count, w.finite, call)
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, w.batch_mean,
                                              w.batch_var, w.batch_mean.new_ones(()), self.eps, group,
                                              w.count)
@@ -198,6 +198,9 @@ def convert_to_sync_cbn(module: nn.Module, process_group=None) -> nn.Module:
             history_dtype=old.history_dtype, var_grad_dtype=old.var_grad_dtype,
             per_call=old.per_call, monitor=old.monitor, process_group=process_group)
         new.active_window = old.active_window
+        for name, buffer in old.named_buffers(recurse=False):  # the other calls' running stats
+            if name.startswith('call'):
+                setattr(new, name, buffer)
         # this process's history is what a SyncCBN process keeps
         new.call_histories, new.history, new._producer = (old.call_histories, old.history,
                                                           old._producer)

@@ -414,6 +414,7 @@ class CallHistories:
         self.histories = [make() for _ in range(max(per_call, 1))]
         self._clock: Optional[int] = None  # iteration of the calls counted in _calls
         self._calls = 0
+        self.current = 0  # index of the last call handed out
 
     def __iter__(self):
         return iter(self.histories)
@@ -427,9 +428,9 @@ class CallHistories:
             return self.histories[0]
         if clock != self._clock:
             self._clock, self._calls = clock, 0
-        history = self.histories[self._calls % self.per_call]
+        self.current = self._calls % self.per_call
         self._calls += 1
-        return history
+        return self.histories[self.current]
 
     def reset(self) -> None:
         for history in self.histories:

@@ -38,7 +38,7 @@ def _train(norms, steps=5, micro_batches=1, seed=0):
 
 
 def _cbn(**kwargs):
-    return CBN(4, window=3, affine=False, momentum=None, **kwargs).double()
+    return CBN(4, window=3, **dict(dict(affine=False, momentum=None), **kwargs)).double()
 
 
 @pytest.mark.parametrize('micro_batches', [1, 2])
@@ -57,6 +57,52 @@ def test_per_call_equals_one_layer_per_level(micro_batches):
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(a.var_grad, b.var_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('burn_in', [False, True])
+def test_per_call_running_statistics_and_evaluation_equal_one_layer_per_level(burn_in):
+    """Each call keeps its own running statistics (also as BN during burn-in), and evaluation
+    normalises the i-th call of a forward with the i-th call's: as separate layers would."""
+    shared = _cbn(per_call=2, affine=True)
+    separate = [_cbn(affine=True), _cbn(affine=True)]
+    for layer in (shared, *separate):
+        layer.active_window = 1 if burn_in else layer.window
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 2.0, 4))
+    _train([shared, shared])
+    _train(separate)
+    for call, layer in enumerate(separate):
+        mean, var = shared._running_stats(call)
+        torch.testing.assert_close(mean, layer.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, layer.running_var, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(shared.running_mean, shared.call1_running_mean)
+    shared.eval()
+    x = [torch.randn(2, 4, 5, 5, dtype=torch.float64) for _ in range(2)]
+    for _ in range(2):  # two evaluation forwards: the call count restarts with each level 0
+        for call, layer in enumerate(separate):
+            torch.testing.assert_close(shared(x[call]), layer.eval()(x[call]), rtol=1e-12,
+                                       atol=1e-12)
+
+
+def _cbn_affine(**kwargs):
+    return CBN(4, window=3, momentum=None, **kwargs).double()
+
+
+def test_per_call_loads_one_set_of_running_statistics_into_every_call():
+    """A BN or pooled-CBN checkpoint (one running mean/var) loads strictly: every call starts
+    from it; a per-call checkpoint restores each call's."""
+    bn = nn.BatchNorm2d(4).double()
+    bn.running_mean.normal_()
+    shared = _cbn_affine(per_call=3)
+    shared.load_state_dict(bn.state_dict())
+    for call in range(3):
+        torch.testing.assert_close(shared._running_stats(call)[0], bn.running_mean)
+    _train([shared, shared], steps=2)
+    fresh = _cbn_affine(per_call=3)
+    fresh.load_state_dict(shared.state_dict())
+    for call in range(3):
+        torch.testing.assert_close(fresh._running_stats(call)[1], shared._running_stats(call)[1],
+                                   rtol=0, atol=0)
 
 
 def test_pooled_default_mixes_the_levels():
