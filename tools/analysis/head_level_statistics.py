@@ -4,11 +4,11 @@ with the running statistics as trained, and with statistics recomputed per FPN l
     OMP_NUM_THREADS=1 .venv/bin/python tools/analysis/head_level_statistics.py CONFIG CHECKPOINT \\
         [--batches 25] [--out result.json] [--cfg-options k=v ...]
 
-Why: RetinaNet's and FCOS's stacked head convs are called once per FPN level, but a BN-type layer has
-one ``running_mean``/``running_var``. In training, BN (and CBN with ``per_call=N``) normalises each
-level with that level's statistics; the running statistics are an exponential average over the calls
-in level order (P3 first, P7 last, momentum 0.1 each), so evaluation normalises every level with one
-set, weighted towards the last levels. CBN with ``per_call=0`` normalises each level with its own batch
+Why: RetinaNet's and FCOS's stacked head convs are called once per FPN level, but BN (and CBN with
+``per_call=0``) has one ``running_mean``/``running_var``. In training BN normalises each level with
+that level's statistics; the running statistics are an exponential average over the calls in level
+order (P3 first, P7 last, momentum 0.1 each), so evaluation normalises every level with one set,
+weighted towards the last levels. CBN with ``per_call=N`` keeps running statistics per call. CBN with ``per_call=0`` normalises each level with its own batch
 plus the pooled past of all levels, which is closer to what evaluation does.
 
 Three evaluations of the same checkpoint (COCO bbox metrics of the config's test loader):
@@ -18,7 +18,8 @@ Three evaluations of the same checkpoint (COCO bbox metrics of the config's test
   training batches (in eval mode, layer by layer, each layer after its predecessors were recomputed:
   "precise BN" statistics), one set for all levels;
 * ``per_level``: the same recomputation per level, and each call of a layer normalised with its own
-  level's statistics (what ``per_call`` would need at evaluation; the layers have no such state).
+  level's statistics (what CBN with ``per_call`` does at evaluation with its per-call running
+  statistics).
 
 It also prints, per head norm, how far its running mean is from each level's recomputed mean (mean over
 channels of ``|running_mean - level_mean| / level_std``). Writes nothing unless ``--out`` is given.
@@ -85,8 +86,8 @@ class LevelStatistics:
             self.squares[slot] += (x64 ** 2).sum((0, 2, 3))
             self.counts[slot] += x.shape[0] * x.shape[2] * x.shape[3]
         elif self.mean is not None:  # normalise with the recomputed statistics of this call
-            module.running_mean.copy_(self.mean[slot])
-            module.running_var.copy_(self.var[slot])
+            for name, buffer in running_buffers(module).items():
+                buffer.copy_(self.mean[slot] if name.endswith('mean') else self.var[slot])
 
     def finish(self):
         counts = self.counts.clamp_min(2).unsqueeze(1)
@@ -94,6 +95,12 @@ class LevelStatistics:
         # unbiased, as BN's running variance
         self.var = ((self.squares - self.sums ** 2 / counts) / (counts - 1)).clamp_min(0).float()
         self.measuring = False
+
+
+def running_buffers(layer) -> Dict[str, torch.Tensor]:
+    """The layer's running mean/variance buffers (CBN with ``per_call``: one pair per call)."""
+    return {name: buffer for name, buffer in layer.named_buffers(recurse=False)
+            if name.endswith(('running_mean', 'running_var'))}
 
 
 def recompute(model, batches, num_levels: int, per_level: bool) -> List[LevelStatistics]:
@@ -116,12 +123,12 @@ def recompute(model, batches, num_levels: int, per_level: bool) -> List[LevelSta
 
 
 def level_distances(model, per_level_stats, trained) -> Dict[str, List[float]]:
-    """``trained``: ``{id(layer): (running_mean, running_var)}`` as trained (the hooks overwrite the
+    """``trained``: ``{id(layer): {buffer name: value}}`` as trained (the hooks overwrite the
     layers' buffers)."""
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     for s in per_level_stats:
-        running = trained[id(s.layer)][0].float()
+        running = trained[id(s.layer)]['running_mean'].float()
         out[names[id(s.layer)]] = [
             float(((running - s.mean[i]).abs() / (s.var[i] + s.layer.eps).sqrt()).mean())
             for i in range(s.num_levels)]
@@ -162,14 +169,17 @@ def main(argv=None):
         batches.append(data)
         if len(batches) == args.batches:
             break
-    trained = {id(m): (m.running_mean.clone(), m.running_var.clone())
+    trained = {id(m): {name: b.clone() for name, b in running_buffers(m).items()}
                for depth in head_norms(model) for m in depth}
 
-    def evaluate(stats):
+    def restore():
         for depth in head_norms(model):
             for m in depth:
-                m.running_mean.copy_(trained[id(m)][0])
-                m.running_var.copy_(trained[id(m)][1])
+                for name, buffer in running_buffers(m).items():
+                    buffer.copy_(trained[id(m)][name])
+
+    def evaluate(stats):
+        restore()
         if stats:
             # every forward of the head starts at level 0: reset the call counters before it
             hook = model.bbox_head.register_forward_pre_hook(
@@ -183,10 +193,7 @@ def main(argv=None):
 
     results = {'running': evaluate(None)}
     for name, per_level in (('shared', False), ('per_level', True)):
-        for depth in head_norms(model):  # recompute from the trained layers
-            for m in depth:
-                m.running_mean.copy_(trained[id(m)][0])
-                m.running_var.copy_(trained[id(m)][1])
+        restore()  # recompute from the trained layers
         stats = recompute(model, batches, num_levels, per_level)
         if per_level:
             results['running_mean_distance_to_level'] = level_distances(model, stats, trained)
