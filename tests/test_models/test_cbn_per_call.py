@@ -160,3 +160,37 @@ def test_per_call_history_keys_are_history_keys():
     history = {k for k in model.state_dict() if is_history_state_key(k)}
     assert history == {k for k in model.state_dict() if 'history' in k}
     assert '0.call1_history_var_grad' in history and not is_history_state_key('0.running_mean')
+
+
+def test_per_call_window_against_recomputed_oracle():
+    """Each call's window holds its own level's past batches moved to the current weights: their
+    means equal the means of those batches' conv outputs recomputed with the current weights (exact:
+    the mean is linear in θ). (Variances are first-order: with these white inputs and BN's
+    scale-invariant gradients their change is mostly second order, so they are not compared here.)"""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    norm = _cbn(per_call=2)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(1)
+    inputs = []
+    for step in range(4):
+        levels = _levels(gen)[0]
+        inputs.append(levels)
+        order = [norm.call_histories[call].slots_newest_first() for call in range(2)]
+        outs = [norm(conv(x)) for x in levels]
+        if step == 3:
+            break  # the weights of this forward are the current ones
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+            for o in outs).backward()
+        opt.step()
+        opt.zero_grad()
+    for call in range(2):
+        past = norm.past_window(call=call)
+        assert len(order[call]) == 2
+        for age, slot in enumerate(order[call]):  # iterations 2 and 1
+            with torch.no_grad():
+                x = conv(inputs[2 - age][call])
+            mean = x.mean((0, 2, 3))
+            torch.testing.assert_close(past['mean_compensated'][slot], mean, rtol=1e-10,
+                                       atol=1e-10)
+            assert not torch.allclose(past['mean'][slot], mean)  # the weights did move
