@@ -140,7 +140,10 @@ def main():
                     params={k: v.detach().clone() for k, v in model.named_parameters()},
                     entries=[len(m.history.entries()) for m in (model.norm1, model.norm2)]),
                os.path.join(out_dir, f'rank{rank}.pt'))
-    dist.destroy_process_group()
+    dist.barrier()
+    # no destroy_process_group: the rank hosting the store may leave first and a late rank's teardown
+    # would wait for it
+    os._exit(0)
 
 
 if __name__ == '__main__':

@@ -107,8 +107,11 @@ def worker(args):
         if args.out:
             with open(args.out, 'w') as f:
                 json.dump(dict(args=vars(args), rows=rows), f, indent=1)
-    dist.destroy_process_group()
-    return rows
+    dist.barrier()
+    sys.stdout.flush()
+    # no destroy_process_group: the rank that hosts the store may leave first, and a late rank's
+    # teardown would then wait for it; exiting directly skips gloo's teardown altogether
+    os._exit(0)
 
 
 def launch(args):
@@ -122,7 +125,12 @@ def launch(args):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS='1'))
              for r in range(args.processes)]
-    outputs = [p.communicate()[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise RuntimeError(f'benchmark processes did not finish within {args.timeout} s')
     for p, out in zip(procs, outputs):
         if p.returncode != 0:
             raise RuntimeError(out[-3000:])
@@ -140,6 +148,7 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, default=30)
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--out')
+    parser.add_argument('--timeout', type=int, default=900, help='seconds for all processes')
     parser.add_argument('--rank', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--port', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
