@@ -393,11 +393,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                              else max(count - 1.0, 1.0)))
             new_mean = batch_mean
         running_mean, running_var = self._running_stats(call)
-        rm = torch.lerp(running_mean, new_mean.to(running_mean.dtype), factor)
-        rv = torch.lerp(running_var, unbiased.to(running_var.dtype), factor)
-        # non-finite statistics never enter the running stats (BN would write NaN into them)
-        running_mean.copy_(torch.where(finite, rm, running_mean))
-        running_var.copy_(torch.where(finite, rv, running_var))
+        # non-finite statistics never enter the running stats (BN would write NaN into them): then
+        # each moves towards itself, which leaves it as it is
+        for running, new in ((running_mean, new_mean), (running_var, unbiased)):
+            new = new if new.dtype == running.dtype else new.to(running.dtype)
+            running.lerp_(torch.where(finite, new, running), factor)
 
     # ------------------------------------------------------------------ history
     # ``self.history`` (a :class:`WindowHistory`) is the public view of the past iterations.
@@ -495,6 +495,11 @@ def _check_window(name: str, value) -> None:
 def _autocast_disabled(device_type: str):
     """The statistics and the Taylor terms are computed in float32 also inside ``torch.autocast``:
     the correction is a small difference of large inner products, mostly rounding noise in 16 bits."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()  # (entering autocast costs more than this check)
+    except TypeError:  # torch < 2.4 asks per device type differently: enter the context anyway
+        pass
     try:
         return torch.autocast(device_type=device_type, enabled=False)
     except RuntimeError:  # a device type without autocast

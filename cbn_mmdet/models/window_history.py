@@ -106,6 +106,8 @@ class WindowHistory:
         # ((iteration, active window), weight state, PastWindow) of the current iteration
         self._cache: Optional[tuple] = None
         self._in_window: Dict[tuple, Tensor] = {}  # the window's slots by cursor position
+        self._count_cache: Optional[tuple] = None
+        self._zeros_cache: Dict[tuple, Tensor] = {}
 
     def _set_packed(self, packed: Tensor) -> None:
         """Make ``packed`` the per-slot statistics (columns: mean, var, mean_ref, var_ref by channel,
@@ -183,7 +185,9 @@ class WindowHistory:
         else:
             t = self.tensors
             valid = self._valid(active_window)
-            recorded = t['history_mean'].clone(), t['history_var'].clone()
+            c = self.num_features
+            recorded_stats = self._packed[:, :2 * c].clone()  # the ring may be overwritten next
+            recorded = recorded_stats[:, :c], recorded_stats[:, c:]
             mean, var = recorded
             compensated = (weights is not None and 'history_patch_mean' in t
                            and self.geometry_matches(weights))
@@ -229,59 +233,93 @@ class WindowHistory:
         ``gradients()`` gives ``(∂μ/∂θ patch, ∂var/∂θ)`` of the batch; called only with ``weights``.
         """
         self._allocate(like, weights)
+        if self.open:
+            self._pool_into_open(batch_mean, batch_var, count, finite, weights, gradients)
+            return
         t = self.tensors
-        pooling = self.open
-        slot = self.head if pooling else (self.head + 1) % self.slots
+        slot = (self.head + 1) % self.slots
+        dtype = t['history_mean'].dtype
+        if weights is None:
+            refs, compensable = self._zeros(2 * self.num_features + 1, dtype, like.device).split(
+                [2 * self.num_features, 1])
+        else:
+            patch, var_grad = gradients()
+            # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
+            usable = finite & all_finite(var_grad, patch)
+            slot_grad, slot_patch = t['history_var_grad'][slot], t['history_patch_mean'][slot]
+            # written straight into the slot: one weight-sized pass, non-finite values never enter
+            zero = self._zeros(1, dtype, like.device)[0]
+            if slot_grad.dtype == var_grad.dtype == dtype:
+                torch.where(usable, var_grad, zero, out=slot_grad)
+            else:
+                slot_grad.copy_(torch.where(usable, var_grad, zero.to(var_grad.dtype)))
+            torch.where(usable, patch.to(dtype), zero, out=slot_patch)
+            # the linear terms of Eqs. 7-8 at this iteration's weights, kept instead of the weights
+            refs = torch.cat([
+                linear_term_mean(slot_patch[None], weights.weight, weights.bias, weights.groups)[0],
+                linear_term_var(slot_grad[None], weights.weight)[0].to(dtype)])
+            compensable = usable.to(dtype).reshape(1)
+        # the entry's statistics in one write: mean, var, mean_ref, var_ref, count, compensable;
+        # nothing of a batch with non-finite moments (its count 0 keeps it out of every window)
+        row = torch.cat([batch_mean.to(dtype), batch_var.to(dtype), refs,
+                         self._count(count, dtype, like.device), compensable])
+        torch.where(finite, row, self._zeros(1, dtype, like.device)[0], out=self._packed[slot])
+        self.head = slot
+        self.filled = min(self.filled + 1, self.slots)
+        self.open = True
+
+    def _pool_into_open(self, batch_mean: Tensor, batch_var: Tensor, count: float, finite: Tensor,
+                        weights: Optional[ConvWeights],
+                        gradients: Callable[[], Tuple[Tensor, Tensor]]) -> None:
+        """Pool a later call of the current iteration into its open entry (merged moments and
+        gradients, Chan et al.)."""
+        t = self.tensors
+        slot = self.head
         dtype = t['history_mean'].dtype
         new_count = finite.to(dtype) * count
         new_mean = torch.where(finite, batch_mean, 0.0).to(dtype)
         new_var = torch.where(finite, batch_var, 0.0).to(dtype)
-        if pooling:
-            old_count = t['history_count'][slot]
-            share_old = torch.where(old_count + new_count > 0,
-                                    old_count / (old_count + new_count).clamp_min(1e-12), 1.0)
-            old_mean = t['history_mean'][slot].clone()
-            pooled_count, pooled_mean, pooled_var = merge_moments(
-                old_count, old_mean, t['history_var'][slot], new_count, new_mean, new_var)
-        else:
-            pooled_count, pooled_mean, pooled_var = new_count, new_mean, new_var
-
+        old_count = t['history_count'][slot]
+        share_old = torch.where(old_count + new_count > 0,
+                                old_count / (old_count + new_count).clamp_min(1e-12), 1.0)
+        old_mean = t['history_mean'][slot].clone()
+        pooled_count, pooled_mean, pooled_var = merge_moments(
+            old_count, old_mean, t['history_var'][slot], new_count, new_mean, new_var)
         if weights is None:
             refs = new_mean.new_zeros(2 * self.num_features)
             compensable = new_count.new_zeros(())
         else:
             patch, var_grad = gradients()
-            # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
             finite = finite & all_finite(var_grad, patch)
             zero = patch.new_zeros((), dtype=dtype)
             slot_grad = t['history_var_grad'][slot]
-            if pooling:
-                patch, var_grad = merge_gradients(
-                    share_old, old_mean, t['history_patch_mean'][slot], slot_grad,
-                    new_mean, torch.where(finite, patch.to(dtype), zero),
-                    torch.where(finite, var_grad.to(dtype), zero), pooled_mean, weights.groups)
-                slot_grad.copy_(var_grad)
-                compensable = t['history_compensable'][slot] * finite.to(dtype)
-            else:
-                # written straight into the slot: one weight-sized pass, non-finite values never enter
-                if slot_grad.dtype == dtype:
-                    torch.where(finite, var_grad.to(dtype), zero, out=slot_grad)
-                else:
-                    slot_grad.copy_(torch.where(finite, var_grad, zero.to(var_grad.dtype)))
-                patch = torch.where(finite, patch.to(dtype), zero)
-                compensable = finite.to(dtype)
+            patch, var_grad = merge_gradients(
+                share_old, old_mean, t['history_patch_mean'][slot], slot_grad,
+                new_mean, torch.where(finite, patch.to(dtype), zero),
+                torch.where(finite, var_grad.to(dtype), zero), pooled_mean, weights.groups)
+            slot_grad.copy_(var_grad)
+            compensable = t['history_compensable'][slot] * finite.to(dtype)
             t['history_patch_mean'][slot] = patch
-            # the linear terms of Eqs. 7-8 at this iteration's weights, kept instead of the weights
             refs = torch.cat([
                 linear_term_mean(patch[None], weights.weight, weights.bias, weights.groups)[0],
                 linear_term_var(slot_grad[None], weights.weight)[0].to(dtype)])
-        # the entry's statistics in one write: mean, var, mean_ref, var_ref, count, compensable
         self._packed[slot] = torch.cat([pooled_mean, pooled_var, refs, pooled_count.reshape(1),
                                         compensable.reshape(1)])
-        if not pooling:
-            self.head = slot
-            self.filled = min(self.filled + 1, self.slots)
-            self.open = True
+
+    def _count(self, count: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``[count]`` as a tensor, kept while the batch size stays (no host-to-device copy then)."""
+        key = (count, dtype, device)
+        if self._count_cache is None or self._count_cache[0] != key:
+            self._count_cache = (key, torch.full((1, ), count, dtype=dtype, device=device))
+        return self._count_cache[1]
+
+    def _zeros(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``n`` zeros, kept (never written to)."""
+        key = (n, dtype, device)
+        zeros = self._zeros_cache.get(key)
+        if zeros is None:
+            zeros = self._zeros_cache[key] = torch.zeros(n, dtype=dtype, device=device)
+        return zeros
 
     def drop_values(self) -> None:
         """Keep the cursor but make every entry empty (no values, no gradients used)."""
@@ -339,6 +377,7 @@ class WindowHistory:
             self._set_packed(move(self._packed))
         self._cache = None
         self._in_window = {}
+        self._count_cache, self._zeros_cache = None, {}
 
     def load(self, loaded: Dict[str, Tensor], version: int, device: torch.device) -> None:
         """Restore a saved ring, re-packed by age into this ring's slots (newest kept).

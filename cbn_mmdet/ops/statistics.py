@@ -255,12 +255,19 @@ def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Te
     dtype = _acc_dtype(x)
     n, c_out = x.shape[:2]
     kh, kw = weight.shape[2:]
-    cols = torch.nn.functional.unfold(conv_input.to(dtype), (kh, kw), dilation=tuple(dilation),
+    cols = torch.nn.functional.unfold(conv_input if conv_input.dtype == dtype else
+                                      conv_input.to(dtype), (kh, kw), dilation=tuple(dilation),
                                       padding=tuple(padding), stride=tuple(stride))
     count = n * cols.shape[2]
-    patch = cols.sum(dim=(0, 2)).div_(count).reshape(-1, kh, kw)
-    centred = x.to(dtype).reshape(n, groups, c_out // groups, -1) - batch_mean.to(dtype).view(
-        1, groups, -1, 1)
+    patch = cols.sum(dim=(0, 2)).div_(count).view(-1, kh, kw)
+    mean = batch_mean if batch_mean.dtype == dtype else batch_mean.to(dtype)
+    if groups == 1:  # the sum over the batch inside one product
+        centred = (x if x.dtype == dtype else x.to(dtype)).reshape(n, c_out, -1) - mean.view(1, -1, 1)
+        var_grad = torch.empty((c_out, cols.shape[1]), dtype=dtype, device=x.device)
+        torch.addbmm(var_grad, centred, cols.transpose(1, 2), beta=0, alpha=2.0 / count,
+                     out=var_grad)
+        return patch, var_grad.view(weight.shape)
+    centred = x.to(dtype).reshape(n, groups, c_out // groups, -1) - mean.view(1, groups, -1, 1)
     cols = cols.reshape(n, groups, cols.shape[1] // groups, -1)
     var_grad = torch.matmul(centred, cols.transpose(2, 3)).sum(0).mul_(2.0 / count)
     return patch, var_grad.reshape(weight.shape)
@@ -279,16 +286,17 @@ def linear_term_mean(patch_means: Tensor, weight: Tensor, bias: Optional[Tensor]
     The mean of a conv output is linear in ``(θ, b)``, so this is the μ that the recorded inputs would
     give under ``(θ, b)``; differences of it are the first-order terms of Eq. 7.
     """
-    t = patch_means.shape[0]
-    w = _weight_groups(weight.to(patch_means.dtype), groups)               # (G, Cg, D)
+    t, c_out = patch_means.shape[0], weight.shape[0]
+    w = weight if weight.dtype == patch_means.dtype else weight.to(patch_means.dtype)
     if groups == 1:  # one matrix product (an einsum costs a dozen small view/permute calls)
-        lin = patch_means.reshape(t, -1) @ w[0].T
-    else:
-        p = patch_means.reshape(t, groups, -1)                              # (T, G, D)
-        lin = torch.einsum('tgd,gcd->tgc', p, w).reshape(t, -1)
-    if bias is not None:
-        lin = lin + bias.to(lin.dtype)
-    return lin
+        flat = patch_means.reshape(t, -1)
+        w = w.reshape(c_out, -1).t()
+        if bias is None:
+            return torch.mm(flat, w)
+        return torch.addmm(bias if bias.dtype == flat.dtype else bias.to(flat.dtype), flat, w)
+    p = patch_means.reshape(t, groups, -1)                                  # (T, G, D)
+    lin = torch.einsum('tgd,gcd->tgc', p, _weight_groups(w, groups)).reshape(t, -1)
+    return lin if bias is None else lin + bias.to(lin.dtype)
 
 
 def linear_term_var(var_grads: Tensor, weight: Tensor) -> Tensor:
@@ -297,10 +305,11 @@ def linear_term_var(var_grads: Tensor, weight: Tensor) -> Tensor:
     # in the weight's precision (at least float32): gradients stored in bfloat16 are widened, never
     # the weights narrowed (the difference of two such products is the small Taylor term)
     dtype = torch.promote_types(torch.promote_types(var_grads.dtype, weight.dtype), torch.float32)
-    w = weight.to(dtype).reshape(c_out, -1)
-    # per channel, T dot products of length C_in·K: one batched product, no weight-sized temporary
-    return torch.bmm(var_grads.to(dtype).reshape(t, c_out, -1).transpose(0, 1),
-                     w.unsqueeze(2)).squeeze(2).T
+    g = var_grads if var_grads.dtype == dtype else var_grads.to(dtype)
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    # per channel, T dot products of length C_in·K (each row's sum does not depend on T, so a
+    # reference term recorded alone equals the same entry's term among T)
+    return torch.linalg.vecdot(g.reshape(t, c_out, -1), w.reshape(c_out, -1))
 
 
 def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,
@@ -323,22 +332,21 @@ def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Ten
         ``(μ̃, var̃)`` at the current weights, ``var̃ = max(ν̃ − μ̃², 0)`` (Eq. 10), shape ``(T, C)``.
     """
     mask = compensable.to(mean.dtype).unsqueeze(1)
-    d_mean = (linear_term_mean(patch_means, weight, bias, groups) - mean_ref) * mask
-    d_var = (linear_term_var(var_grads, weight) - var_ref) * mask
+    d_mean = linear_term_mean(patch_means, weight, bias, groups).sub_(mean_ref).mul_(mask)
+    d_var = linear_term_var(var_grads, weight).sub_(var_ref).mul_(mask)
     mean_t = mean + d_mean
-    var_t = var + d_var - d_mean * d_mean
-    return mean_t, var_t.clamp_min(0.0) if clamp else var_t
+    var_t = torch.addcmul(var + d_var, d_mean, d_mean, value=-1.0)
+    return mean_t, var_t.clamp_min_(0.0) if clamp else var_t
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
     """0-d bool: whether every value is finite, from one sum per tensor (a sum is NaN or ±inf when any
     term is; finite values whose sum overflows count as non-finite too)."""
-    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-            for t in tensors]
-    total = sums[0]
-    for more in sums[1:]:
-        total = total + more
-    return (total - total) == 0
+    total = None
+    for t in tensors:
+        part = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        total = part if total is None else total + part
+    return (total - total) == 0  # two operations; isfinite is four
 
 
 def window_moments(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, past_var: Tensor,
@@ -353,12 +361,12 @@ def window_moments(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, pas
     Every iteration in the window weighs ``1/k`` (Eq. 9), ``k = 1 + Σ past_valid``. Returns
     ``(μ̄, σ̄², k)``.
     """
-    valid = past_valid.to(batch_mean.dtype)
-    k = 1.0 + valid.sum()
-    mean = (batch_mean + valid @ past_mean) / k
+    valid = past_valid if past_valid.dtype == batch_mean.dtype else past_valid.to(batch_mean.dtype)
+    k = valid.sum() + 1.0
+    mean = torch.addmv(batch_mean, past_mean.t(), valid) / k
     # within-iteration variance plus the spread of the iterations' means around μ̄ (centred)
     spread = past_var + (past_mean - mean).square()
-    var = (batch_var + (batch_mean - mean).square() + valid @ spread) / k
+    var = (torch.addmv(batch_var, spread.t(), valid) + (batch_mean - mean).square()) / k
     return mean, var, k
 
 

@@ -100,6 +100,16 @@ class WindowBatchNormFunction(torch.autograd.Function):
                 counts = (k * count).round().to(torch.int32).reshape(1)
                 grad_x = cuda_kernels.backward_elemt(grad_y, x, mean, invstd, gamma, sum_dy,
                                                      sum_dy_xmu, counts)
+        elif group is None and need_x and x.dtype == mean.dtype:
+            # CPU, full precision: dx = (1/k)·BN's backward at the window statistics
+            # + (1 − 1/k)·γ r g (BN's kernel, whose count is this batch's; then one fused pass)
+            inv_k = k.reciprocal()
+            # (contiguous: the channels-last CPU kernel misreads a stride-0 weight, torch 2.13)
+            scale = inv_k.expand(mean.shape).contiguous() if gamma is None else gamma * inv_k
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, scale, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+            rest = invstd * (1.0 - inv_k) if gamma is None else gamma * invstd * (1.0 - inv_k)
+            grad_x.addcmul_(grad_y, rest.view(1, -1, 1, 1))
         else:
             # CPU: one fused reduction (Σg, Σg·x̂), then dx = a·g + b·x + c in two fused passes
             ones = gamma if gamma is not None else torch.ones_like(mean)
