@@ -119,6 +119,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     """
     _version = HISTORY_VERSION  # torch's BN is 2; 3-5: the history's layouts (window_history.py)
     _abbr_ = 'bn'  # mmcv's build_norm_layer names it like BN (bn1, ...), so BN checkpoints match
+    _option_owner = 'CBN'  # the name that errors about options give, and options beyond __init__'s
+    _extra_options = ''
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,
@@ -126,24 +128,25 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  statistics_gradients: str = 'closed_form', subsample: int = 2,
                  history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
                  per_call: int = 0, monitor: bool = False, device=None, dtype=None, **unknown):
-        reject_unknown('CBN', unknown, CrossIterationBatchNorm2d.__init__,
-                       ' (and requires_grad in norm_cfg)')
-        _check_window('window', window)
-        require(is_real(eps) and eps > 0, 'CBN', 'eps', 'a positive number', eps)
-        require(momentum is None or is_real(momentum) and 0.0 <= momentum <= 1.0, 'CBN', 'momentum',
+        owner = self._option_owner
+        reject_unknown(owner, unknown, CrossIterationBatchNorm2d.__init__,
+                       self._extra_options + ' (and requires_grad in norm_cfg)')
+        _check_window('window', window, owner)
+        require(is_real(eps) and eps > 0, owner, 'eps', 'a positive number', eps)
+        require(momentum is None or is_real(momentum) and 0.0 <= momentum <= 1.0, owner, 'momentum',
                 'None or a number in [0, 1]', momentum)
         for name, value in (('fallback', fallback), ('running_stats', running_stats),
                             ('statistics_gradients', statistics_gradients)):
-            require_choice('CBN', name, value, _CHOICES[name])
-        require_choice('CBN', 'history_dtype', history_dtype, _DTYPES)
-        require_choice('CBN', 'var_grad_dtype', var_grad_dtype, _DTYPES)
-        require(is_int(subsample) and subsample >= 2, 'CBN', 'subsample', "an int >= 2 (the row/column "
+            require_choice(owner, name, value, _CHOICES[name])
+        require_choice(owner, 'history_dtype', history_dtype, _DTYPES)
+        require_choice(owner, 'var_grad_dtype', var_grad_dtype, _DTYPES)
+        require(is_int(subsample) and subsample >= 2, owner, 'subsample', "an int >= 2 (the row/column "
                 "stride of statistics_gradients='subsampled')", subsample)
-        require(is_int(per_call) and per_call >= 0, 'CBN', 'per_call', 'an int >= 0 (0: the calls of '
+        require(is_int(per_call) and per_call >= 0, owner, 'per_call', 'an int >= 0 (0: the calls of '
                 'an iteration pool into one entry; N: a layer applied N times per forward, e.g. once '
                 'per FPN level, keeps one history per call)', per_call)
-        require_bool('CBN', 'compensate', compensate)
-        require_bool('CBN', 'monitor', monitor)
+        require_bool(owner, 'compensate', compensate)
+        require_bool(owner, 'monitor', monitor)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype)
         self.window = window
@@ -185,14 +188,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     @active_window.setter
     def active_window(self, value: int) -> None:
-        _check_window('active_window', value)
+        _check_window('active_window', value, self._option_owner)
         if value > self.window:
-            raise ValueError(f'CBN active_window must be in [1, window={self.window}], got {value}')
+            raise ValueError(f'{self._option_owner} active_window must be in [1, window={self.window}], '
+                             f'got {value}')
         self._active_window = value
 
     def set_window(self, window: int) -> None:
         """Change ``k`` (the history capacity) in place, keeping the newest past iterations."""
-        _check_window('window', window)
+        _check_window('window', window, self._option_owner)
         if window == self.window:
             return
         following = self._active_window == self.window
@@ -487,8 +491,8 @@ class WindowInput(NamedTuple):
     past_count: Tensor      # () their number of values
 
 
-def _check_window(name: str, value) -> None:
-    require(is_int(value) and value >= 1, 'CBN', name, 'a positive int (1 = plain BN, paper: 4 on '
+def _check_window(name: str, value, owner: str = 'CBN') -> None:
+    require(is_int(value) and value >= 1, owner, name, 'a positive int (1 = plain BN, paper: 4 on '
             'COCO, min(ceil(16 / images per GPU), 8) in general)', value)
 
 

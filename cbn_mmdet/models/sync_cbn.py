@@ -43,6 +43,9 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         >>> norm_cfg = dict(type='SyncCBN', window=4)   # in any mmdet config
     """
 
+    _option_owner = 'SyncCBN'
+    _extra_options = ', process_group'
+
     def __init__(self, num_features: int, *args, process_group=None, **kwargs):
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group

@@ -7,7 +7,8 @@ processes; after ``SAVE_AFTER`` steps saves rank 0's checkpoint with ``gathered_
 without), then resumes a fresh model from each and repeats the remaining steps. Writes
 ``OUT_DIR/rank{RANK}.pt``: per step the output of its share and the running statistics; the final
 parameters; the outputs of the resumed runs; the warnings of the run without gathering; the outputs
-of the same training under activation checkpointing (reentrant and not).
+of the same training under activation checkpointing (reentrant and not), and with the backward's
+CUDA branch run by stand-in kernels.
 """
 import os
 import sys
@@ -89,6 +90,27 @@ def _sum_grads(model):
         dist.all_reduce(p.grad)
 
 
+def _train_with_cuda_kernel_standins(make, rank):
+    """The same training with the backward's CUDA branch (SyncBN's kernels, here their Python
+    stand-ins): its all-reduce of the two sums is then the one that makes the gradients global."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cuda_batch_norm_kernels as standins
+    from cbn_mmdet.ops import window_norm
+
+    kernels = window_norm.cuda_kernels
+    saved = vars(kernels).copy()
+    kernels.applies = lambda x: True
+    kernels.backward_reduce, kernels.backward_elemt = standins.backward_reduce, standins.backward_elemt
+    try:
+        model, opt = make()
+        outputs = [train_step(model, opt, share(x, step, rank), share(weights, step, rank),
+                              _sum_grads)
+                   for step, (x, weights) in ((step, step_batch(step)) for step in range(STEPS))]
+    finally:
+        vars(kernels).update(saved)
+    return dict(outputs=outputs, params={k: v.detach().clone() for k, v in model.named_parameters()})
+
+
 def main():
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
@@ -136,7 +158,9 @@ def main():
             train_step(cp_model, cp_opt, share(x, step, rank), share(weights, step, rank),
                        _sum_grads)
             for step, (x, weights) in ((step, step_batch(step)) for step in range(STEPS))]
+    cuda_branch = _train_with_cuda_kernel_standins(make, rank)
     torch.save(dict(outputs=outputs, stats=stats, resumed=resumed, checkpointed=checkpointed,
+                    cuda_branch=cuda_branch,
                     params={k: v.detach().clone() for k, v in model.named_parameters()},
                     entries=[len(m.history.entries()) for m in (model.norm1, model.norm2)]),
                os.path.join(out_dir, f'rank{rank}.pt'))

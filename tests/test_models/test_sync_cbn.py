@@ -71,6 +71,17 @@ def test_two_processes_equal_cbn_on_the_whole_batch(two_processes, whole_batch):
         assert result['entries'] == [WINDOW - 1] * 2
 
 
+def test_cuda_branch_of_the_backward_all_reduces_like_the_cpu_branch(two_processes, whole_batch):
+    """The backward's CUDA branch (SyncBN's kernels, Python stand-ins with their dtype rules) with
+    a process group: outputs and parameters after 6 steps equal CBN on the whole batch."""
+    for rank, result in enumerate(two_processes):
+        for step in range(STEPS):
+            torch.testing.assert_close(result['cuda_branch']['outputs'][step],
+                                       share(whole_batch['outputs'][step], step, rank), **TOL)
+        for name, value in whole_batch['params'].items():
+            torch.testing.assert_close(result['cuda_branch']['params'][name], value, **TOL)
+
+
 def test_gathered_checkpoint_from_rank0_resumes_every_process_exactly(two_processes):
     for result in two_processes:
         resumed = result['resumed']['gathered']
@@ -125,3 +136,16 @@ def test_gathered_history_keys_count_as_history():
         assert is_history_state_key(key), key
     for key in ('neck.bn.rank1_running_mean', 'neck.bn.weight', 'neck.rank0_conv.weight'):
         assert not is_history_state_key(key), key
+
+
+def test_bad_options_are_named_as_sync_cbn_with_process_group_allowed():
+    with pytest.raises(TypeError, match=r"SyncCBN got unknown option\(s\) \['windw'\].*process_group"):
+        SyncCrossIterationBatchNorm2d(4, windw=4)
+    with pytest.raises(ValueError, match='SyncCBN window must be a positive int'):
+        SyncCrossIterationBatchNorm2d(4, window=0)
+    with pytest.raises(ValueError, match='SyncCBN fallback'):
+        SyncCrossIterationBatchNorm2d(4, fallback='gn')
+    with pytest.raises(ValueError, match=r'SyncCBN active_window must be in \[1, window=4\]'):
+        SyncCrossIterationBatchNorm2d(4, window=4).active_window = 5
+    with pytest.raises(TypeError, match=r"CBN got unknown option\(s\) \['process_group'\]"):
+        CrossIterationBatchNorm2d(4, process_group=None)  # only SyncCBN takes it
