@@ -29,6 +29,8 @@ def shrink_config(cfg, data_root: str, *, generate=False, image_size=None, batch
             has a val or test loader, also in testing, with :data:`FEW_DETECTIONS` detections.
         rpn_samples: anchors sampled per image for the RPN loss; None keeps the config's.
         rcnn_samples: RoIs sampled per image for the box head; None keeps the config's.
+        (A single-stage detector has neither: ``few_rois`` then keeps few candidates and
+        detections in testing.)
 
     Returns:
         ``cfg``.
@@ -56,7 +58,12 @@ def shrink_config(cfg, data_root: str, *, generate=False, image_size=None, batch
             cfg[name].ann_file = root + 'annotations/instances_val.json'
     cfg.train_dataloader.batch_size = batch_size
 
-    train_cfg, test_cfg = cfg.model.train_cfg, cfg.model.test_cfg
+    train_cfg, test_cfg = cfg.model.get('train_cfg'), cfg.model.get('test_cfg')
+    if 'rpn' not in (train_cfg or {}):  # a single-stage detector: no proposals, no RoI sampling
+        if few_rois and evaluates and test_cfg is not None:
+            test_cfg.nms_pre = FEW_PROPOSALS['nms_pre']
+            test_cfg.max_per_img = FEW_DETECTIONS
+        return cfg
     if rpn_samples is not None:
         train_cfg.rpn.sampler.num = rpn_samples
     if rcnn_samples is not None:

@@ -1,14 +1,15 @@
-"""Write a CPU smoke-test version of a paper config: same model and hooks, tiny data and run.
+"""Write a CPU smoke-test version of a COCO config: same model and hooks, tiny data and run.
 
     .venv/bin/python tools/smoke_config.py CONFIG OUT.py --data-root DIR [--image-size 64]
 
 The output trains the config's own detector (backbone, normalizers, 4conv1fc/mask heads, hooks) for
 one short epoch on a demo-shapes dataset already generated under DIR (``tools/make_demo_data.py``),
 then validates it with CocoMetric: no pretrained weights (``init_cfg=None``), 2 images per batch,
-small images, few RoIs, 5 classes. Hooks that act on epochs act on iterations instead, so their
+small images, few RoIs (or, for a single-stage detector, few candidates), 5 classes. Hooks that act on epochs act on iterations instead, so their
 effect is seen in two iterations: ``CBNBurnInHook`` burns in for 1 iteration; ``NormSwitchHook``
 switches at iteration 1 and, where it targets SyncBN (CUDA and several processes only), to CBN.
-Use it to check a config end to end before a COCO run; tests/test_configs/test_paper_configs.py runs it.
+Use it to check a config end to end before a COCO run; tests/test_configs/test_paper_configs.py and
+test_single_stage.py run it (Faster/Mask R-CNN, RetinaNet, FCOS).
 """
 import argparse
 import os.path as osp
@@ -43,8 +44,8 @@ def _demo_loader(pipeline, test_mode: bool):
 def smoke_cfg(cfg, data_root: str, image_size: int = 64, num_classes: int = 5):
     """Shrink a loaded mmengine Config in place (see the module docstring); returns it."""
     from mmengine.config import ConfigDict
-    roi = cfg.model.roi_head
-    with_mask = 'mask_head' in roi
+    roi = cfg.model.get('roi_head')  # None: a single-stage detector (RetinaNet, FCOS)
+    with_mask = roi is not None and 'mask_head' in roi
     train_pipeline, test_pipeline = _pipelines(image_size, with_mask)
     cfg.train_dataloader = _demo_loader(train_pipeline, False)
     cfg.val_dataloader = _demo_loader(test_pipeline, True)
@@ -55,10 +56,16 @@ def smoke_cfg(cfg, data_root: str, image_size: int = 64, num_classes: int = 5):
                                     allow_failed_imports=False)
     shrink_config(cfg, data_root, rpn_samples=32, rcnn_samples=16)
     cfg.model.backbone.init_cfg = None
-    roi.bbox_head.num_classes = num_classes
-    if with_mask:
-        roi.mask_head.num_classes = num_classes
-    cfg.model.rpn_head.anchor_generator.scales = [4]
+    if roi is None:
+        cfg.model.bbox_head.num_classes = num_classes
+        # untrained focal-loss heads score below the usual 0.05: keep every box, so that the
+        # evaluation has detections to score
+        cfg.model.test_cfg.score_thr = 0.0
+    else:
+        roi.bbox_head.num_classes = num_classes
+        if with_mask:
+            roi.mask_head.num_classes = num_classes
+        cfg.model.rpn_head.anchor_generator.scales = [4]
     cfg.train_cfg = ConfigDict(type='EpochBasedTrainLoop', max_epochs=1, val_interval=1)
     cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=1)]
     cfg.optim_wrapper.optimizer.lr = 0.002

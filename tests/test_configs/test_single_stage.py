@@ -237,3 +237,24 @@ model = dict(test_cfg=dict(score_thr=0.0))
         else:
             assert not any(key.startswith('call') for key in layer), name
             assert newest_count('') == sum(values), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', [p for p in COCO_CONFIGS if 'percall' in p])
+def test_coco_config_smoke_trains_and_evaluates(path, tiny_demo_data, tmp_path):
+    """tools/smoke_config.py makes a COCO single-stage config's smoke version (the R50 detector and
+    hooks as configured, tiny data): 2 iterations through tools/train.py, then COCO evaluation."""
+    smoke = str(tmp_path / 'smoke.py')
+    work_dir = str(tmp_path / 'work')
+    env = dict(os.environ, PYTHONPATH=REPO)
+    subprocess.run([sys.executable, 'tools/smoke_config.py', path, smoke, '--data-root',
+                    tiny_demo_data], cwd=REPO, env=env, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, 'tools/train.py', smoke, '--work-dir', work_dir],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert 'Epoch(train) [1][2/2]' in log, log[-3000:]
+    # the burn-in ends after 1 iteration: the 8 head layers then run CBN, once per level
+    assert 'CBNBurnInHook: 8 CBN layers now use CBN with window 4' in log, log[-3000:]
+    metrics = read_final_metrics(work_dir)
+    assert metrics is not None and metrics['coco/bbox_mAP'] >= 0, log[-3000:]

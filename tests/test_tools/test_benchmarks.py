@@ -26,6 +26,20 @@ def test_fixed_cost_benchmark_reports_every_variant():
     assert phases['record (incl. statistic gradients)'] > phases['statistic gradients']
 
 
+def test_fixed_cost_benchmark_times_a_baseline_checkout_beside_this_one():
+    """``--baseline DIR`` loads another checkout's layer beside this one (here: this checkout, so
+    the same code: the same operation counts), with its own iteration clock advancing."""
+    from conftest import REPO_ROOT
+    rows = benchmark_fixed_cost.run(benchmark_fixed_cost.parse_args(
+        ['--layers', '2', '--channels', '4', '--size', '4', '--steps', '2', '--warmup', '3',
+         '--baseline', REPO_ROOT]))
+    assert set(rows) == {'bn', 'naive', 'cbn', 'naive-baseline', 'cbn-baseline'}
+    assert rows['cbn-baseline']['ops'] == rows['cbn']['ops']
+    assert rows['naive-baseline']['ops'] == rows['naive']['ops']
+    baseline = sys.modules['cbn_mmdet_baseline.models.cbn'].CrossIterationBatchNorm2d
+    assert baseline is not CrossIterationBatchNorm2d
+
+
 def test_layer_benchmark_times_bn_and_cbn_and_measures_an_error():
     shape = (2, 4, 6, 6)
     _, bn_history = benchmark_layer.time_steps(nn.BatchNorm2d, shape, 4, 3, 1, repeats=1, warmup=1)

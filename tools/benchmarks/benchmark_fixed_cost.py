@@ -2,17 +2,24 @@
 
 For BN, Naive CBN and CBN: training-step time per layer, time above BN, and tensor operations per layer
 and step (for CBN also by part of the layer). Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
+``--baseline DIR`` also times the layer of another checkout of this project (e.g. made with
+``git worktree add /tmp/baseline REV``) in the same round-robin, as ``naive-baseline`` and
+``cbn-baseline``: a change's effect without the machine's drift between two runs.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
-        [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--out FILE.json]
+        [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--baseline DIR]
+        [--out FILE.json]
 """
 import argparse
 import contextlib
 import functools
+import importlib
 import json
+import os.path as osp
 import statistics
 import sys
 import time
+import types
 from collections import Counter
 
 import torch
@@ -29,13 +36,27 @@ VARIANTS = {
 }
 
 
-def build(variant, layers, channels):
+def build(norm, layers, channels):
     torch.manual_seed(0)
     mods = []
     for _ in range(layers):
-        mods += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), VARIANTS[variant](channels),
-                 nn.ReLU()]
+        mods += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), norm(channels), nn.ReLU()]
     return nn.Sequential(*mods)
+
+
+def baseline_variants(root: str) -> dict:
+    """Naive CBN and CBN of the checkout at ``root``, imported beside this one as the package
+    ``cbn_mmdet_baseline`` (its torch-only ``models``; the OpenMMLab registrations that its top
+    package makes on import would clash with this one's, so they are not run)."""
+    name = 'cbn_mmdet_baseline'
+    package = types.ModuleType(name)
+    package.__path__ = [osp.join(osp.abspath(root), 'cbn_mmdet')]
+    sys.modules[name] = package
+    models = importlib.import_module(name + '.models')
+    models.iteration_clock.install()  # its own iteration clock, ticked by the same optimizers
+    layer = models.CrossIterationBatchNorm2d
+    return {'naive-baseline': lambda c: layer(c, window=4, compensate=False),
+            'cbn-baseline': lambda c: layer(c, window=4)}
 
 
 class OpCounter(TorchDispatchMode):
@@ -91,14 +112,15 @@ def step(model, opt, x):
 def run(args):
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, args.channels, args.size, args.size)
+    variants = dict(VARIANTS, **(baseline_variants(args.baseline) if args.baseline else {}))
     setups = {}
-    for name in VARIANTS:
-        model = build(name, args.layers, args.channels)
+    for name, norm in variants.items():
+        model = build(norm, args.layers, args.channels)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         for _ in range(args.warmup):
             step(model, opt, x)
         setups[name] = (model, opt)
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in variants}
     for _ in range(args.steps):  # round-robin
         for name, (model, opt) in setups.items():
             start = time.perf_counter()
@@ -147,6 +169,8 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, default=200)
     parser.add_argument('--warmup', type=int, default=20)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--baseline', metavar='DIR',
+                        help='root of another checkout whose CBN is timed in the same round-robin')
     parser.add_argument('--out')
     return parser.parse_args(argv)
 
