@@ -690,3 +690,15 @@ def test_soak_history_is_bounded():
     tensors_after = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
     assert {k: (tuple(v.shape), v.data_ptr()) for k, v in norm.history.tensors.items()} == sizes
     assert tensors_after <= tensors_before + 5
+
+
+def test_each_entry_counts_its_own_batch_when_the_batch_size_changes():
+    """The entry's number of values follows the batch (cached per size, never a stale one)."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window=4)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.01)
+    for n, size in ((2, 5), (3, 5), (2, 4)):
+        norm(conv(torch.randn(n, 3, size, size))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert [float(e.count) for e in norm.history.entries()] == [2 * 16, 3 * 25, 2 * 25]
