@@ -3,8 +3,8 @@ demo-scale variants (configs/demo/retinanet_*, fcos_*).
 
 The head's stacked convs run once per FPN level, so each of their norm layers is called ``num_outs``
 (5) times per forward: the ``cbn-percall`` configs give CBN ``per_call=num_outs`` (one history per
-level), the plain CBN ones pool the calls (``per_call=0``), the ``gn`` ones are the baselines. Checked
-here: what each config's name promises, in the config and in the built model; that a shared head's
+level), the plain CBN ones pool the calls (``per_call=0``), the ``gn`` ones are the baselines and the
+demo ``bn`` ones the controls. Checked here: what each config's name promises, in the config and in the built model; that a shared head's
 CBN is called once per level and keeps 5 histories (or 1 pooled) after training steps; and (``slow``)
 that each demo variant trains 2 iterations through tools/train.py and evaluates on demo data.
 """
@@ -28,7 +28,7 @@ COCO_CONFIGS = sorted(osp.join(COCO_DIR, f) for f in os.listdir(osp.join(REPO, C
 DEMO_CONFIGS = sorted(osp.join('configs', 'demo', f) for f in os.listdir(osp.join(REPO, 'configs', 'demo'))
                       if f.startswith(('retinanet_', 'fcos_')))
 CONFIGS = COCO_CONFIGS + DEMO_CONFIGS
-NAME = re.compile(r'(retinanet|fcos)_r(50|50-caffe|18)_fpn_(?:(gn|cbn|cbn-percall)-head_)?'
+NAME = re.compile(r'(retinanet|fcos)_r(50|50-caffe|18)_fpn_(?:(gn|bn|cbn|cbn-percall)-head_)?'
                   r'(4xb4-1x_coco|demo-shapes)')
 
 
@@ -63,7 +63,8 @@ def test_the_configs_are_found():
         'fcos_r50-caffe_fpn_cbn-head_4xb4-1x_coco', 'fcos_r50-caffe_fpn_cbn-percall-head_4xb4-1x_coco',
         'retinanet_r18_fpn_demo-shapes', 'retinanet_r18_fpn_cbn-percall-head_demo-shapes',
         'retinanet_r18_fpn_gn-head_demo-shapes', 'fcos_r18_fpn_demo-shapes',
-        'fcos_r18_fpn_cbn-percall-head_demo-shapes', 'fcos_r18_fpn_gn-head_demo-shapes'}
+        'fcos_r18_fpn_cbn-percall-head_demo-shapes', 'fcos_r18_fpn_gn-head_demo-shapes',
+        'retinanet_r18_fpn_bn-head_demo-shapes', 'fcos_r18_fpn_bn-head_demo-shapes'}
 
 
 def test_folder_readme_and_metafile_list_every_config():
@@ -93,16 +94,17 @@ def test_config_settings(path):
     assert neck.num_outs == len(strides) == 5
     assert 'norm_cfg' not in neck  # mmdet's RetinaNet/FCOS FPN: no normalizer
     expected = dict(gn=dict(type='GN', num_groups=32, requires_grad=True),
+                    bn=dict(type='BN', requires_grad=True),
                     cbn=dict(type='CBN', window=4),
                     **{'cbn-percall': dict(type='CBN', window=4, per_call=neck.num_outs)})[norm]
     got = dict(head.norm_cfg)
     if demo:  # the demo configs name their head norm once, in head_norm_cfg
         assert cfg.head_norm_cfg == head.norm_cfg
-        if norm != 'gn':
+        if norm not in ('gn', 'bn'):
             assert got.pop('requires_grad') is True
     assert got == expected, f'{path}: head norm {head.norm_cfg}'
     hooks = [h for h in cfg.get('custom_hooks', []) if h.type == 'CBNBurnInHook']
-    if norm == 'gn':
+    if norm in ('gn', 'bn'):
         assert hooks == []
     elif demo:  # a quarter of the iterations, like the Faster R-CNN demo
         assert [dict(h) for h in hooks] == [dict(type='CBNBurnInHook', by_epoch=False,
@@ -135,6 +137,9 @@ def test_model_has_the_norm_in_the_head_convs(path):
     all_cbn = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     if norm == 'gn':
         assert all(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 32 for m in norms)
+    if norm == 'bn':
+        assert all(type(m) is torch.nn.BatchNorm2d for m in norms)
+    if norm in ('gn', 'bn'):
         assert all_cbn == []
         return
     assert all(isinstance(m, CrossIterationBatchNorm2d) for m in norms)
@@ -148,7 +153,7 @@ def test_model_has_the_norm_in_the_head_convs(path):
 LEVEL_SIZES = (16, 8, 4, 2, 1)  # P3-P7 of a 128 px image
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if _expect(p)[1] != 'gn'])
+@pytest.mark.parametrize('path', [p for p in CONFIGS if _expect(p)[1] not in ('gn', 'bn')])
 def test_shared_head_keeps_one_history_per_level_or_pools(path):
     """Three SGD steps of the head on 5 levels of features: each CBN runs once per level, and keeps
     per level (``per_call=5``) or pooled (``per_call=0``) what it saw."""
@@ -195,7 +200,7 @@ def test_demo_variant_trains_and_evaluates(path, tiny_demo_data, tmp_path):
     _, norm, _ = _expect(path)
     config = tmp_path / 'single_stage_tiny.py'
     hooks = "dict(type='RNGStateHook'), dict(type='DumpCBNStateHook')"
-    if norm != 'gn':
+    if norm not in ('gn', 'bn'):
         hooks = "dict(type='CBNBurnInHook', burn_in=0, by_epoch=False), " + hooks
     config.write_text(f'''
 _base_ = [{osp.join(REPO, path)!r}]
@@ -217,7 +222,7 @@ model = dict(test_cfg=dict(score_thr=0.0))
     metrics = read_final_metrics(str(work_dir))
     assert metrics is not None and metrics['coco/bbox_mAP'] >= 0, log[-3000:]
     state = torch.load(work_dir / 'cbn_state_rank0.pt', weights_only=True)
-    if norm == 'gn':
+    if norm in ('gn', 'bn'):
         assert state == {}
         return
     assert 'CBNBurnInHook: 8 CBN layers now use CBN with window 4' in log, log[-3000:]
