@@ -119,8 +119,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     """
     _version = HISTORY_VERSION  # torch's BN is 2; 3-5: the history's layouts (window_history.py)
     _abbr_ = 'bn'  # mmcv's build_norm_layer names it like BN (bn1, ...), so BN checkpoints match
-    _option_owner = 'CBN'  # the name that errors about options give, and options beyond __init__'s
-    _extra_options = ''
+    _option_owner = 'CBN'  # the layer's name in errors about its options
+    _extra_options = ''  # options a subclass takes beyond these, for the unknown-option error
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window: int = 4,

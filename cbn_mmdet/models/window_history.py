@@ -204,7 +204,8 @@ class WindowHistory:
     def _valid(self, active_window: int) -> Tensor:
         """1 for the slots in the window, on the device, from host integers only."""
         count = self.tensors['history_count']
-        key = (self.head, self.filled, self.open, active_window, count.device, count.dtype)
+        # (the ring's device and dtype change only through apply/load, which empty this cache)
+        key = (self.head, self.filled, self.open, active_window)
         in_window = self._in_window.get(key)
         if in_window is None:
             first = int(self.open)                          # the open entry is this iteration's
