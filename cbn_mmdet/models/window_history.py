@@ -240,6 +240,7 @@ class WindowHistory:
         t = self.tensors
         slot = (self.head + 1) % self.slots
         dtype = t['history_mean'].dtype
+        zero = self._zeros(1, dtype, like.device)[0]
         if weights is None:
             refs, compensable = self._zeros(2 * self.num_features + 1, dtype, like.device).split(
                 [2 * self.num_features, 1])
@@ -249,22 +250,18 @@ class WindowHistory:
             usable = finite & all_finite(var_grad, patch)
             slot_grad, slot_patch = t['history_var_grad'][slot], t['history_patch_mean'][slot]
             # written straight into the slot: one weight-sized pass, non-finite values never enter
-            zero = self._zeros(1, dtype, like.device)[0]
             if slot_grad.dtype == var_grad.dtype == dtype:
                 torch.where(usable, var_grad, zero, out=slot_grad)
             else:
                 slot_grad.copy_(torch.where(usable, var_grad, zero.to(var_grad.dtype)))
             torch.where(usable, patch.to(dtype), zero, out=slot_patch)
-            # the linear terms of Eqs. 7-8 at this iteration's weights, kept instead of the weights
-            refs = torch.cat([
-                linear_term_mean(slot_patch[None], weights.weight, weights.bias, weights.groups)[0],
-                linear_term_var(slot_grad[None], weights.weight)[0].to(dtype)])
+            refs = _reference_terms(slot_patch, slot_grad, weights, dtype)
             compensable = usable.to(dtype).reshape(1)
         # the entry's statistics in one write: mean, var, mean_ref, var_ref, count, compensable;
         # nothing of a batch with non-finite moments (its count 0 keeps it out of every window)
         row = torch.cat([batch_mean.to(dtype), batch_var.to(dtype), refs,
                          self._count(count, dtype, like.device), compensable])
-        torch.where(finite, row, self._zeros(1, dtype, like.device)[0], out=self._packed[slot])
+        torch.where(finite, row, zero, out=self._packed[slot])
         self.head = slot
         self.filled = min(self.filled + 1, self.slots)
         self.open = True
@@ -301,9 +298,7 @@ class WindowHistory:
             slot_grad.copy_(var_grad)
             compensable = t['history_compensable'][slot] * finite.to(dtype)
             t['history_patch_mean'][slot] = patch
-            refs = torch.cat([
-                linear_term_mean(patch[None], weights.weight, weights.bias, weights.groups)[0],
-                linear_term_var(slot_grad[None], weights.weight)[0].to(dtype)])
+            refs = _reference_terms(patch, slot_grad, weights, dtype)
         self._packed[slot] = torch.cat([pooled_mean, pooled_var, refs, pooled_count.reshape(1),
                                         compensable.reshape(1)])
 
@@ -433,6 +428,15 @@ class WindowHistory:
             groups = c_in // self.tensors['history_var_grad'].shape[2]
             self.geometry = (self.num_features, c_in, kh, kw, groups,
                              None if conv_bias < 0 else bool(conv_bias))
+
+
+def _reference_terms(patch: Tensor, var_grad: Tensor, weights: ConvWeights,
+                     dtype: torch.dtype) -> Tensor:
+    """``[<∂μ/∂θ, θ> + b, <∂var/∂θ, θ>]`` of one entry at the weights it is recorded with: the linear
+    terms of Eqs. 7-8, kept instead of the weights."""
+    return torch.cat([
+        linear_term_mean(patch[None], weights.weight, weights.bias, weights.groups)[0],
+        linear_term_var(var_grad[None], weights.weight)[0].to(dtype)])
 
 
 def rank_key(rank: int, key: str) -> str:

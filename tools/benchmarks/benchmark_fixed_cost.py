@@ -49,6 +49,9 @@ def baseline_variants(root: str) -> dict:
     ``cbn_mmdet_baseline`` (its torch-only ``models``; the OpenMMLab registrations that its top
     package makes on import would clash with this one's, so they are not run)."""
     name = 'cbn_mmdet_baseline'
+    if not osp.isfile(osp.join(root, 'cbn_mmdet', 'models', 'cbn.py')):
+        raise SystemExit(f'--baseline {root!r}: not a checkout of this project (no '
+                         'cbn_mmdet/models/cbn.py under it); make one with git worktree add DIR REV')
     package = types.ModuleType(name)
     package.__path__ = [osp.join(osp.abspath(root), 'cbn_mmdet')]
     sys.modules[name] = package
