@@ -26,6 +26,25 @@ def test_fixed_cost_benchmark_reports_every_variant():
     assert phases['record (incl. statistic gradients)'] > phases['statistic gradients']
 
 
+def test_fixed_cost_benchmark_times_the_parts_of_each_layer():
+    """``--time-parts``: every part of CBN is entered (a part never called, e.g. after a rename in the
+    layer, would be missing), the parts nest inside the forward, and the wrappers are removed after."""
+    from cbn_mmdet.ops.window_norm import WindowBatchNormFunction
+    backward = WindowBatchNormFunction.__dict__['backward']
+    rows = benchmark_fixed_cost.run(benchmark_fixed_cost.parse_args(
+        ['--layers', '2', '--channels', '4', '--size', '4', '--steps', '2', '--warmup', '2',
+         '--time-parts']))
+    parts = rows['cbn']['part_us']
+    assert set(parts) == {label for _, _, label in benchmark_fixed_cost.TIMED_PARTS}
+    assert all(us > 0 for us in parts.values())
+    forward = parts.pop('forward (all of it)')
+    assert parts['past window (compensation)'] < forward and parts['record (incl. statistic '
+                                                                     'gradients)'] < forward
+    assert 'statistic gradients' not in rows['naive']['part_us']  # Naive CBN records no gradients
+    assert set(rows['bn']['part_us']) == {'forward (all of it)'}
+    assert WindowBatchNormFunction.__dict__['backward'] is backward
+
+
 def test_fixed_cost_benchmark_times_a_baseline_checkout_beside_this_one():
     """``--baseline DIR`` loads another checkout's layer beside this one (here: this checkout, so
     the same code: the same operation counts), with its own iteration clock advancing."""

@@ -1,14 +1,15 @@
 """Per-layer fixed cost of CBN: many tiny conv + norm + ReLU layers, where only bookkeeping is left.
 
 For BN, Naive CBN and CBN: training-step time per layer, time above BN, and tensor operations per layer
-and step (for CBN also by part of the layer). Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
+and step (for CBN also by part of the layer). ``--time-parts`` also times the parts of the layers (BN:
+its forward) (extra steps after the round-robin, each part's calls timed by a wrapper). Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 ``--baseline DIR`` also times the layer of another checkout of this project (e.g. made with
 ``git worktree add /tmp/baseline REV``) in the same round-robin, as ``naive-baseline`` and
 ``cbn-baseline``: a change's effect without the machine's drift between two runs.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--baseline DIR]
-        [--out FILE.json]
+        [--time-parts] [--out FILE.json]
 """
 import argparse
 import contextlib
@@ -27,7 +28,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
-from cbn_mmdet.models import CrossIterationBatchNorm2d, cbn, window_history  # noqa: E402
+from cbn_mmdet.models import CrossIterationBatchNorm2d, cbn, conv_binding, window_history  # noqa: E402
+from cbn_mmdet.ops import window_norm  # noqa: E402
 
 VARIANTS = {
     'bn': lambda c: nn.BatchNorm2d(c),
@@ -82,11 +84,36 @@ PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
           (cbn, 'batch_moments', 'batch moments')]
 
 
+#: the parts timed with ``--time-parts``: :data:`PHASES`, the layer's whole forward, the
+#: normalisation's forward and backward, and finding the conv in the autograd graph
+TIMED_PARTS = [(cbn.CrossIterationBatchNorm2d, 'forward', 'forward (all of it)')] + PHASES + [
+    (window_norm.WindowBatchNormFunction, 'forward', 'normalisation (Eq. 12)'),
+    (window_norm.WindowBatchNormFunction, 'backward', 'backward of the normalisation'),
+    (conv_binding.ConvProducer, 'bind', 'finding the conv')]
+#: BN's part timed with ``--time-parts`` (its backward is one kernel inside autograd)
+BN_TIMED_PARTS = [(nn.modules.batchnorm._BatchNorm, 'forward', 'forward (all of it)')]
+
+
 @contextlib.contextmanager
+def wrapping(parts, measure):
+    """Replace each ``(owner, attribute, label)`` of ``parts`` by ``measure(fn, label)`` (static
+    methods of classes stay static)."""
+    originals = [(owner, name, owner.__dict__[name] if name in getattr(owner, '__dict__', {})
+                  else getattr(owner, name)) for owner, name, _ in parts]
+    for (owner, name, raw), (_, _, label) in zip(originals, parts):
+        if isinstance(raw, staticmethod):
+            setattr(owner, name, staticmethod(measure(raw.__func__, label)))
+        else:
+            setattr(owner, name, measure(raw, label))
+    try:
+        yield
+    finally:
+        for owner, name, raw in originals:
+            setattr(owner, name, raw)
+
+
 def counting_phases(totals: Counter):
     """Count the tensor operations inside each of :data:`PHASES` into ``totals``."""
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in PHASES]
-
     def counted(fn, label):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -96,14 +123,30 @@ def counting_phases(totals: Counter):
             totals[label] += sum(counter.ops.values())
             return result
         return wrapper
+    return wrapping(PHASES, counted)
 
-    for (owner, name, fn), (_, _, label) in zip(originals, PHASES):
-        setattr(owner, name, counted(fn, label))
-    try:
-        yield
-    finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
+
+def timing_parts(totals: Counter, parts):
+    """Add the seconds spent inside each of ``parts`` (like :data:`TIMED_PARTS`) to ``totals``."""
+    def timed(fn, label):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+        return wrapper
+    return wrapping(parts, timed)
+
+
+def time_parts(model, opt, x, steps: int, layers: int, parts) -> dict:
+    """Microseconds per layer and step inside each of ``parts``, over ``steps`` steps."""
+    totals = Counter()
+    with timing_parts(totals, parts):
+        for _ in range(steps):
+            step(model, opt, x)
+    return {label: 1e6 * seconds / (steps * layers) for label, seconds in totals.items()}
 
 
 def step(model, opt, x):
@@ -141,6 +184,10 @@ def run(args):
     with counting_phases(phases):
         step(model, opt, x)
     rows['cbn']['phase_ops'] = {label: n / args.layers for label, n in phases.items()}
+    if args.time_parts:
+        for name in ('bn', 'naive', 'cbn'):
+            rows[name]['part_us'] = time_parts(*setups[name], x, args.steps, args.layers,
+                                               BN_TIMED_PARTS if name == 'bn' else TIMED_PARTS)
     base = rows['bn']
     lines = [f'{args.layers} layers of conv {args.channels}->{args.channels} 3x3 + norm + ReLU, input '
              f'{args.batch}x{args.channels}x{args.size}x{args.size}, {args.threads} thread(s), '
@@ -157,6 +204,11 @@ def run(args):
         print(f"{name}: most frequent ops per step: {r['top_ops']}")
     print('cbn: ops per layer and step by part (nested parts also count in the outer one): ' +
           ', '.join(f'{label} {n:.0f}' for label, n in rows['cbn']['phase_ops'].items()))
+    for name in ('bn', 'naive', 'cbn'):
+        if 'part_us' in rows[name]:
+            print(f'{name}: microseconds per layer and step inside each part (nested parts also count '
+                  'in the outer one; timed apart from the round-robin): ' + ', '.join(
+                      f'{label} {us:.0f}' for label, us in rows[name]['part_us'].items()))
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
@@ -174,6 +226,8 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--baseline', metavar='DIR',
                         help='root of another checkout whose CBN is timed in the same round-robin')
+    parser.add_argument('--time-parts', action='store_true',
+                        help='also time the parts of the layers (BN: its forward)')
     parser.add_argument('--out')
     return parser.parse_args(argv)
 
