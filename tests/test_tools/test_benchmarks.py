@@ -86,3 +86,16 @@ def test_sync_cbn_benchmark_counts_the_normalisation_collectives(tmp_path):
     assert rows['bn']['collectives_per_step'] == rows['cbn']['collectives_per_step'] == 0
     assert rows['sync-cbn']['collectives_per_step'] == 2 * 2
     assert rows['sync-cbn']['kib_sent_per_step'] * 1024 == 2 * 4 * ((1 + 3) * (2 * 4 + 1) + 2 * 4)
+
+
+def test_model_benchmark_gathers_the_compensated_weights(capsys):
+    """``--gather-weights``: the R50-FPN 4conv1fc model with CBN in all layers binds every norm of a
+    trainable conv (stages 2-4, FPN, head: 54 of 65) and gathers exactly those convs' weights."""
+    import benchmark_model
+    row = benchmark_model.main(['--gather-weights', '--size', '64', '96', '--images', '1', '--rois',
+                                '8', '--repeats', '1', '--warmup', '1'])
+    assert (row['cbn_layers'], row['compensated']) == (65, 54)
+    # ResNet-50 stages 2-4 (23 232 512), FPN lateral 1x1 + output 3x3 convs (983 040 + 2 359 296),
+    # the head's 4 convs 256->256 3x3 (2 359 296), all without bias
+    assert row['floats'] == 23_232_512 + 983_040 + 2_359_296 + 2_359_296 and row['gather_ms'] > 0
+    assert 'gathering them into one tensor' in capsys.readouterr().out

@@ -6,6 +6,10 @@ and inference time, against BN in the same run. Design: docs/analysis.md. Prints
     .venv/bin/python tools/benchmarks/benchmark_model.py [--arch faster|mask] [--size 320 448]
         [--images 2] [--rois 128] [--repeats 5] [--warmup 2] [--skip-flops] [--skip-inference] [--amp]
         [--interleave] [--variants bn gn cbn-head cbn-all naive-all cbn-all-sub2]
+
+``--gather-weights`` instead times what compensating all layers at once would add per step: gathering
+the current weights of every compensated conv into one flat tensor (``torch.cat``, CBN k=4 in all
+layers, after one training step has bound each layer to its conv).
 """
 import argparse
 import json
@@ -165,6 +169,35 @@ def run_one(args):
                           gflops=flops.get_total_flops() / 1e9, device=device)))
 
 
+def gather_weights(args):
+    """CBN layers, compensated convs, their weights' size, and the median time of one ``torch.cat``
+    of those weights (what a step compensating all layers at once from one flat buffer would add)."""
+    from cbn_mmdet.models import CrossIterationBatchNorm2d
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    model, _, train_step = prepare(args, 'cbn-all', device)
+    train_step()
+    layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    weights = [m._producer.last[0].weight.reshape(-1) for m in layers
+               if m._producer.last is not None and m._producer.last[0] is not None]
+    times = []
+    for _ in range(args.warmup + args.repeats * 5):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.cat(weights)
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    row = dict(cbn_layers=len(layers), compensated=len(weights),
+               floats=sum(w.numel() for w in weights),
+               gather_ms=1e3 * statistics.median(times[args.warmup:]), device=device)
+    print(f'{row["cbn_layers"]} CBN layers, {row["compensated"]} bound to a trainable conv, '
+          f'{row["floats"] / 1e6:.1f} M weights; gathering them into one tensor: '
+          f'{row["gather_ms"]:.2f} ms (median of {args.repeats * 5}, {device}, '
+          f'{torch.get_num_threads()} threads)')
+    return row
+
+
 def _run(cmd, variant, env):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -173,7 +206,7 @@ def _run(cmd, variant, env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--arch', choices=['faster', 'mask'], default='faster')
     parser.add_argument('--size', type=int, nargs=2, default=[320, 448])
@@ -190,9 +223,13 @@ def main():
     parser.add_argument('--interleave', action='store_true',
                         help='time the training steps of all variants in one process, round-robin '
                         '(memory, FLOPs and inference still come from one process per variant)')
+    parser.add_argument('--gather-weights', action='store_true',
+                        help='only time gathering the compensated convs\' weights into one tensor')
     parser.add_argument('--variant', help=argparse.SUPPRESS)
     parser.add_argument('--run-interleaved', action='store_true', help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.gather_weights:
+        return gather_weights(args)
     if args.run_interleaved:
         return run_interleaved(args)
     if args.variant:
