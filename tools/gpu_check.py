@@ -1,12 +1,13 @@
 """GPU acceptance check for CBN: correctness on CUDA against a float64 CPU reference, AMP and
-half-precision modules, no host synchronisation in steady state, and the step-time / peak-memory cost
-of CBN against BN on a ResNet-50 + FPN, in fp32 and AMP. Writes one Markdown report (and its JSON).
+half-precision modules, no host synchronisation in steady state, the step-time / peak-memory cost
+of CBN against BN on a ResNet-50 + FPN, in fp32 and AMP, and the per-layer fixed cost (many tiny
+layers, where each operation's launch is what is left: ``tools/benchmarks/benchmark_fixed_cost.py``). Writes one Markdown report (and its JSON).
 
 Needs only torch (>= 2.4) with CUDA, plus torchvision for the model rows: no mmcv/mmengine/mmdet, no
 network. About 2-4 minutes on one modern GPU.
 
     python tools/gpu_check.py --out DIR [--device cuda] [--quick] [--image-size 800 1216]
-        [--images 2] [--steps 20] [--skip-models]
+        [--images 2] [--steps 20] [--skip-models] [--skip-fixed-cost]
 
 Without CUDA (``--device cuda`` on a machine that has none) it writes a report saying so and exits 0.
 ``--device cpu --quick`` runs every check that does not need CUDA (CI does). Exit code 1 when a check
@@ -306,6 +307,33 @@ def benchmark(build, device, images, size, steps, warmup, amp_modes):
     return rows
 
 
+def fixed_cost(device, steps, warmup):
+    """Per-layer fixed cost rows of ``benchmark_fixed_cost.py`` on ``device`` (BN, Naive CBN, CBN)."""
+    sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), 'benchmarks'))
+    import benchmark_fixed_cost
+    args = benchmark_fixed_cost.parse_args(['--device', device, '--steps', str(steps), '--warmup',
+                                            str(warmup), '--threads', str(torch.get_num_threads())])
+    rows = benchmark_fixed_cost.run(args)
+    base = rows['bn']['step_ms']
+    return [dict(norm=name, ms_per_layer=r['step_ms'] / args.layers,
+                 above_bn_ms=(r['step_ms'] - base) / args.layers, ops_per_layer=r['ops'] / args.layers)
+            for name, r in rows.items()]
+
+
+def launch_share(cost, fixed, layers):
+    """Per precision: how much of the model's CBN − BN step difference ``layers`` × the per-layer
+    fixed cost would explain (a share near 1 or above: the step is bound by the layer's operations,
+    and batching them across layers would pay)."""
+    above = {r['norm']: r['above_bn_ms'] for r in fixed}
+    lines = []
+    for precision in dict.fromkeys(r['precision'] for r in cost):
+        step = {r['norm']: r['step_ms'] for r in cost if r['precision'] == precision}
+        diff = step['cbn'] - step['bn']
+        lines.append(f'{precision}: CBN − BN = {diff:.1f} ms per step; {layers} CBN layers × '
+                     f'{above["cbn"]:.3f} ms fixed cost = {layers * above["cbn"]:.1f} ms')
+    return lines
+
+
 # ---------------------------------------------------------------------------- report
 def environment(device):
     env = dict(torch=torch.__version__, device=device, python=sys.version.split()[0])
@@ -322,7 +350,7 @@ def environment(device):
     return env
 
 
-def write_report(out, env, checks, cost, notes):
+def write_report(out, env, checks, cost, notes, fixed=()):
     os.makedirs(out, exist_ok=True)
     lines = ['# CBN GPU acceptance check', '', ', '.join(f'{k}: {v}' for k, v in env.items()), '']
     lines += ['| check | result | measured | limit |', '|---|---|---|---|']
@@ -335,13 +363,20 @@ def write_report(out, env, checks, cost, notes):
                   '|---|---|---|---|---|---|']
         lines += [f"| {r['precision']} | {r['norm']} | {r['step_ms']:.1f} | {r['peak_mb']:.0f} | "
                   f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |" for r in cost]
+    if fixed:
+        lines += ['', 'Per-layer fixed cost (`tools/benchmarks/benchmark_fixed_cost.py`: 20 × conv 16→16 '
+                  '3×3 + norm + ReLU, input 2×16×8×8, on CUDA each step synchronised), fp32:', '',
+                  '| norm | ms per layer and step | above BN | operations per layer and step |',
+                  '|---|---|---|---|']
+        lines += [f"| {r['norm']} | {r['ms_per_layer']:.3f} | {r['above_bn_ms']:+.3f} | "
+                  f"{r['ops_per_layer']:.0f} |" for r in fixed]
     lines += [''] + [f'* {n}' for n in notes]
     text = '\n'.join(lines) + '\n'
     with open(osp.join(out, 'gpu_check.md'), 'w') as f:
         f.write(text)
     with open(osp.join(out, 'gpu_check.json'), 'w') as f:
-        json.dump(dict(environment=env, checks=checks, cost=cost, notes=notes), f, indent=1,
-                  default=str)
+        json.dump(dict(environment=env, checks=checks, cost=cost, fixed_cost=list(fixed),
+                       notes=notes), f, indent=1, default=str)
     return text
 
 
@@ -392,7 +427,17 @@ def run(args):
             notes.append(f'{args.images} images of {args.image_size[0]}×{args.image_size[1]}, median '
                          f'of {args.steps} steps after {args.warmup} warm-up steps; loss = mean '
                          'square of the FPN outputs; naive = CBN without compensation')
-    text = write_report(args.out, environment(device), checks, cost, notes)
+    fixed = []
+    if not args.skip_fixed_cost:
+        try:
+            fixed = fixed_cost(device, 10 if args.quick else 100, 2 if args.quick else 10)
+        except Exception as err:  # noqa: BLE001  (a cost measurement, not a check: report and go on)
+            notes.append(f'fixed-cost rows failed: {type(err).__name__}: {err}'[:300])
+            traceback.print_exc()
+    if fixed and cost:
+        layers = sum(isinstance(m, CBN) for m in resnet50_fpn('cbn').modules())
+        notes += launch_share(cost, fixed, layers)
+    text = write_report(args.out, environment(device), checks, cost, notes, fixed)
     print(text)
     return 0 if all(r['ok'] for r in checks) else 1
 
@@ -403,6 +448,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--quick', action='store_true', help='fewer steps (CI on CPU)')
     parser.add_argument('--skip-models', action='store_true', help='no ResNet-50 + FPN cost rows')
+    parser.add_argument('--skip-fixed-cost', action='store_true', help='no per-layer fixed-cost rows')
     parser.add_argument('--image-size', type=int, nargs=2, default=(800, 1216))
     parser.add_argument('--images', type=int, default=2)
     parser.add_argument('--steps', type=int, default=20)

@@ -19,6 +19,21 @@ def test_cpu_checks_pass(tmp_path):
     assert any('autocast bfloat16' in n for n in names)
     assert sum('module' in n for n in names) == 2
     assert (tmp_path / 'gpu_check.md').read_text().count('| PASS |') == len(names)
+    fixed = {r['norm']: r for r in report['fixed_cost']}
+    assert set(fixed) == {'bn', 'naive', 'cbn'} and fixed['bn']['above_bn_ms'] == 0
+    assert fixed['cbn']['ops_per_layer'] > fixed['naive']['ops_per_layer'] > fixed['bn']['ops_per_layer']
+    assert 'Per-layer fixed cost' in (tmp_path / 'gpu_check.md').read_text()
+
+
+def test_launch_share_relates_the_fixed_cost_to_the_model_step():
+    cost = [dict(precision=p, norm=n, step_ms=ms) for p, rows in
+            (('fp32', (('bn', 100.0), ('naive', 110.0), ('cbn', 130.0))),
+             ('AMP fp16', (('bn', 60.0), ('naive', 80.0), ('cbn', 100.0)))) for n, ms in rows]
+    fixed = [dict(norm='bn', above_bn_ms=0.0), dict(norm='naive', above_bn_ms=0.2),
+             dict(norm='cbn', above_bn_ms=0.5)]
+    assert gpu_check.launch_share(cost, fixed, 60) == [
+        'fp32: CBN − BN = 30.0 ms per step; 60 CBN layers × 0.500 ms fixed cost = 30.0 ms',
+        'AMP fp16: CBN − BN = 40.0 ms per step; 60 CBN layers × 0.500 ms fixed cost = 30.0 ms']
 
 
 def test_without_cuda_the_gpu_run_skips_cleanly(tmp_path, monkeypatch):

@@ -9,7 +9,10 @@ its forward) (extra steps after the round-robin, each part's calls timed by a wr
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--baseline DIR]
-        [--time-parts] [--out FILE.json]
+        [--time-parts] [--device cpu|cuda] [--out FILE.json]
+
+On CUDA every step ends with a synchronisation (the step time is then launch-bound: what each
+operation costs the host), and ``--time-parts`` times the host's side of each part.
 """
 import argparse
 import contextlib
@@ -153,15 +156,17 @@ def step(model, opt, x):
     model(x).square().mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def run(args):
     torch.set_num_threads(args.threads)
-    x = torch.randn(args.batch, args.channels, args.size, args.size)
+    x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
     variants = dict(VARIANTS, **(baseline_variants(args.baseline) if args.baseline else {}))
     setups = {}
     for name, norm in variants.items():
-        model = build(norm, args.layers, args.channels)
+        model = build(norm, args.layers, args.channels).to(args.device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         for _ in range(args.warmup):
             step(model, opt, x)
@@ -190,8 +195,8 @@ def run(args):
                                                BN_TIMED_PARTS if name == 'bn' else TIMED_PARTS)
     base = rows['bn']
     lines = [f'{args.layers} layers of conv {args.channels}->{args.channels} 3x3 + norm + ReLU, input '
-             f'{args.batch}x{args.channels}x{args.size}x{args.size}, {args.threads} thread(s), '
-             f'median of {args.steps} interleaved steps', '',
+             f'{args.batch}x{args.channels}x{args.size}x{args.size}, {args.device}, {args.threads} '
+             f'thread(s), median of {args.steps} interleaved steps', '',
              '| variant | step ms | ms per layer | above BN, ms per layer | ops per layer and step |',
              '|---|---|---|---|---|']
     for name, r in rows.items():
@@ -226,6 +231,7 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--baseline', metavar='DIR',
                         help='root of another checkout whose CBN is timed in the same round-robin')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--time-parts', action='store_true',
                         help='also time the parts of the layers (BN: its forward)')
     parser.add_argument('--out')
