@@ -1,8 +1,9 @@
 """Per-layer fixed cost of CBN: many tiny conv + norm + ReLU layers, where only bookkeeping is left.
 
 For BN, Naive CBN and CBN: training-step time per layer, time above BN, and tensor operations per layer
-and step (for CBN also by part of the layer). ``--time-parts`` also times the parts of the layers (BN:
-its forward) (extra steps after the round-robin, each part's calls timed by a wrapper). Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
+and step (for CBN also by part of the layer). ``--time-parts`` also times the parts of the layers, BN's
+forward as one part (in extra steps after the round-robin, each part's calls timed by a wrapper).
+Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 ``--baseline DIR`` also times the layer of another checkout of this project (e.g. made with
 ``git worktree add /tmp/baseline REV``) in the same round-robin, as ``naive-baseline`` and
 ``cbn-baseline``: a change's effect without the machine's drift between two runs.
