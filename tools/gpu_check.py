@@ -350,6 +350,12 @@ def environment(device):
     return env
 
 
+def _markdown_table(title, header, rows):
+    """A titled Markdown table, as report lines."""
+    return (['', title, '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+            + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
 def write_report(out, env, checks, cost, notes, fixed=()):
     os.makedirs(out, exist_ok=True)
     lines = ['# CBN GPU acceptance check', '', ', '.join(f'{k}: {v}' for k, v in env.items()), '']
@@ -357,19 +363,18 @@ def write_report(out, env, checks, cost, notes, fixed=()):
     lines += [f"| {r['check']} | {'PASS' if r['ok'] else 'FAIL'} | {r['measured']} | {r['limit']} |"
               for r in checks]
     if cost:
-        lines += ['', 'ResNet-50 + FPN (torchvision), CBN k = 4 in every norm layer; ratios against BN '
-                  'in the same run:', '',
-                  '| precision | norm | step (ms) | peak (MiB) | step / BN | memory / BN |',
-                  '|---|---|---|---|---|---|']
-        lines += [f"| {r['precision']} | {r['norm']} | {r['step_ms']:.1f} | {r['peak_mb']:.0f} | "
-                  f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |" for r in cost]
+        lines += _markdown_table(
+            'ResNet-50 + FPN (torchvision), CBN k = 4 in every norm layer; ratios against BN in the '
+            'same run:', ('precision', 'norm', 'step (ms)', 'peak (MiB)', 'step / BN', 'memory / BN'),
+            [(r['precision'], r['norm'], f"{r['step_ms']:.1f}", f"{r['peak_mb']:.0f}",
+              f"{r['time_ratio']:.2f}", f"{r['memory_ratio']:.2f}") for r in cost])
     if fixed:
-        lines += ['', 'Per-layer fixed cost (`tools/benchmarks/benchmark_fixed_cost.py`: 20 × conv 16→16 '
-                  '3×3 + norm + ReLU, input 2×16×8×8, on CUDA each step synchronised), fp32:', '',
-                  '| norm | ms per layer and step | above BN | operations per layer and step |',
-                  '|---|---|---|---|']
-        lines += [f"| {r['norm']} | {r['ms_per_layer']:.3f} | {r['above_bn_ms']:+.3f} | "
-                  f"{r['ops_per_layer']:.0f} |" for r in fixed]
+        lines += _markdown_table(
+            'Per-layer fixed cost (`tools/benchmarks/benchmark_fixed_cost.py`: 20 × conv 16→16 3×3 + '
+            'norm + ReLU, input 2×16×8×8, on CUDA each step synchronised), fp32:',
+            ('norm', 'ms per layer and step', 'above BN', 'operations per layer and step'),
+            [(r['norm'], f"{r['ms_per_layer']:.3f}", f"{r['above_bn_ms']:+.3f}",
+              f"{r['ops_per_layer']:.0f}") for r in fixed])
     lines += [''] + [f'* {n}' for n in notes]
     text = '\n'.join(lines) + '\n'
     with open(osp.join(out, 'gpu_check.md'), 'w') as f:
