@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import inspect
 import json
 import os.path as osp
 import statistics
@@ -102,8 +103,7 @@ BN_TIMED_PARTS = [(nn.modules.batchnorm._BatchNorm, 'forward', 'forward (all of 
 def wrapping(parts, measure):
     """Replace each ``(owner, attribute, label)`` of ``parts`` by ``measure(fn, label)`` (static
     methods of classes stay static)."""
-    originals = [(owner, name, owner.__dict__[name] if name in getattr(owner, '__dict__', {})
-                  else getattr(owner, name)) for owner, name, _ in parts]
+    originals = [(owner, name, inspect.getattr_static(owner, name)) for owner, name, _ in parts]
     for (owner, name, raw), (_, _, label) in zip(originals, parts):
         if isinstance(raw, staticmethod):
             setattr(owner, name, staticmethod(measure(raw.__func__, label)))
@@ -232,7 +232,7 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--baseline', metavar='DIR',
                         help='root of another checkout whose CBN is timed in the same round-robin')
-    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--time-parts', action='store_true',
                         help='also time the parts of the layers (BN: its forward)')
     parser.add_argument('--out')

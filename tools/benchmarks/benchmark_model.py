@@ -94,12 +94,27 @@ def prepare(args, variant, device):
     return model, data, train_step
 
 
+def _device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def _timed(fn, device):
+    """Seconds that ``fn()`` takes, its queued device work included."""
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def run_interleaved(args):
     """Training-step times of all variants in one process, in rounds (each round times one step of
     every variant, in turn), so that drifts of the machine's speed hit every variant alike."""
     warnings.simplefilter('ignore')
     import cbn_mmdet  # noqa: F401
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = _device()
     steps = {}
     for variant in args.variants:
         model, _, steps[variant] = prepare(args, variant, device)
@@ -107,14 +122,9 @@ def run_interleaved(args):
     times = {v: [] for v in steps}
     for i in range(args.warmup + args.repeats):
         for variant, step in steps.items():
-            if device == 'cuda':
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device == 'cuda':
-                torch.cuda.synchronize()
+            seconds = _timed(step, device)
             if i >= args.warmup:
-                times[variant].append(time.perf_counter() - start)
+                times[variant].append(seconds)
     print(json.dumps({v: statistics.median(t) for v, t in times.items()}))
 
 
@@ -124,22 +134,10 @@ def run_one(args):
     from cbn_mmdet.models import CrossIterationBatchNorm2d
     from torch.utils.flop_counter import FlopCounterMode
     import_mb = _rss_mb()
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = _device()
     model, data, train_step = prepare(args, args.variant, device)
-
-    def sync():
-        if device == 'cuda':
-            torch.cuda.synchronize()
-
     model.train()
-    times = []
-    for i in range(args.warmup + args.repeats):
-        sync()
-        start = time.perf_counter()
-        train_step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = [_timed(train_step, device) for _ in range(args.warmup + args.repeats)][args.warmup:]
     flops = FlopCounterMode(display=False)
     if not args.skip_flops:
         with flops:
@@ -147,15 +145,9 @@ def run_one(args):
     model.eval()
     infer = [float('nan')]
     with torch.no_grad():
-        for i in range(0 if args.skip_inference else args.warmup + args.repeats):
-            if i == 0:
-                infer = []
-            sync()
-            start = time.perf_counter()
-            model.predict(data['inputs'], data['data_samples'])
-            sync()
-            if i >= args.warmup:
-                infer.append(time.perf_counter() - start)
+        if not args.skip_inference:
+            infer = [_timed(lambda: model.predict(data['inputs'], data['data_samples']), device)
+                     for _ in range(args.warmup + args.repeats)][args.warmup:]
     if device == 'cuda':
         peak = torch.cuda.max_memory_allocated() / 2**20
         import_mb = 0.0
@@ -173,24 +165,17 @@ def gather_weights(args):
     """CBN layers, compensated convs, their weights' size, and the median time of one ``torch.cat``
     of those weights (what a step compensating all layers at once from one flat buffer would add)."""
     from cbn_mmdet.models import CrossIterationBatchNorm2d
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = _device()
     model, _, train_step = prepare(args, 'cbn-all', device)
     train_step()
     layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     weights = [m._producer.last[0].weight.reshape(-1) for m in layers
                if m._producer.last is not None and m._producer.last[0] is not None]
-    times = []
-    for _ in range(args.warmup + args.repeats * 5):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.cat(weights)
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [_timed(lambda: torch.cat(weights), device)
+             for _ in range(args.warmup + args.repeats * 5)][args.warmup:]
     row = dict(cbn_layers=len(layers), compensated=len(weights),
-               floats=sum(w.numel() for w in weights),
-               gather_ms=1e3 * statistics.median(times[args.warmup:]), device=device)
+               floats=sum(w.numel() for w in weights), gather_ms=1e3 * statistics.median(times),
+               device=device)
     print(f'{row["cbn_layers"]} CBN layers, {row["compensated"]} bound to a trainable conv, '
           f'{row["floats"] / 1e6:.1f} M weights; gathering them into one tensor: '
           f'{row["gather_ms"]:.2f} ms (median of {args.repeats * 5}, {device}, '
