@@ -4,9 +4,16 @@ import inspect
 import numbers
 from typing import Any, Callable, Iterable
 
-__all__ = ['reject_unknown', 'require', 'require_choice', 'require_bool', 'is_real', 'is_int']
+import torch
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ['reject_unknown', 'require', 'require_choice', 'require_bool', 'is_real', 'is_int',
+           'NORM_TAKES_BIAS', 'bn_bias_kwargs']
 
 _NOT_OPTIONS = ('self', 'unknown', 'device', 'dtype')
+
+#: whether this torch's BatchNorm takes ``bias`` (``bias=False``: a learnable scale γ, no shift β)
+NORM_TAKES_BIAS = 'bias' in inspect.signature(_NormBase.__init__).parameters
 
 
 def reject_unknown(owner: str, unknown: dict, init: Callable, note: str = '') -> None:
@@ -36,6 +43,17 @@ def require_choice(owner: str, name: str, value: Any, allowed: Iterable) -> None
 def require_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f'{owner} {name} must be True or False, got {value!r}')
+
+
+def bn_bias_kwargs(owner: str, bias: Any) -> dict:
+    """The ``bias`` keyword to pass to ``_BatchNorm.__init__``: ``{'bias': bias}`` where this torch
+    takes it; on an older torch ``{}``, and ``bias=False``, which it cannot build, is refused."""
+    require_bool(owner, 'bias', bias)
+    if NORM_TAKES_BIAS:
+        return dict(bias=bias)
+    require(bias, owner, 'bias', f'True with torch {torch.__version__}, whose BatchNorm has no bias '
+            'argument (bias=False, a scale without shift, needs a newer torch)', bias)
+    return {}
 
 
 def is_real(value: Any) -> bool:

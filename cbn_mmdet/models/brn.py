@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..options import is_int, is_real, reject_unknown, require
+from ..options import bn_bias_kwargs, is_int, is_real, reject_unknown, require
 from .input_checks import check_4d, check_like_module
 
 __all__ = ['BatchRenorm2d']
@@ -74,11 +74,14 @@ class BatchRenorm2d(_BatchNorm):
             (The paper used a "relatively fast" update rate for its moving averages.)
         affine: learnable ``γ, β``. Default: True.
         track_running_stats: must be True: ``r`` and ``d`` are defined by the running statistics.
+        device, dtype: of the parameters and buffers, as in BN. Default: None.
         rmax: final bound on ``r`` (``≥ 1``). Default: 3.
         dmax: final bound on ``|d|`` (``≥ 0``). Default: 5.
         warmup_iters: iterations (training forwards) with ``r = 1, d = 0``. Default: 5000.
         rmax_iters: iteration at which ``r_max`` reaches ``rmax`` (``≥ warmup_iters``). Default: 40000.
         dmax_iters: iteration at which ``d_max`` reaches ``dmax`` (``≥ warmup_iters``). Default: 25000.
+        bias: keyword only, as in BN: ``False`` with ``affine`` learns ``γ`` and no ``β`` (needs a
+            torch whose BatchNorm takes ``bias``). Default: True.
 
     Shape:
         Input and output ``(N, C, H, W)``.
@@ -90,9 +93,10 @@ class BatchRenorm2d(_BatchNorm):
     _abbr_ = 'bn'  # mmcv's build_norm_layer names it like BN (bn1, ...), so BN checkpoints match
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, rmax: float = 3.0,
-                 dmax: float = 5.0, warmup_iters: int = 5000, rmax_iters: int = 40000,
-                 dmax_iters: int = 25000, device=None, dtype=None, **unknown):
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 rmax: float = 3.0, dmax: float = 5.0, warmup_iters: int = 5000,
+                 rmax_iters: int = 40000, dmax_iters: int = 25000, *, bias: bool = True,
+                 **unknown):
         reject_unknown('BRN', unknown, BatchRenorm2d.__init__, ' (and requires_grad in norm_cfg)')
         require(is_real(eps) and eps > 0, 'BRN', 'eps', 'a positive number', eps)
         require(momentum is None or is_real(momentum) and 0.0 <= momentum <= 1.0, 'BRN', 'momentum',
@@ -109,7 +113,7 @@ class BatchRenorm2d(_BatchNorm):
             require(is_int(value) and value >= 1 and value >= warmup_iters, 'BRN', name,
                     f'a positive int >= warmup_iters={warmup_iters!r} (paper: {paper})', value)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype)
+                         dtype=dtype, **bn_bias_kwargs('BRN', bias))
         self.rmax = float(rmax)
         self.dmax = float(dmax)
         self.warmup_iters = int(warmup_iters)
@@ -167,7 +171,9 @@ class BatchRenorm2d(_BatchNorm):
         shift = d - mean_b * scale
         if self.weight is not None:
             scale = scale * self.weight
-            shift = shift * self.weight + self.bias
+            shift = shift * self.weight
+        if self.bias is not None:  # (None with bias=False: γ without β)
+            shift = shift + self.bias
         y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         self._update_running_stats(mean_b.detach(), var_b.detach(), x.numel() // x.shape[1])
         return y.to(input.dtype)

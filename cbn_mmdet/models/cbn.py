@@ -7,10 +7,11 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.statistics import (all_finite, batch_moments, conv_statistic_gradients,
-                              window_moments)
+from ..ops.statistics import (batch_moments, conv_statistic_gradients, finite_flag,
+                              window_statistics)
 from ..ops.window_norm import WindowBatchNormFunction
-from ..options import is_int, is_real, reject_unknown, require, require_bool, require_choice
+from ..options import (bn_bias_kwargs, is_int, is_real, reject_unknown, require, require_bool,
+                       require_choice)
 from . import iteration_clock
 from .conv_binding import AutogradPass, BindStatus, ConvProducer, autograd_pass
 from .input_checks import check_4d, check_like_module
@@ -83,6 +84,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         momentum: running-statistics momentum as in BN (``None``: cumulative average). Default: 0.1.
         affine: learnable ``γ, β`` (Eq. 4). Default: True.
         track_running_stats: as in BN. Default: True.
+        device, dtype: of the parameters and buffers, as in BN. Default: None.
         window: ``k``, the number of iterations averaged, the current one included; ``1`` is BN.
             Default: 4.
         compensate: Taylor compensation (Eqs. 7-8); ``False`` gives Naive CBN. Default: True.
@@ -109,6 +111,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             micro-batches pool per call). Not with activation checkpointing.
         monitor: record the relative size of the Taylor correction at each compensated forward in
             ``last_correction`` (a few small reductions, no host sync); ``CBNMonitorHook`` logs it.
+        bias: keyword only, as in BN: ``False`` with ``affine`` learns ``γ`` and no ``β`` (needs a
+            torch whose BatchNorm takes ``bias``). Default: True.
 
     Shape:
         Input and output ``(N, C, H, W)``.
@@ -123,11 +127,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     _extra_options = ''  # options a subclass takes beyond these, for the unknown-option error
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, window: int = 4,
-                 compensate: bool = True, fallback: str = 'bn', running_stats: str = 'window',
-                 statistics_gradients: str = 'closed_form', subsample: int = 2,
-                 history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
-                 per_call: int = 0, monitor: bool = False, device=None, dtype=None, **unknown):
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 window: int = 4, compensate: bool = True, fallback: str = 'bn',
+                 running_stats: str = 'window', statistics_gradients: str = 'closed_form',
+                 subsample: int = 2, history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
+                 per_call: int = 0, monitor: bool = False, *, bias: bool = True, **unknown):
         owner = self._option_owner
         reject_unknown(owner, unknown, CrossIterationBatchNorm2d.__init__,
                        self._extra_options + ' (and requires_grad in norm_cfg)')
@@ -148,7 +152,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         require_bool(owner, 'compensate', compensate)
         require_bool(owner, 'monitor', monitor)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype)
+                         dtype=dtype, **bn_bias_kwargs(owner, bias))
         self.window = window
         self.compensate = compensate
         self.fallback = fallback
@@ -261,26 +265,30 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensating = self.compensate and binding is not None
 
         with torch.no_grad(), _autocast_disabled(input.device.type):
-            history.advance(iteration_clock.current_iteration())
+            history.advance()
             past = history.past(binding if compensating else None, input, self._active_window,
                                 clamp=group is None)
             if self.monitor and past.compensated:
                 self.last_correction = past.correction_size(self.eps)
             batch_mean, batch_var = batch_moments(input)
             count = float(input.shape[0] * input.shape[2] * input.shape[3])
-            finite = all_finite(batch_mean, batch_var)
-            window_input = WindowInput(batch_mean, batch_var, count, finite, past.mean, past.var,
-                                       past.valid, past.count)
-            if group is not None:  # SyncCBN: the moments of all processes' batches
-                window_input = self._pool_across(group, window_input, past.counts)
-            w = window_input
-            mean, var, k = window_moments(w.batch_mean, w.batch_var, w.past_mean, w.past_var,
-                                          w.past_valid)
+            # (a finite variance means finite values, hence a finite mean too)
+            finite = finite_flag(batch_var)
+            if group is None:
+                w = WindowInput(batch_mean, batch_var, count, finite, past.mean_ct, past.var_ct,
+                                past.valid, None)
+            else:  # SyncCBN: the moments of all processes' batches
+                w = self._pool_across(group, WindowInput(
+                    batch_mean, batch_var, count, finite, past.mean_ct, past.var_ct, past.valid,
+                    past.counts))
+            mean, var, inv_k = window_statistics(w.batch_mean, w.batch_var, w.past_mean,
+                                                 w.past_var, w.past_valid)
             if recording:
                 # before the normalisation saves its tensors: a checkpoint's recomputation may stop
                 # right after that save
+                past_count = past.count if w.past_count is None else w.past_count
                 self._update_running_stats(w.batch_mean, w.batch_var, mean, var, w.count,
-                                           w.past_count, w.finite, call)
+                                           past_count, w.finite, call)
                 if count > 0:
                     history.record(input, batch_mean, batch_var, count, finite,
                                    binding if compensating else None,
@@ -291,7 +299,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                        self.subsample, _DTYPES[self.var_grad_dtype]))
                 elif not history.open:  # an empty batch of SyncCBN: an empty entry keeps the
                     history.record(input, batch_mean, batch_var, 0.0, finite, None, None)  # ring in step
-        return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, k, self.eps,
+        return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, inv_k, self.eps,
                                              group, None if group is None else w.count)
 
     # ------------------------------------------------------------------ across processes (SyncCBN)
@@ -299,7 +307,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The process group whose batches are normalised together; None: this process's batch."""
         return None
 
-    def _pool_across(self, group, local: 'WindowInput', past_counts: Tensor) -> 'WindowInput':
+    def _pool_across(self, group, local: 'WindowInput') -> 'WindowInput':
         raise NotImplementedError  # SyncCBN's; CBN's group is always None
 
     def _batch_norm(self, input: Tensor, group, update: bool, call: int = 0) -> Tensor:
@@ -340,7 +348,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 'the iteration; activation checkpointing and training forwards without autograd '
                 'change that order, so they are not supported with per_call (use per_call=0, or '
                 'train this part without checkpointing)')
-        return self.call_histories.next_call(iteration_clock.current_iteration())
+        return self.call_histories.next_call()
 
     def _explain_binding(self, kind: str, status: str, binding, detail: str) -> bool:
         """Say once what the layer does when it cannot compensate; True: normalise like BN."""
@@ -389,8 +397,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         factor = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
                   if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
-            n = past_count + count
-            unbiased = var * (n / (n - 1.0).clamp_min(1.0))
+            # unbiased with the window's number of values n: var·n/(n − 1) = var + var/(n − 1)
+            values_less_one = (past_count + (count - 1.0)).clamp_min_(1.0)
+            unbiased = torch.addcdiv(var, var, values_less_one)
             new_mean = mean
         else:
             unbiased = batch_var * (count / ((count - 1.0).clamp_min(1.0) if torch.is_tensor(count)
@@ -485,10 +494,11 @@ class WindowInput(NamedTuple):
     batch_var: Tensor
     count: float            # its number of values
     finite: Tensor          # () whether its moments are finite
-    past_mean: Tensor       # (T, C) compensated past entries, Eq. 10 applied
+    past_mean: Tensor       # (C, T) compensated past entries, Eq. 10 applied
     past_var: Tensor
     past_valid: Tensor      # (T,) 1 for the entries in the window
-    past_count: Tensor      # () their number of values
+    past_count: Optional[Tensor]  # their number of values: () pooled, (T,) by entry, None: ask
+                                  # the history
 
 
 def _check_window(name: str, value, owner: str = 'CBN') -> None:

@@ -173,7 +173,8 @@ def find_conv_producer(x: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
         weight, parameters = saved_weight, None
     binding = ConvBinding(
         weight=weight.detach(), bias=None if bias is None else bias.detach(),
-        groups=int(fn._saved_groups), parameters=parameters, input=fn._saved_input.detach(),
+        # (the input is read under no_grad only: no detached alias needed)
+        groups=int(fn._saved_groups), parameters=parameters, input=fn._saved_input,
         stride=tuple(fn._saved_stride), padding=tuple(fn._saved_padding),
         dilation=tuple(fn._saved_dilation))
     return binding, BindStatus.CONV, name

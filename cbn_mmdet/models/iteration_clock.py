@@ -7,13 +7,20 @@ so a plain PyTorch loop (forward, backward, step) needs nothing else, and mmengi
 change. Forwards between two steps belong to the same iteration (shared heads called per FPN level,
 accumulated micro-batches, a GradScaler step skipped for inf/NaN gradients).
 
+Each step is pushed to the histories that listen (:func:`watch`), so that a layer's forward reads only
+its own state: under ``torch.compile`` a forward that read this counter would be recompiled at every
+step.
+
 Loops that update weights without a torch optimizer call :func:`next_iteration` after each update.
 """
+import weakref
+
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ['current_iteration', 'next_iteration', 'install']
+__all__ = ['current_iteration', 'next_iteration', 'install', 'watch']
 
 _steps = 0
+_listeners: 'weakref.WeakSet' = weakref.WeakSet()
 
 
 def current_iteration() -> int:
@@ -25,6 +32,13 @@ def next_iteration() -> None:
     """Advance the clock by hand (for training loops that do not use a torch optimizer)."""
     global _steps
     _steps += 1
+    for listener in list(_listeners):
+        listener.on_iteration()
+
+
+def watch(listener) -> None:
+    """Call ``listener.on_iteration()`` at every step from now on (held weakly)."""
+    _listeners.add(listener)
 
 
 def _on_optimizer_step(optimizer, args, kwargs) -> None:

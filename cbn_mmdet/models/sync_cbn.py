@@ -37,7 +37,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         num_features: ``C`` of an ``(N, C, H, W)`` input.
         process_group: the processes whose batches are normalised together, as in torch's
             ``SyncBatchNorm`` (None: all). Default: None.
-        Other arguments: as :class:`CrossIterationBatchNorm2d`.
+        Other arguments: as :class:`CrossIterationBatchNorm2d` (BN's in BN's order, then CBN's,
+            ``bias`` keyword only).
 
     Example:
         >>> norm_cfg = dict(type='SyncCBN', window=4)   # in any mmdet config
@@ -63,32 +64,34 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             return None
         return group
 
-    def _pool_across(self, group, local: WindowInput, past_counts: Tensor) -> WindowInput:
-        """The moments of all processes' current batches and past entries (one all-gather)."""
+    def _pool_across(self, group, local: WindowInput) -> WindowInput:
+        """The moments of all processes' current batches and past entries (one all-gather);
+        ``local.past_count`` by entry."""
         c, slots = self.num_features, self._slots
         rows = local.batch_mean.new_zeros((1 + slots, 2 * c + 1))
         rows[0] = torch.cat([local.batch_mean.new_full((1, ), local.count), local.batch_mean,
                              local.batch_var])
-        if past_counts.numel():
+        if local.past_count.numel():
             # the past unclamped (Eq. 10 holds for the union, not for each process's share)
-            rows[1:] = torch.cat([past_counts.unsqueeze(1), local.past_mean, local.past_var], 1)
+            rows[1:] = torch.cat([local.past_count.unsqueeze(1), local.past_mean.t(),
+                                  local.past_var.t()], 1)
         gathered = _all_gather(rows, group)
         count, mean, var = pool_moments(gathered[..., 0], gathered[..., 1:1 + c],
                                         gathered[..., 1 + c:])
-        return WindowInput(mean[0], var[0], count[0], all_finite(mean[0], var[0]), mean[1:],
-                           var[1:].clamp_min(0.0), (count[1:] > 0).to(mean.dtype), count[1:].sum())
+        return WindowInput(mean[0], var[0], count[0], all_finite(mean[0], var[0]), mean[1:].t(),
+                           var[1:].clamp_min(0.0).t(), (count[1:] > 0).to(mean.dtype),
+                           count[1:].sum())
 
     def _batch_norm(self, input: Tensor, group, update: bool, call: int = 0) -> Tensor:
         if group is None:
             return super()._batch_norm(input, group, update, call)
         with torch.no_grad(), _autocast_disabled(input.device.type):  # SyncBN on the union
             batch_mean, batch_var = batch_moments(input)
-            none = batch_mean.new_zeros((0, self.num_features))
+            none = batch_mean.new_zeros((self.num_features, 0))
             local = WindowInput(batch_mean, batch_var,
                                 float(input.shape[0] * input.shape[2] * input.shape[3]),
-                                all_finite(batch_mean, batch_var), none, none, none[:, 0],
-                                none[:, 0].sum())
-            w = self._pool_across(group, local, none[:, 0])
+                                all_finite(batch_mean, batch_var), none, none, none[0], none[0])
+            w = self._pool_across(group, local)
             if update:
                 self._update_running_stats(w.batch_mean, w.batch_var, w.batch_mean, w.batch_var,
                                            w.count, w.past_count, w.finite, call)

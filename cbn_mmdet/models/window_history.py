@@ -13,9 +13,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.statistics import (all_finite, compensate_history, linear_term_mean, linear_term_var,
-                              merge_gradients, merge_moments)
+from ..ops.statistics import (all_finite, compensate_window, finite_flag, merge_gradients,
+                              merge_moments)
 from ..ops.window_norm import statistics_dtype
+from . import iteration_clock
 from .conv_binding import ConvWeights
 
 __all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS',
@@ -42,24 +43,55 @@ HISTORY_VERSION = 5
 Geometry = Tuple  # ConvWeights.geometry; its last item may be None when loaded from version 4
 
 
-class PastWindow(NamedTuple):
-    """The past iterations of the current iteration's window, over the ring's slots."""
-    mean: Tensor            # (slots, C) μ̃, moved to the current weights (Eq. 7) when compensated
-    var: Tensor             # (slots, C) var̃ = max(ν̃ − μ̃², 0) (Eqs. 8, 10)
-    valid: Tensor           # (slots,) 1 for the slots in the window
-    counts: Tensor          # (slots,) number of values of each valid entry (0 elsewhere)
-    count: Tensor           # () their sum
-    recorded_mean: Tensor   # (slots, C) as recorded
-    recorded_var: Tensor
-    compensated: bool
+class PastWindow:
+    """The past iterations of the current iteration's window, over the ring's slots.
+
+    The fast path uses the channel-major ``mean_ct``/``var_ct`` ``(C, slots)``; the slot-major views
+    and the recorded values are for analysis (:meth:`CrossIterationBatchNorm2d.past_window`).
+    """
+    __slots__ = ('mean_ct', 'var_ct', 'valid', 'compensated', '_recorded', '_channels')
+
+    def __init__(self, mean_ct: Tensor, var_ct: Tensor, valid: Tensor, recorded: Tensor,
+                 compensated: bool):
+        self.mean_ct, self.var_ct = mean_ct, var_ct  # μ̃, var̃ = max(ν̃ − μ̃², 0) (Eqs. 7, 8, 10)
+        self.valid = valid                # (slots,) 1 for the slots in the window
+        self.compensated = compensated
+        self._recorded = recorded          # (2C + 1, slots): mean, var, count as recorded
+        self._channels = mean_ct.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        return self.mean_ct.t()
+
+    @property
+    def var(self) -> Tensor:
+        return self.var_ct.t()
+
+    @property
+    def recorded_mean(self) -> Tensor:
+        return self._recorded[:self._channels].t()
+
+    @property
+    def recorded_var(self) -> Tensor:
+        return self._recorded[self._channels:2 * self._channels].t()
+
+    @property
+    def counts(self) -> Tensor:
+        """(slots,) number of values of each valid entry (0 elsewhere)."""
+        return self._recorded[2 * self._channels] * self.valid
+
+    @property
+    def count(self) -> Tensor:
+        return torch.dot(self._recorded[2 * self._channels], self.valid)
 
     def correction_size(self, eps: float) -> Dict[str, Tensor]:
         """How far Eqs. 7-8 moved the window's entries, relative to their scale (no host sync):
         ``{'mean': mean |Δμ|/σ, 'var': mean |Δvar|/var}`` over the valid entries and channels."""
-        weights = self.valid.unsqueeze(1) / (self.valid.sum() * self.mean.shape[1]).clamp_min(1.0)
-        rel_mean = ((self.mean - self.recorded_mean).abs() / (self.recorded_var + eps).sqrt()
+        mean, var, recorded_var = self.mean, self.var, self.recorded_var
+        weights = self.valid.unsqueeze(1) / (self.valid.sum() * mean.shape[1]).clamp_min(1.0)
+        rel_mean = ((mean - self.recorded_mean).abs() / (recorded_var + eps).sqrt()
                     * weights).sum()
-        rel_var = ((self.var - self.recorded_var).abs() / (self.recorded_var + eps) * weights).sum()
+        rel_var = ((var - recorded_var).abs() / (recorded_var + eps) * weights).sum()
         return {'mean': rel_mean, 'var': rel_var}
 
 
@@ -74,6 +106,40 @@ class HistoryEntry(NamedTuple):
     compensable: Tensor     # () 1 if its gradients may be used
     patch_mean: Optional[Tensor]  # (C_in, kh, kw) ∂μ/∂θ as a mean input patch
     var_grad: Optional[Tensor]    # (C_out, C_in/G, kh, kw) ∂var/∂θ
+
+
+# rows of the channel-major statistics ``(4C + 3, slots)``, one column per slot, so that an entry is
+# written with one copy: mean, var (C each), count, present (1 while the entry holds values),
+# compensable, then mean_ref, var_ref (C each)
+_COUNT, _PRESENT, _COMPENSABLE = 0, 1, 2
+
+
+class _Views:
+    """Views of one ring's storage that the hot path uses every iteration (made once per
+    allocation, device move or load, so that no view is made per forward)."""
+
+    def __init__(self, stats: Tensor, c: int):
+        self.mean, self.var = stats[:c], stats[c:2 * c]                      # (C, T)
+        self.var_columns = self.var.unsqueeze(2)                            # (C, T, 1)
+        self.recorded = stats[:2 * c + 1]                                   # mean, var, count
+        self.count, self.present, self.compensable = stats[2 * c:2 * c + 3]  # (T,)
+        self.mean_ref, self.var_ref = stats[2 * c + 3:3 * c + 3], stats[3 * c + 3:]
+        self.columns = stats.unbind(1)                                     # one per slot
+        self.patches = self.grads = self.grad_slots = self.patch_slots = None
+
+    def set_gradients(self, patches: Tensor, grads: Tensor, groups: int) -> None:
+        """``patches`` ``(T, C_in, kh, kw)``, ``grads`` ``(C, T, C_in/G·K)``."""
+        t = patches.shape[0]
+        c_out, _, d = grads.shape
+        if groups == 1:
+            self.patches = patches.view(t, -1).t()                           # (C_in·K, T)
+        else:
+            self.patches = patches.view(t, groups, -1).permute(1, 2, 0)      # (G, D, T)
+        self.grads = grads
+        kernel = patches.shape[2:]
+        self.grad_slots = [g.view(c_out, d // (kernel[0] * kernel[1]), *kernel)
+                           for g in grads.unbind(1)]                         # weight-shaped
+        self.patch_slots = patches.unbind(0)
 
 
 class WindowHistory:
@@ -91,36 +157,56 @@ class WindowHistory:
         self.num_features, self.slots, self.grad_dtype, self._warn = (
             num_features, slots, grad_dtype, warn)
         self.reset()
+        iteration_clock.watch(self)
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) listens to the clock too
+        self.__dict__.update(state)
+        iteration_clock.watch(self)
+
+    def on_iteration(self) -> None:
+        """The optimizer stepped: the next forward belongs to a new iteration."""
+        self._stepped = True
 
     def reset(self) -> None:
         """Forget every entry."""
-        # the per-slot statistics are views into one (slots, 4C + 2) tensor, so that an entry is
-        # written in one operation; the gradients are tensors of their own
-        self.tensors: Dict[str, Tensor] = {}
-        self._packed: Optional[Tensor] = None
+        self._stats: Optional[Tensor] = None   # (4C + 3, slots), see _Views
+        self._patches: Optional[Tensor] = None  # (slots, C_in, kh, kw) ∂μ/∂θ
+        self._grads: Optional[Tensor] = None    # (C, slots, C_in/G·kh·kw) ∂var/∂θ, channel-major
+        self._views: Optional[_Views] = None
         self.head = self.slots - 1        # slot of the newest entry (the next one goes to slot 0)
         self.filled = 0                   # entries held, the open one included
         self.open = False                 # the newest entry is the current iteration's
-        self.opened_at: Optional[int] = None  # iteration clock when that entry was opened
+        self._stepped = True              # an optimizer step since the last forward
         self.geometry: Optional[Geometry] = None  # of the conv whose gradients are recorded
-        # ((iteration, active window), weight state, PastWindow) of the current iteration
+        # ((active window, clamp), weight state, PastWindow) of the current iteration
         self._cache: Optional[tuple] = None
         self._in_window: Dict[tuple, Tensor] = {}  # the window's slots by cursor position
-        self._count_cache: Optional[tuple] = None
-        self._zeros_cache: Dict[tuple, Tensor] = {}
+        self._constants: Dict[tuple, Tensor] = {}  # small constant tensors, never written to
+        self._weight_views: Optional[tuple] = None
 
-    def _set_packed(self, packed: Tensor) -> None:
-        """Make ``packed`` the per-slot statistics (columns: mean, var, mean_ref, var_ref by channel,
-        then count and compensable)."""
-        c = self.num_features
-        self._packed = packed
-        for i, name in enumerate(('history_mean', 'history_var', 'history_mean_ref',
-                                  'history_var_ref')):
-            self.tensors[name] = packed[:, i * c:(i + 1) * c]
-        self.tensors['history_count'] = packed[:, 4 * c]
-        self.tensors['history_compensable'] = packed[:, 4 * c + 1]
+    def _set_storage(self, stats: Tensor, patches: Optional[Tensor] = None,
+                     grads: Optional[Tensor] = None) -> None:
+        self._stats, self._patches, self._grads = stats, patches, grads
+        self._views = _Views(stats, self.num_features)
+        if grads is not None:
+            self._views.set_gradients(patches, grads, self.geometry[4])
 
     # ------------------------------------------------------------------ queries
+    @property
+    def tensors(self) -> Dict[str, Tensor]:
+        """The history in its state-dict layout (slot-major; views where the layout allows)."""
+        if self._stats is None:
+            return {}
+        v, c = self._views, self.num_features
+        out = {'history_mean': v.mean.t(), 'history_var': v.var.t(), 'history_count': v.count,
+               'history_mean_ref': v.mean_ref.t(), 'history_var_ref': v.var_ref.t(),
+               'history_compensable': v.compensable}
+        if self._grads is not None:
+            out['history_patch_mean'] = self._patches
+            out['history_var_grad'] = self._grads.transpose(0, 1).reshape(
+                (self.slots, c) + tuple(v.grad_slots[0].shape[1:]))
+        return out
+
     def get(self, name: str) -> Optional[Tensor]:
         return self.tensors.get(name)
 
@@ -129,22 +215,27 @@ class WindowHistory:
 
     def entries(self) -> List[HistoryEntry]:
         """The entries held, newest first (the first is the current iteration's while ``open``)."""
-        t = self.tensors
-        return [HistoryEntry(*(t[name][slot] for name in HISTORY_STATS),
-                             *(t[name][slot] if name in t else None for name in HISTORY_GRADS))
-                for slot in self.slots_newest_first()]
+        if self._stats is None:
+            return []
+        v = self._views
+        grads = v.grad_slots is not None
+        return [HistoryEntry(v.mean[:, s], v.var[:, s], v.count[s], v.mean_ref[:, s],
+                             v.var_ref[:, s], v.compensable[s],
+                             v.patch_slots[s] if grads else None, v.grad_slots[s] if grads else None)
+                for s in self.slots_newest_first()]
 
     def nbytes(self) -> int:
         """Memory held by the ring's tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in (self._stats, self._patches, self._grads)
+                   if t is not None)
 
     def index(self) -> Optional[Tensor]:
         """The cursor as a state-dict tensor (None while empty)."""
-        if not self.tensors:
+        if self._stats is None:
             return None
         bias = -1 if self.geometry is None or self.geometry[5] is None else int(self.geometry[5])
         return torch.tensor([self.head, self.filled, int(self.open), bias], dtype=torch.long,
-                            device=self.tensors['history_mean'].device)
+                            device=self._stats.device)
 
     def last_window(self) -> Optional[PastWindow]:
         """The past window computed for the current (or last) iteration, if it had entries."""
@@ -153,11 +244,13 @@ class WindowHistory:
         return self._cache[2]
 
     # ------------------------------------------------------------------ per iteration
-    def advance(self, clock: int) -> None:
-        """Close the open entry when the optimizer has stepped since it was opened."""
-        if self.open and clock != self.opened_at:
+    def advance(self) -> None:
+        """At the first forward after an optimizer step: close the open entry, forget the past
+        window of the previous iteration."""
+        if self._stepped:
+            self._stepped = False
             self.open = False
-        self.opened_at = clock
+            self._cache = None
 
     def past(self, weights: Optional[ConvWeights], like: Tensor, active_window: int,
              clamp: bool = True) -> PastWindow:
@@ -167,7 +260,7 @@ class WindowHistory:
         SyncCBN, which clamps after pooling the processes' moments)."""
         weight_state = None if weights is None else (weights.weight.data_ptr(),
                                                      weights.weight._version)
-        key = (self.opened_at, active_window, clamp)
+        key = (active_window, clamp)
         if self._cache is not None and self._cache[0] == key:
             cached_state = self._cache[1]
             if weight_state is None or cached_state is None or cached_state == weight_state:
@@ -178,32 +271,52 @@ class WindowHistory:
                        'seen (the iteration clock advances on torch optimizers\' global step hooks; a '
                        'loop that bypasses them, e.g. torch.compile on torch 2.1, must call '
                        'cbn_mmdet.models.iteration_clock.next_iteration() after each step)')
-        if not self.tensors or self.filled - self.open == 0:
-            empty = like.new_zeros((0, self.num_features), dtype=statistics_dtype(like))
+        if self._stats is None or self.filled - self.open == 0:
+            empty = like.new_zeros((self.num_features, 0), dtype=statistics_dtype(like))
             none = empty.new_zeros(0)
-            result = PastWindow(empty, empty, none, none, empty.new_zeros(()), empty, empty, False)
+            result = PastWindow(empty, empty, none, empty.new_zeros((2 * self.num_features + 1, 0)),
+                                False)
         else:
-            t = self.tensors
+            v = self._views
             valid = self._valid(active_window)
-            c = self.num_features
-            recorded_stats = self._packed[:, :2 * c].clone()  # the ring may be overwritten next
-            recorded = recorded_stats[:, :c], recorded_stats[:, c:]
-            mean, var = recorded
-            compensated = (weights is not None and 'history_patch_mean' in t
+            recorded = v.recorded.clone()  # the ring's oldest slot may be overwritten next
+            compensated = (weights is not None and self._grads is not None
                            and self.geometry_matches(weights))
             if compensated:
-                mean, var = compensate_history(
-                    mean, var, t['history_mean_ref'], t['history_var_ref'], t['history_patch_mean'],
-                    t['history_var_grad'], t['history_compensable'], weights.weight, weights.bias,
-                    weights.groups, clamp)
-            counts = t['history_count'] * valid
-            result = PastWindow(mean, var, valid, counts, counts.sum(), *recorded, compensated)
+                rows, columns = self._weight_views_of(weights)
+                grads = v.grads if v.grads.dtype == rows.dtype else v.grads.to(rows.dtype)
+                bias = weights.bias
+                if bias is not None and bias.dtype != rows.dtype:
+                    bias = bias.to(rows.dtype)
+                mean, var = compensate_window(
+                    v.mean, v.var_columns, v.mean_ref, v.var_ref, v.patches, grads, rows, columns, bias,
+                    v.compensable, weights.groups, clamp)
+            else:
+                c = self.num_features
+                mean, var = recorded[:c], recorded[c:2 * c]
+            result = PastWindow(mean, var, valid, recorded, compensated)
         self._cache = (key, weight_state, result)
         return result
 
+    def _weight_views_of(self, weights: ConvWeights) -> Tuple[Tensor, Tensor]:
+        """θ as the rows and the columns :func:`compensate_window` takes (kept while the weight's
+        storage is the same: the optimizer updates it in place)."""
+        w = weights.weight
+        dtype = self._stats.dtype
+        key = (w.data_ptr(), w.shape, w.dtype, w.device, weights.groups)
+        if self._weight_views is not None and self._weight_views[0] == key:
+            return self._weight_views[1]
+        keep = w.dtype == dtype and w.is_contiguous()
+        w = w.to(dtype).contiguous()
+        c_out, groups = w.shape[0], weights.groups
+        rows = w.view(c_out, -1) if groups == 1 else w.view(groups, c_out // groups, -1)
+        views = (rows, w.view(c_out, -1, 1))
+        if keep:  # views of the parameter itself; a converted copy is made again each time
+            self._weight_views = (key, views)
+        return views
+
     def _valid(self, active_window: int) -> Tensor:
-        """1 for the slots in the window, on the device, from host integers only."""
-        count = self.tensors['history_count']
+        """1 for the slots in the window that hold values, on the device, from host integers."""
         # (the ring's device and dtype change only through apply/load, which empty this cache)
         key = (self.head, self.filled, self.open, active_window)
         in_window = self._in_window.get(key)
@@ -212,10 +325,10 @@ class WindowHistory:
             last = min(self.filled, first + active_window - 1)
             ages = [(self.head - slot) % self.slots for slot in range(self.slots)]  # 0: newest
             # built once per cursor position (a few per window), then no host-to-device copy
-            in_window = torch.tensor([float(first <= age < last) for age in ages], dtype=count.dtype,
-                                     device=count.device)
+            in_window = torch.tensor([float(first <= age < last) for age in ages],
+                                     dtype=self._stats.dtype, device=self._stats.device)
             self._in_window[key] = in_window
-        return in_window * (count > 0)
+        return in_window * self._views.present
 
     def geometry_matches(self, weights: ConvWeights) -> bool:
         """Whether the recorded gradients belong to a conv shaped like ``weights`` (a geometry
@@ -237,143 +350,173 @@ class WindowHistory:
         if self.open:
             self._pool_into_open(batch_mean, batch_var, count, finite, weights, gradients)
             return
-        t = self.tensors
+        v = self._views
         slot = (self.head + 1) % self.slots
-        dtype = t['history_mean'].dtype
-        zero = self._zeros(1, dtype, like.device)[0]
+        dtype = self._stats.dtype
+        zero = self._constant(('zero', ), 0.0, dtype, like.device)
+        c = self.num_features
+        mean = batch_mean if batch_mean.dtype == dtype else batch_mean.to(dtype)
+        var = batch_var if batch_var.dtype == dtype else batch_var.to(dtype)
         if weights is None:
-            refs, compensable = self._zeros(2 * self.num_features + 1, dtype, like.device).split(
-                [2 * self.num_features, 1])
+            # count, present, compensable, then zero references
+            tail = self._constant(('plain', count, c), (count, 1.0, 0.0) + (0.0, ) * (2 * c), dtype,
+                                  like.device)
+            torch.where(finite, torch.cat([mean, var, tail]), zero, out=v.columns[slot])
         else:
             patch, var_grad = gradients()
-            # an entry whose gradients overflowed is kept, uncompensated (never inf/NaN in history)
-            usable = finite & all_finite(var_grad, patch)
-            slot_grad, slot_patch = t['history_var_grad'][slot], t['history_patch_mean'][slot]
+            patch = patch if patch.dtype == dtype else patch.to(dtype)
+            if var_grad.dtype != v.grads.dtype:  # the reference from the values stored (rounded)
+                var_grad = var_grad.to(v.grads.dtype)
+            refs = self._reference_terms(patch, var_grad, weights)
+            row = torch.cat([mean, var, self._constant(('entry', count), (count, 1.0, 1.0), dtype,
+                                                       like.device), refs])
+            # an entry whose gradients (or their products with θ) overflowed is kept, uncompensated;
+            # nothing of a batch with non-finite moments (its count 0 keeps it out of every window)
+            usable = finite_flag(row)
+            plain = torch.cat([mean, var, self._constant(('plain', count, c), (count, 1.0, 0.0)
+                                                         + (0.0, ) * (2 * c), dtype, like.device)])
+            torch.where(usable, row, torch.where(finite, plain, zero), out=v.columns[slot])
             # written straight into the slot: one weight-sized pass, non-finite values never enter
-            if slot_grad.dtype == var_grad.dtype == dtype:
-                torch.where(usable, var_grad, zero, out=slot_grad)
+            slot_grad = v.grad_slots[slot]
+            if slot_grad.dtype == var_grad.dtype:
+                torch.where(usable, var_grad, zero.to(var_grad.dtype), out=slot_grad)
             else:
                 slot_grad.copy_(torch.where(usable, var_grad, zero.to(var_grad.dtype)))
-            torch.where(usable, patch.to(dtype), zero, out=slot_patch)
-            refs = _reference_terms(slot_patch, slot_grad, weights, dtype)
-            compensable = usable.to(dtype).reshape(1)
-        # the entry's statistics in one write: mean, var, mean_ref, var_ref, count, compensable;
-        # nothing of a batch with non-finite moments (its count 0 keeps it out of every window)
-        row = torch.cat([batch_mean.to(dtype), batch_var.to(dtype), refs,
-                         self._count(count, dtype, like.device), compensable])
-        torch.where(finite, row, zero, out=self._packed[slot])
+            torch.where(usable, patch, zero, out=v.patch_slots[slot])
         self.head = slot
         self.filled = min(self.filled + 1, self.slots)
         self.open = True
+
+    def _reference_terms(self, patch: Tensor, var_grad: Tensor, weights: ConvWeights) -> Tensor:
+        """``[<∂μ/∂θ, θ> + b, <∂var/∂θ, θ>]`` of one entry at the weights it is recorded with: the
+        linear terms of Eqs. 7-8, kept instead of the weights."""
+        rows, columns = self._weight_views_of(weights)
+        c = self.num_features
+        if var_grad.dtype != rows.dtype:
+            var_grad = var_grad.to(rows.dtype)
+        if weights.groups == 1:
+            flat = patch.view(-1)
+            mean = torch.mv(rows, flat) if weights.bias is None else torch.addmv(
+                weights.bias.to(rows.dtype), rows, flat)
+        else:
+            mean = torch.bmm(rows, patch.view(weights.groups, -1, 1)).view(c)
+            if weights.bias is not None:
+                mean = mean + weights.bias.to(rows.dtype)
+        var = torch.bmm(var_grad.view(c, 1, -1), columns).view(c)
+        return torch.cat([mean, var])
 
     def _pool_into_open(self, batch_mean: Tensor, batch_var: Tensor, count: float, finite: Tensor,
                         weights: Optional[ConvWeights],
                         gradients: Callable[[], Tuple[Tensor, Tensor]]) -> None:
         """Pool a later call of the current iteration into its open entry (merged moments and
         gradients, Chan et al.)."""
-        t = self.tensors
+        v = self._views
         slot = self.head
-        dtype = t['history_mean'].dtype
+        dtype = self._stats.dtype
         new_count = finite.to(dtype) * count
         new_mean = torch.where(finite, batch_mean, 0.0).to(dtype)
         new_var = torch.where(finite, batch_var, 0.0).to(dtype)
-        old_count = t['history_count'][slot]
+        old_count = v.count[slot]
         share_old = torch.where(old_count + new_count > 0,
                                 old_count / (old_count + new_count).clamp_min(1e-12), 1.0)
-        old_mean = t['history_mean'][slot].clone()
+        old_mean = v.mean[:, slot].clone()
         pooled_count, pooled_mean, pooled_var = merge_moments(
-            old_count, old_mean, t['history_var'][slot], new_count, new_mean, new_var)
+            old_count, old_mean, v.var[:, slot], new_count, new_mean, new_var)
+        present = (pooled_count > 0).to(dtype).reshape(1)
         if weights is None:
             refs = new_mean.new_zeros(2 * self.num_features)
-            compensable = new_count.new_zeros(())
+            compensable = new_count.new_zeros(1)
         else:
             patch, var_grad = gradients()
             finite = finite & all_finite(var_grad, patch)
             zero = patch.new_zeros((), dtype=dtype)
-            slot_grad = t['history_var_grad'][slot]
             patch, var_grad = merge_gradients(
-                share_old, old_mean, t['history_patch_mean'][slot], slot_grad,
+                share_old, old_mean, v.patch_slots[slot], v.grad_slots[slot],
                 new_mean, torch.where(finite, patch.to(dtype), zero),
                 torch.where(finite, var_grad.to(dtype), zero), pooled_mean, weights.groups)
-            slot_grad.copy_(var_grad)
-            compensable = t['history_compensable'][slot] * finite.to(dtype)
-            t['history_patch_mean'][slot] = patch
-            refs = _reference_terms(patch, slot_grad, weights, dtype)
-        self._packed[slot] = torch.cat([pooled_mean, pooled_var, refs, pooled_count.reshape(1),
-                                        compensable.reshape(1)])
+            compensable = (v.compensable[slot] * finite.to(dtype)).reshape(1)
+            v.patch_slots[slot].copy_(patch)
+            v.grad_slots[slot].copy_(var_grad)
+            # a non-compensable entry holds zero references
+            refs = self._reference_terms(v.patch_slots[slot], v.grad_slots[slot], weights)
+            refs = refs * compensable
+        if v.grad_slots is not None:  # and zero gradients (compensation uses no mask)
+            v.patch_slots[slot].mul_(compensable)
+            v.grad_slots[slot].mul_(compensable.to(v.grad_slots[slot].dtype))
+        v.columns[slot].copy_(torch.cat([pooled_mean, pooled_var, pooled_count.reshape(1), present,
+                                         compensable, refs]))
 
-    def _count(self, count: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``[count]`` as a tensor, kept while the batch size stays (no host-to-device copy then)."""
-        key = (count, dtype, device)
-        if self._count_cache is None or self._count_cache[0] != key:
-            self._count_cache = (key, torch.full((1, ), count, dtype=dtype, device=device))
-        return self._count_cache[1]
-
-    def _zeros(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``n`` zeros, kept (never written to)."""
-        key = (n, dtype, device)
-        zeros = self._zeros_cache.get(key)
-        if zeros is None:
-            zeros = self._zeros_cache[key] = torch.zeros(n, dtype=dtype, device=device)
-        return zeros
+    def _constant(self, key: tuple, values: tuple, dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+        """``values`` as a tensor, kept (never written to), e.g. an entry's count while the batch
+        size stays: no host-to-device copy then."""
+        key = key + (dtype, device)
+        t = self._constants.get(key)
+        if t is None:
+            t = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
+        return t
 
     def drop_values(self) -> None:
         """Keep the cursor but make every entry empty (no values, no gradients used)."""
-        if self._packed is not None:
-            self._packed.zero_()
+        if self._stats is not None:
+            self._stats.zero_()
         self._cache = None
 
     def _allocate(self, like: Tensor, weights: Optional[ConvWeights]) -> None:
         slots, c, dtype = self.slots, self.num_features, statistics_dtype(like)
-        if not self.tensors:
-            self._set_packed(torch.zeros((slots, 4 * c + 2), dtype=dtype, device=like.device))
+        if self._stats is None:
+            self._set_storage(torch.zeros((4 * c + 3, slots), dtype=dtype, device=like.device))
         if weights is not None and not self.geometry_matches(weights):
             if self.geometry is not None:
                 self._warn('geometry', 'its conv changed shape, or its bias became trainable or '
                            'frozen; past gradients are discarded')
-                self.tensors['history_compensable'].zero_()
+                # as recorded from now on: no gradients, no references
+                v = self._views
+                v.compensable.zero_()
+                v.mean_ref.zero_()
+                v.var_ref.zero_()
             c_out, c_in, kh, kw, groups, _ = weights.geometry
-            self.tensors['history_patch_mean'] = torch.zeros((slots, c_in, kh, kw), dtype=dtype,
-                                                             device=like.device)
-            self.tensors['history_var_grad'] = torch.zeros(
-                (slots, c_out, c_in // groups, kh, kw), dtype=self.grad_dtype or dtype,
-                device=like.device)
             self.geometry = weights.geometry
+            dtype = self._stats.dtype
+            patches = torch.zeros((slots, c_in, kh, kw), dtype=dtype, device=like.device)
+            grads = torch.zeros((c_out, slots, c_in // groups * kh * kw),
+                                dtype=self.grad_dtype or dtype, device=like.device)
+            self._set_storage(self._stats, patches, grads)
 
     def resize(self, slots: int, device: torch.device) -> None:
         """Change the ring to ``slots`` entries in place, keeping the newest ones."""
-        held, clock = self.state(), self.opened_at
+        held, stepped = self.state(), self._stepped
         self.slots = slots
         self.reset()
         if held:
             self.load(held, HISTORY_VERSION, device)
-            self.opened_at = clock  # same process: the open entry is still this iteration's
+        self._stepped = stepped  # same process: the open entry is still this iteration's
 
     # ------------------------------------------------------------------ state
     def state(self) -> Dict[str, Tensor]:
         """The tensors and the cursor, as saved in state dicts (empty while empty)."""
-        if not self.tensors:
+        if self._stats is None:
             return {}
-        # contiguous: a saved view would carry the whole packed storage
+        # contiguous: a saved view would carry the whole storage
         return dict({name: t.contiguous() for name, t in self.tensors.items()},
                     **{HISTORY_INDEX: self.index()})
 
     def apply(self, fn) -> None:
         """Move like the module's ``_apply(fn)``, never narrowing below the statistics' precision
         (the history of a ``.half()`` module stays float32, like the statistics BN's kernels use)."""
-        def move(t: Tensor) -> Tensor:
+        if self._stats is None:
+            return
+
+        def move(t: Optional[Tensor]) -> Optional[Tensor]:
+            if t is None:
+                return None
             target = fn(t.new_empty(0))
             dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
             return t.to(device=target.device, dtype=dtype)
 
-        for name in HISTORY_GRADS:
-            if name in self.tensors:
-                self.tensors[name] = move(self.tensors[name])
-        if self._packed is not None:
-            self._set_packed(move(self._packed))
+        self._set_storage(move(self._stats), move(self._patches), move(self._grads))
         self._cache = None
-        self._in_window = {}
-        self._count_cache, self._zeros_cache = None, {}
+        self._in_window, self._constants, self._weight_views = {}, {}, None
 
     def load(self, loaded: Dict[str, Tensor], version: int, device: torch.device) -> None:
         """Restore a saved ring, re-packed by age into this ring's slots (newest kept).
@@ -402,41 +545,39 @@ class WindowHistory:
         else:
             src, dst = keep, list(range(len(keep)))
         self.reset()
-        stats_dtype = loaded['history_mean'].dtype
-        self._set_packed(torch.zeros((self.slots, 4 * channels + 2), dtype=stats_dtype,
-                                     device=device))
-        dst_index = torch.tensor(dst, dtype=torch.long, device=device)
-        src_index = torch.tensor(src, dtype=torch.long, device=device)
-        for name, value in loaded.items():
-            if name == HISTORY_INDEX:
-                continue
-            value = value.detach().to(device=device)
-            if name in HISTORY_STATS:
-                self.tensors[name][dst_index] = value[src_index].to(stats_dtype)
-                continue
-            if name == 'history_var_grad':
-                value = value.to(self.grad_dtype or stats_dtype)
+        dtype = loaded['history_mean'].dtype
+        c = channels
+        src_index = torch.tensor(src, dtype=torch.long)
+
+        def picked(name: str) -> Tensor:
+            value = loaded[name].detach().to(device='cpu')
             fresh = value.new_zeros((self.slots, ) + tuple(value.shape[1:]))
-            fresh[dst_index] = value[src_index]
-            self.tensors[name] = fresh
+            fresh[dst] = value[src_index]
+            return fresh.to(device)
+
+        stats = torch.zeros((4 * c + 3, self.slots), dtype=dtype, device=device)
+        stats[:c] = picked('history_mean').to(dtype).t()
+        stats[c:2 * c] = picked('history_var').to(dtype).t()
+        stats[2 * c] = picked('history_count').to(dtype)
+        stats[2 * c + 1] = (stats[2 * c] > 0).to(dtype)
+        stats[2 * c + 2] = picked('history_compensable').to(dtype)
+        stats[2 * c + 3:3 * c + 3] = picked('history_mean_ref').to(dtype).t()
+        stats[3 * c + 3:] = picked('history_var_ref').to(dtype).t()
+        patches = grads = None
+        if 'history_patch_mean' in loaded and 'history_var_grad' in loaded:
+            patches = picked('history_patch_mean').to(dtype)
+            saved_grads = picked('history_var_grad')
+            c_in, kh, kw = patches.shape[1:]
+            groups = c_in // saved_grads.shape[2]
+            self.geometry = (self.num_features, c_in, kh, kw, groups,
+                             None if conv_bias < 0 else bool(conv_bias))
+            grads = saved_grads.to(self.grad_dtype or dtype).reshape(
+                self.slots, self.num_features, -1).transpose(0, 1).contiguous()
+        self._set_storage(stats, patches, grads)
         self.filled = len(keep)
         self.head = head if same_layout else (len(keep) - 1) % self.slots
         self.open = bool(pending) and bool(keep)
-        self.opened_at = None  # checkpoints are taken between iterations: closed at the next use
-        if 'history_patch_mean' in self.tensors:
-            c_in, kh, kw = self.tensors['history_patch_mean'].shape[1:]
-            groups = c_in // self.tensors['history_var_grad'].shape[2]
-            self.geometry = (self.num_features, c_in, kh, kw, groups,
-                             None if conv_bias < 0 else bool(conv_bias))
-
-
-def _reference_terms(patch: Tensor, var_grad: Tensor, weights: ConvWeights,
-                     dtype: torch.dtype) -> Tensor:
-    """``[<∂μ/∂θ, θ> + b, <∂var/∂θ, θ>]`` of one entry at the weights it is recorded with: the linear
-    terms of Eqs. 7-8, kept instead of the weights."""
-    return torch.cat([
-        linear_term_mean(patch[None], weights.weight, weights.bias, weights.groups)[0],
-        linear_term_var(var_grad[None], weights.weight)[0].to(dtype)])
+        self._stepped = True  # checkpoints are taken between iterations: closed at the next use
 
 
 def rank_key(rank: int, key: str) -> str:
@@ -456,9 +597,16 @@ class CallHistories:
     def __init__(self, per_call: int, make: Callable[[], WindowHistory]):
         self.per_call = per_call
         self.histories = [make() for _ in range(max(per_call, 1))]
-        self._clock: Optional[int] = None  # iteration of the calls counted in _calls
-        self._calls = 0
+        self._calls = 0  # calls counted in this iteration
         self.current = 0  # index of the last call handed out
+        iteration_clock.watch(self)
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) listens to the clock too
+        self.__dict__.update(state)
+        iteration_clock.watch(self)
+
+    def on_iteration(self) -> None:
+        self._calls = 0
 
     def __iter__(self):
         return iter(self.histories)
@@ -466,12 +614,10 @@ class CallHistories:
     def __getitem__(self, call: int) -> WindowHistory:
         return self.histories[call]
 
-    def next_call(self, clock: int) -> WindowHistory:
-        """The history of the next recorded call in iteration ``clock``."""
+    def next_call(self) -> WindowHistory:
+        """The history of the next recorded call of this iteration."""
         if len(self.histories) == 1:
             return self.histories[0]
-        if clock != self._clock:
-            self._clock, self._calls = clock, 0
         self.current = self._calls % self.per_call
         self._calls += 1
         return self.histories[self.current]
@@ -479,7 +625,7 @@ class CallHistories:
     def reset(self) -> None:
         for history in self.histories:
             history.reset()
-        self._clock = None
+        self._calls = 0
 
     @staticmethod
     def key(call: int, name: str) -> str:

@@ -28,8 +28,9 @@ from torch import Tensor
 __all__ = [
     'batch_moments', 'patch_mean', 'variance_weight_gradient', 'statistic_gradients_autograd',
     'conv_statistic_gradients',
-    'linear_term_mean', 'linear_term_var', 'compensate_history', 'window_moments', 'merge_moments',
-    'pool_moments', 'all_finite',
+    'linear_term_mean', 'linear_term_var', 'compensate_history', 'compensate_window',
+    'window_moments', 'window_statistics', 'merge_moments', 'pool_moments', 'all_finite',
+    'finite_flag',
 ]
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -339,6 +340,47 @@ def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Ten
     return mean_t, var_t.clamp_min_(0.0) if clamp else var_t
 
 
+def compensate_window(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,
+                      patches: Tensor, var_grads: Tensor, weight_rows: Tensor, weight_columns: Tensor,
+                      bias: Optional[Tensor], compensable: Tensor, groups: int,
+                      clamp: bool = True) -> Tuple[Tensor, Tensor]:
+    """:func:`compensate_history` on the channel-major layout the layer keeps (one matrix product
+    for the means, one batched matrix-vector product for the variances, no weight-sized temporary).
+
+    Args:
+        mean, var, mean_ref, var_ref: ``(C, T)`` (``var`` also as ``(C, T, 1)``); an entry that is not compensable holds zero
+            references and zero gradients, so it comes out as recorded without a mask.
+        patches: ``∂μ/∂θ`` as ``(C_in·K, T)`` (``groups == 1``) or ``(G, C_in/G·K, T)``.
+        var_grads: ``∂var/∂θ`` as ``(C, T, C_in/G·K)``.
+        weight_rows: ``θ_t`` as ``(C, C_in/G·K)`` (``groups == 1``) or ``(G, C/G, C_in/G·K)``.
+        weight_columns: ``θ_t`` as ``(C, C_in/G·K, 1)``.
+        bias: the conv's current trainable bias or None; ``compensable``: ``(T,)`` 0/1, the entries
+            whose reference includes the bias.
+
+    Returns ``(μ̃, var̃)``, ``(C, T)``.
+    """
+    c, t = mean.shape
+    if groups == 1:
+        mean_t = torch.addmm(mean, weight_rows, patches)
+    else:
+        mean_t = torch.baddbmm(mean.view(groups, c // groups, t), weight_rows, patches).view(c, t)
+    mean_t.sub_(mean_ref)
+    if bias is not None:
+        mean_t.addr_(bias, compensable)
+    var_t = torch.baddbmm(var if var.dim() == 3 else var.unsqueeze(2), var_grads,
+                          weight_columns).view(c, t).sub_(var_ref)
+    shift = mean_t - mean
+    var_t.addcmul_(shift, shift, value=-1.0)
+    return mean_t, var_t.clamp_min_(0.0) if clamp else var_t
+
+
+def finite_flag(t: Tensor) -> Tensor:
+    """0-d bool: whether every value of ``t`` is finite (one sum; its sum is NaN or ±inf when any
+    value is, or when finite values overflow it)."""
+    total = t.sum()
+    return (total - total) == 0
+
+
 def all_finite(*tensors: Tensor) -> Tensor:
     """0-d bool: whether every value is finite, from one sum per tensor (a sum is NaN or ±inf when any
     term is; finite values whose sum overflows count as non-finite too)."""
@@ -368,6 +410,21 @@ def window_moments(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, pas
     spread = past_var + (past_mean - mean).square()
     var = (torch.addmv(batch_var, spread.t(), valid) + (batch_mean - mean).square()) / k
     return mean, var, k
+
+
+def window_statistics(batch_mean: Tensor, batch_var: Tensor, past_mean: Tensor, past_var: Tensor,
+                      weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`window_moments` on channel-major past statistics ``(C, T)``; returns ``(μ̄, σ̄², 1/k)``.
+
+    ``weights``: ``(T,)`` 1 for the entries in the window. Centred like :func:`window_moments`.
+    """
+    inv_k = weights.sum().add_(1.0).reciprocal_()
+    mean = torch.addmv(batch_mean, past_mean, weights).mul_(inv_k)
+    spread = past_mean - mean.view(-1, 1)
+    spread = torch.addcmul(past_var, spread, spread)
+    own = batch_mean - mean
+    var = torch.addmv(torch.addcmul(batch_var, own, own), spread, weights).mul_(inv_k)
+    return mean, var, inv_k
 
 
 def merge_moments(count_a: Tensor, mean_a: Tensor, var_a: Tensor, count_b: Tensor, mean_b: Tensor,

@@ -48,8 +48,10 @@ def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean
     """
     weight = None if weight is None else weight.to(mean.dtype)
     bias = None if bias is None else bias.to(mean.dtype)
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
-                            torch.backends.cudnn.enabled)
+    if x.is_cuda:  # (cuDNN's inference kernel where torch would choose it)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
+                                torch.backends.cudnn.enabled)
+    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
 
 
 class WindowBatchNormFunction(torch.autograd.Function):
@@ -64,10 +66,11 @@ class WindowBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                var: Tensor, k: Tensor, eps: float, group=None, count: Optional[float] = None) -> Tensor:
+                var: Tensor, inv_k: Tensor, eps: float, group=None,
+                count: Optional[float] = None) -> Tensor:
         y = _normalize(x, weight, bias, mean, var, eps) if x.numel() else torch.empty_like(x)
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd, k)
+        ctx.save_for_backward(x, weight, mean, invstd, inv_k)
         ctx.eps, ctx.group = eps, group
         ctx.count = x.shape[0] * x.shape[2] * x.shape[3] if count is None else count
         return y
@@ -75,10 +78,10 @@ class WindowBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor, *unused):
-        x, weight, mean, invstd, k = ctx.saved_tensors
+        x, weight, mean, invstd, inv_k = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
-        need_b = need_b and weight is not None  # affine: γ and β come together
+        need_b = need_b and weight is not None  # no β without γ (β may be None: bias=False)
         grad_y = grad_y.contiguous(memory_format=_memory_format(x))
         count, group = ctx.count, ctx.group
         # γ in the statistics' precision, as SyncBN does for its elementwise kernel
@@ -97,18 +100,18 @@ class WindowBatchNormFunction(torch.autograd.Function):
             if need_x:
                 if group is not None:
                     sum_dy, sum_dy_xmu = _all_reduce_sums(sum_dy, sum_dy_xmu, group)
-                counts = (k * count).round().to(torch.int32).reshape(1)
+                counts = (count / inv_k).round().to(torch.int32).reshape(1)
                 grad_x = cuda_kernels.backward_elemt(grad_y, x, mean, invstd, gamma, sum_dy,
                                                      sum_dy_xmu, counts)
         elif group is None and need_x and x.dtype == mean.dtype:
             # CPU, full precision: dx = (1/k)·BN's backward at the window statistics
             # + (1 − 1/k)·γ r g (BN's kernel, whose count is this batch's; then one fused pass)
-            inv_k = k.reciprocal()
             # (contiguous: the channels-last CPU kernel misreads a stride-0 weight, torch 2.13)
             scale = inv_k.expand(mean.shape).contiguous() if gamma is None else gamma * inv_k
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, scale, None, None, mean, invstd, True, ctx.eps, [True, True, True])
-            rest = invstd * (1.0 - inv_k) if gamma is None else gamma * invstd * (1.0 - inv_k)
+            scaled = invstd if gamma is None else gamma * invstd
+            rest = torch.addcmul(scaled, scaled, inv_k, value=-1.0)  # (1 − 1/k)·γ r
             grad_x.addcmul_(grad_y, rest.view(1, -1, 1, 1))
         else:
             # CPU: one fused reduction (Σg, Σg·x̂), then dx = a·g + b·x + c in two fused passes
@@ -121,7 +124,7 @@ class WindowBatchNormFunction(torch.autograd.Function):
                 if group is not None:
                     sum_dy, sum_dy_xhat = _all_reduce_sums(sum_dy, sum_dy_xhat, group)
                 a = ones * invstd
-                scale = a / (k * count)
+                scale = a * inv_k / count
                 b = -scale * invstd * sum_dy_xhat
                 c = -scale * (sum_dy - mean * invstd * sum_dy_xhat)
                 shape = (1, -1, 1, 1)
@@ -157,7 +160,7 @@ def window_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     with torch.no_grad():
         batch_mean, batch_var = batch_moments(x)
         mean, var, k = window_moments(batch_mean, batch_var, past_mean, past_var, past_valid)
-    y = WindowBatchNormFunction.apply(x, weight, bias, mean, var, k, eps)
+    y = WindowBatchNormFunction.apply(x, weight, bias, mean, var, k.reciprocal(), eps)
     return y, batch_mean, batch_var, mean, var, k
 
 

@@ -83,9 +83,9 @@ class OpCounter(TorchDispatchMode):
 PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
           (window_history.WindowHistory, 'record', 'record (incl. statistic gradients)'),
           (cbn, 'conv_statistic_gradients', 'statistic gradients'),
-          (cbn, 'window_moments', 'window moments'),
+          (cbn, 'window_statistics', 'window moments'),
           (cbn.CrossIterationBatchNorm2d, '_update_running_stats', 'running statistics'),
-          (cbn, 'all_finite', 'finiteness of the batch moments'),
+          (cbn, 'finite_flag', 'finiteness of the batch moments'),
           (cbn, 'batch_moments', 'batch moments')]
 
 
