@@ -1,11 +1,12 @@
 """Everything ``import cbn_mmdet`` does beyond defining its classes, in one place (:func:`setup`).
 
-Each step runs only when the package it needs is installed; with torch alone only the first runs,
+Each step runs only when the package it needs is installed; with torch alone only the first two run,
 and nothing in torch is modified.
 
 | effect | needs | applies to | off |
 |---|---|---|---|
 | iteration clock: a global optimizer post-step hook (:mod:`.models.iteration_clock`) | torch | every torch optimizer | – (how CBN counts iterations; loops without one call ``next_iteration()``) |
+| conv taps: a global module registration hook that puts a forward hook on the conv registered just before each CBN layer (:func:`.models.cbn.install_conv_taps`; it keeps tensors only while ``torch.compile`` traces) | torch | CBN layers registered after the import | – (how a compiled CBN finds its conv) |
 | ``CBN``/``SyncCBN``/``BRN`` in mmengine's ``MODELS`` (where mmcv's ``BN`` lives) | mmengine | all | – |
 | the hooks in mmengine's ``HOOKS`` (found by mmdet/mmseg/mmpretrain configs) | mmengine | all | – |
 | checkpoint allow-list for ``torch.load(weights_only=True)`` (:mod:`.compat`) | mmengine | torch >= 2.4 (needed from 2.6, where it is the default) with mmengine <= 0.10.7 | ``CBN_MMDET_COMPAT=0`` |
@@ -30,8 +31,9 @@ def available(package: str) -> bool:
 def setup() -> None:
     """Install and register what the installed packages need (idempotent)."""
     from .models import (BatchRenorm2d, CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d,
-                         iteration_clock)
+                         cbn, iteration_clock)
     iteration_clock.install()
+    cbn.install_conv_taps()
     if not available('mmengine'):
         return
     from mmengine.registry import MODELS

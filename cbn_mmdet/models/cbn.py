@@ -1,6 +1,7 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), a drop-in ``_BatchNorm``."""
 import contextlib
 import warnings
+import weakref
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -13,14 +14,14 @@ from ..ops.window_norm import WindowBatchNormFunction
 from ..options import (bn_bias_kwargs, is_int, is_real, reject_unknown, require, require_bool,
                        require_choice)
 from . import iteration_clock
-from .conv_binding import AutogradPass, BindStatus, ConvProducer, autograd_pass
+from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
+                           is_compiling, preceding_conv)
 from .input_checks import check_4d, check_like_module
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
-__all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS', 'is_history_state_key']
+__all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS', 'is_history_state_key',
+           'install_conv_taps']
 
-# the layer keeps host-side state (ring cursor, iteration, caches) that graph capture cannot follow
-_eager = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 _CHOICES = dict(fallback=('bn', 'naive'), running_stats=('window', 'batch'),
                 statistics_gradients=('closed_form', 'subsampled', 'autograd'))
 # history_dtype, var_grad_dtype -> torch dtype (None: the statistics' precision)
@@ -176,6 +177,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._eval_calls = 0  # calls since the last train()/eval(), for per_call in evaluation
         self.history = self.call_histories[0]  # the (first call's) past iterations
         self._producer = ConvProducer()
+        # the conv registered just before the layer, for traced forwards (see install_conv_taps)
+        self._conv_tap: Optional[ConvTap] = None
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
         self.last_bind_status: Optional[str] = None
         #: with ``monitor=True``: size of the Taylor correction at the last compensated forward,
@@ -224,7 +227,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         check_4d('CBN', input)
 
     # ------------------------------------------------------------------ forward
-    @_eager  # under torch.compile: a graph break, and the layer runs as in eager mode
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
@@ -237,7 +239,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         group = self._statistics_group()
         if self.window == 1 or self._active_window == 1:  # exactly BN, e.g. during burn-in
             if self.per_call > 1:
-                self._call_history(autograd_pass())  # counts the call
+                self._call_history(self._autograd_pass())  # counts the call
             return self._batch_norm(input, group, update=True, call=self._call_index())
         check_like_module('CBN', input, self.running_mean if self.running_mean is not None
                           else self.weight)
@@ -245,7 +247,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             # e.g. a mask head with no positive RoI: nothing to measure, nothing to record (but the
             # call counts, so that the next call meets its own history)
             if self.per_call > 1 and torch.is_grad_enabled():
-                self._call_history(autograd_pass())
+                self._call_history(self._autograd_pass())
             return torch.batch_norm(input, self.weight, self.bias, self.running_mean, self.running_var,
                                     False, 0.0, self.eps, torch.backends.cudnn.enabled)
         if group is None:
@@ -254,9 +256,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # Only a pass whose saved tensors are readable updates the state; the first pass of an
         # activation checkpoint normalises the same way (same window, same weights) and leaves the
         # update to its recomputation in backward, so the state is updated once per forward.
-        kind = autograd_pass()
+        kind = self._autograd_pass()
         recording = kind == AutogradPass.RECORD
-        binding, status, detail = self._producer.bind(input, kind)
+        if is_compiling():  # the autograd graph is the traced one: ask the conv
+            binding, status, detail = self._traced_binding(input)
+        else:
+            binding, status, detail = self._producer.bind(input, kind)
         self.last_bind_status = status
         history = self._call_history(kind)
         call = self._call_index()
@@ -301,6 +306,24 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     history.record(input, batch_mean, batch_var, 0.0, finite, None, None)  # ring in step
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, inv_k, self.eps,
                                              group, None if group is None else w.count)
+
+    def _call_history_open(self) -> bool:
+        return any(h.open and not h._stepped for h in self.call_histories)
+
+    @staticmethod
+    def _autograd_pass() -> str:
+        if is_compiling():
+            # (activation checkpointing inside a compiled region is traced as one region)
+            return AutogradPass.RECORD if torch.is_grad_enabled() else AutogradPass.NO_GRAD
+        return autograd_pass()
+
+    def _traced_binding(self, input: Tensor):
+        """The conv binding of a forward traced by ``torch.compile``, from the conv tap."""
+        if self._conv_tap is None:
+            return None, BindStatus.NOT_CONV, ('under torch.compile, no 2-D conv with this number of '
+                                               'output channels registered just before the layer '
+                                               'in its parent module')
+        return self._conv_tap.bind(input)
 
     # ------------------------------------------------------------------ across processes (SyncCBN)
     def _statistics_group(self):
@@ -353,12 +376,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _explain_binding(self, kind: str, status: str, binding, detail: str) -> bool:
         """Say once what the layer does when it cannot compensate; True: normalise like BN."""
         if status == BindStatus.COMPILED:
+            why = ('it is the second training forward of this iteration (gradient accumulation, or a '
+                   'shared head without per_call), which pools into the entry of the iteration: '
+                   'only eager mode does that; compile without such layers, or set per_call to the '
+                   'number of calls' if self._call_history_open() else
+                   'torch.compile could not trace the layer, or compiled only the conv (a graph '
+                   'break between them, torch.compiler.disable on the layer); compile the module '
+                   'holding conv and CBN as one, or keep both eager')
             raise RuntimeError(
-                f'CBN({self.num_features}) got its input from a torch.compile graph ({detail}), so it '
-                'cannot see the conv whose weights it compensates for. CBN layers themselves always '
-                'run eagerly under torch.compile; keep the conv that feeds each CBN eager as well '
-                '(torch.compiler.disable on the module holding conv and CBN, e.g. mmcv ConvModule, '
-                'or compile only parts without CBN), or train without torch.compile.')
+                f'CBN({self.num_features}) runs eagerly with its input from a torch.compile graph '
+                f'({detail}), so it cannot see the conv whose weights it compensates for: {why}.')
         if status == BindStatus.NOT_CONV and self.fallback == 'bn':
             self._warn_once(status, f'input is not the output of a trainable conv ({detail}); '
                             "normalising with the current batch like BN (fallback='bn'), "
@@ -384,7 +411,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f'CBN({self.num_features}): {message}.', stacklevel=3)
+            if is_compiling():  # (a warning would break the graph being traced)
+                iteration_clock.warn_at_step(f'CBN({self.num_features}): {message}.')
+            else:
+                warnings.warn(f'CBN({self.num_features}): {message}.', stacklevel=3)
 
     # ------------------------------------------------------------------ running statistics
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
@@ -499,6 +529,39 @@ class WindowInput(NamedTuple):
     past_valid: Tensor      # (T,) 1 for the entries in the window
     past_count: Optional[Tensor]  # their number of values: () pooled, (T,) by entry, None: ask
                                   # the history
+
+
+_taps = weakref.WeakKeyDictionary()  # conv -> hook handle of its tap
+
+
+def _tap_preceding_conv(parent: torch.nn.Module, name: str, child) -> None:
+    """Module registration hook: a CBN layer registered just after a conv with its number of
+    output channels (mmcv's ``ConvModule``, ResNet blocks, ``nn.Sequential``, BN layers converted
+    in place) gets a tap on that conv, so that a traced forward can compensate (see
+    :class:`ConvTap`; eager forwards find their conv from the autograd graph and ignore it)."""
+    if not isinstance(child, CrossIterationBatchNorm2d):
+        return None
+    conv = preceding_conv(parent, name)
+    if conv is None or conv.out_channels != child.num_features:
+        return None
+    if conv in _taps:  # one tap per conv: the layer registered last is the one it feeds
+        _taps.pop(conv).remove()
+    tap = ConvTap(conv)
+    _taps[conv] = conv.register_forward_hook(tap)
+    child._conv_tap = tap
+    return None
+
+
+_tap_hook = None
+
+
+def install_conv_taps() -> None:
+    """Tap the conv before each CBN layer as modules are registered (idempotent; ``import
+    cbn_mmdet`` calls it; a global module registration hook that acts on CBN layers only)."""
+    global _tap_hook
+    if _tap_hook is None:
+        _tap_hook = torch.nn.modules.module.register_module_module_registration_hook(
+            _tap_preceding_conv)
 
 
 def _check_window(name: str, value, owner: str = 'CBN') -> None:

@@ -15,8 +15,12 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-__all__ = ['ConvWeights', 'ConvBinding', 'BindStatus', 'AutogradPass', 'autograd_pass',
-           'find_conv_producer', 'find_conv_weights', 'ConvProducer']
+__all__ = ['is_compiling', 'ConvWeights', 'ConvBinding', 'BindStatus', 'AutogradPass', 'autograd_pass',
+           'find_conv_producer', 'find_conv_weights', 'ConvProducer', 'ConvTap', 'preceding_conv']
+
+
+#: whether ``torch.compile`` is tracing the calling code (``torch.compiler.is_compiling`` from torch 2.3)
+is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling
 
 
 class BindStatus:
@@ -221,3 +225,68 @@ class ConvProducer:
             return None, BindStatus.NO_GRAPH, 'grad mode disabled'
         weights, status, detail = self.last
         return (None if weights is None else weights.current()), status, detail
+
+
+class ConvTap:
+    """A forward hook on the conv registered just before a CBN layer in its parent module (mmcv's
+    ``ConvModule``, ResNet blocks, ``nn.Sequential``): under ``torch.compile`` the autograd graph of
+    the traced forward is not visible, so the conv's input and output are taken here instead, and the
+    layer checks that its input *is* that output. In eager mode the hook keeps nothing."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        self.conv = conv
+        self.input: Optional[Tensor] = None
+        self.output: Optional[Tensor] = None
+
+    def __call__(self, module, args, output) -> None:
+        if is_compiling():
+            self.input, self.output = args[0], output
+
+    def bind(self, x: Tensor) -> Tuple[Optional[ConvBinding], str, str]:
+        """Like :func:`find_conv_producer`, for a traced forward (then forgets the tensors)."""
+        conv, conv_input, produced = self.conv, self.input, self.output
+        self.input = self.output = None
+        name = f'{type(conv).__name__} registered before the layer'
+        if produced is not x:
+            return None, BindStatus.NOT_CONV, ('under torch.compile, input that is not the output of '
+                                               f'the {name}')
+        if not torch.is_grad_enabled() or not conv.weight.requires_grad:
+            return None, BindStatus.FROZEN_CONV, name
+        padding = _numeric_padding(conv)
+        if padding is None:
+            return None, BindStatus.NOT_CONV, f"{name} (padding='same' with an even kernel)"
+        if conv.padding_mode != 'zeros':  # the conv pads the input itself, then pads nothing
+            conv_input = torch.nn.functional.pad(conv_input, conv._reversed_padding_repeated_twice,
+                                                 mode=conv.padding_mode)
+            padding = (0, 0)
+        bias = conv.bias if conv.bias is not None and conv.bias.requires_grad else None
+        binding = ConvBinding(
+            weight=conv.weight.detach(), bias=None if bias is None else bias.detach(),
+            groups=conv.groups, parameters=(conv.weight, bias), input=conv_input.detach(),
+            stride=tuple(conv.stride), padding=padding, dilation=tuple(conv.dilation))
+        return binding, BindStatus.CONV, name
+
+
+def _numeric_padding(conv: torch.nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """The conv's padding as two ints (``'same'`` resolved when symmetric), or None."""
+    if conv.padding == 'valid':
+        return (0, 0)
+    if conv.padding == 'same':
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return tuple(conv.padding)
+
+
+def preceding_conv(parent: torch.nn.Module, name: str) -> Optional[torch.nn.Conv2d]:
+    """The 2-D conv registered in ``parent`` just before the child ``name`` (or last, when ``name``
+    is not registered yet), if there is one."""
+    before = None
+    for child_name, child in parent._modules.items():
+        if child_name == name:
+            break
+        before = child
+    if isinstance(before, torch.nn.Conv2d):
+        return before
+    return None

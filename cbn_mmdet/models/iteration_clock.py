@@ -13,14 +13,16 @@ step.
 
 Loops that update weights without a torch optimizer call :func:`next_iteration` after each update.
 """
+import warnings
 import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ['current_iteration', 'next_iteration', 'install', 'watch']
+__all__ = ['current_iteration', 'next_iteration', 'install', 'watch', 'warn_at_step']
 
 _steps = 0
 _listeners: 'weakref.WeakSet' = weakref.WeakSet()
+_warnings: list = []
 
 
 def current_iteration() -> int:
@@ -34,6 +36,14 @@ def next_iteration() -> None:
     _steps += 1
     for listener in list(_listeners):
         listener.on_iteration()
+    while _warnings:
+        warnings.warn(_warnings.pop(0), stacklevel=2)
+
+
+def warn_at_step(message: str) -> None:
+    """Warn at the next step (from code traced by ``torch.compile``, where a warning would break
+    the graph)."""
+    _warnings.append(message)
 
 
 def watch(listener) -> None:

@@ -17,7 +17,7 @@ from ..ops.statistics import (all_finite, compensate_window, finite_flag, merge_
                               merge_moments)
 from ..ops.window_norm import statistics_dtype
 from . import iteration_clock
-from .conv_binding import ConvWeights
+from .conv_binding import ConvWeights, is_compiling
 
 __all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS',
            'HISTORY_GRADS', 'HISTORY_TENSORS', 'HISTORY_INDEX', 'HISTORY_KEYS', 'PROCESSES_KEY',
@@ -173,8 +173,13 @@ class WindowHistory:
         self._patches: Optional[Tensor] = None  # (slots, C_in, kh, kw) ∂μ/∂θ
         self._grads: Optional[Tensor] = None    # (C, slots, C_in/G·kh·kw) ∂var/∂θ, channel-major
         self._views: Optional[_Views] = None
-        self.head = self.slots - 1        # slot of the newest entry (the next one goes to slot 0)
-        self.filled = 0                   # entries held, the open one included
+        self._head = self.slots - 1       # slot of the newest entry (the next one goes to slot 0)
+        self._filled = 0                  # entries held, the open one included
+        # the same two as a tensor: a traced forward reads and moves only this one (a graph that
+        # read the integers would be compiled again at each ring position), and then the integers
+        # are read back when host code next asks for them
+        self._cursor: Optional[Tensor] = None
+        self._host_stale = False
         self.open = False                 # the newest entry is the current iteration's
         self._stepped = True              # an optimizer step since the last forward
         self.geometry: Optional[Geometry] = None  # of the conv whose gradients are recorded
@@ -184,12 +189,64 @@ class WindowHistory:
         self._constants: Dict[tuple, Tensor] = {}  # small constant tensors, never written to
         self._weight_views: Optional[tuple] = None
 
+    # ------------------------------------------------------------------ cursor
+    @property
+    def head(self) -> int:
+        if self._host_stale:
+            self._read_cursor()
+        return self._head
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self._head = value
+
+    @property
+    def filled(self) -> int:
+        if self._host_stale:
+            self._read_cursor()
+        return self._filled
+
+    @filled.setter
+    def filled(self, value: int) -> None:
+        self._filled = value
+
+    def _read_cursor(self) -> None:
+        self._head, self._filled = (int(v) for v in self._cursor.tolist())
+        self._host_stale = False
+
+    def _write_cursor(self) -> None:
+        """The tensor cursor from the integers (eager forwards; no host-to-device copy in steady
+        state: the few cursor positions are cached)."""
+        values = (self._head, self._filled)
+        if self._cursor is None:
+            self._cursor = torch.tensor(values, dtype=torch.long, device=self._stats.device)
+            _static(self._cursor)
+        else:
+            self._cursor.copy_(self._constant(('cursor', ) + values, values, torch.long,
+                                              self._stats.device))
+
     def _set_storage(self, stats: Tensor, patches: Optional[Tensor] = None,
                      grads: Optional[Tensor] = None) -> None:
+        for t in (stats, patches, grads):
+            _static(t)
         self._stats, self._patches, self._grads = stats, patches, grads
+        if self._cursor is None or self._cursor.device != stats.device:
+            self._cursor = None
+            self._write_cursor()
         self._views = _Views(stats, self.num_features)
         if grads is not None:
             self._views.set_gradients(patches, grads, self.geometry[4])
+
+    def _live_views(self) -> _Views:
+        """The cached views, or under ``torch.compile`` views made from the storage in the traced
+        graph (views kept between forwards would enter the graph as separate inputs aliasing the
+        storage it writes, which AOT autograd refuses)."""
+        if not is_compiling():
+            return self._views
+        views = _Views(self._stats, self.num_features)
+        if self._grads is not None:
+            views.set_gradients(self._patches, self._grads, self.geometry[4])
+        return views
 
     # ------------------------------------------------------------------ queries
     @property
@@ -258,8 +315,9 @@ class WindowHistory:
         reused by its later calls (and by the recomputation of a checkpointed forward, which must
         normalise exactly as the first pass did). ``clamp=False``: ``var`` without Eq. 10 (for
         SyncCBN, which clamps after pooling the processes' moments)."""
-        weight_state = None if weights is None else (weights.weight.data_ptr(),
-                                                     weights.weight._version)
+        compiling = is_compiling()
+        weight_state = None if weights is None or compiling else (weights.weight.data_ptr(),
+                                                                  weights.weight._version)
         key = (active_window, clamp)
         if self._cache is not None and self._cache[0] == key:
             cached_state = self._cache[1]
@@ -271,14 +329,14 @@ class WindowHistory:
                        'seen (the iteration clock advances on torch optimizers\' global step hooks; a '
                        'loop that bypasses them, e.g. torch.compile on torch 2.1, must call '
                        'cbn_mmdet.models.iteration_clock.next_iteration() after each step)')
-        if self._stats is None or self.filled - self.open == 0:
+        if self._stats is None or not compiling and self.filled - self.open == 0:
             empty = like.new_zeros((self.num_features, 0), dtype=statistics_dtype(like))
             none = empty.new_zeros(0)
             result = PastWindow(empty, empty, none, empty.new_zeros((2 * self.num_features + 1, 0)),
                                 False)
         else:
-            v = self._views
-            valid = self._valid(active_window)
+            v = self._live_views()
+            valid = self._valid_traced(active_window) if compiling else self._valid(active_window)
             recorded = v.recorded.clone()  # the ring's oldest slot may be overwritten next
             compensated = (weights is not None and self._grads is not None
                            and self.geometry_matches(weights))
@@ -303,10 +361,11 @@ class WindowHistory:
         storage is the same: the optimizer updates it in place)."""
         w = weights.weight
         dtype = self._stats.dtype
-        key = (w.data_ptr(), w.shape, w.dtype, w.device, weights.groups)
+        compiling = is_compiling()  # (a traced forward makes views for free)
+        key = None if compiling else (w.data_ptr(), w.shape, w.dtype, w.device, weights.groups)
         if self._weight_views is not None and self._weight_views[0] == key:
             return self._weight_views[1]
-        keep = w.dtype == dtype and w.is_contiguous()
+        keep = w.dtype == dtype and w.is_contiguous() and not compiling
         w = w.to(dtype).contiguous()
         c_out, groups = w.shape[0], weights.groups
         rows = w.view(c_out, -1) if groups == 1 else w.view(groups, c_out // groups, -1)
@@ -319,7 +378,7 @@ class WindowHistory:
         """1 for the slots in the window that hold values, on the device, from host integers."""
         # (the ring's device and dtype change only through apply/load, which empty this cache)
         key = (self.head, self.filled, self.open, active_window)
-        in_window = self._in_window.get(key)
+        in_window = None if is_compiling() else self._in_window.get(key)
         if in_window is None:
             first = int(self.open)                          # the open entry is this iteration's
             last = min(self.filled, first + active_window - 1)
@@ -327,8 +386,17 @@ class WindowHistory:
             # built once per cursor position (a few per window), then no host-to-device copy
             in_window = torch.tensor([float(first <= age < last) for age in ages],
                                      dtype=self._stats.dtype, device=self._stats.device)
-            self._in_window[key] = in_window
+            if not is_compiling():
+                self._in_window[key] = in_window
         return in_window * self._views.present
+
+    def _valid_traced(self, active_window: int) -> Tensor:
+        """:meth:`_valid` from the tensor cursor (the same for every ring position)."""
+        head, filled = self._cursor.unbind()
+        ages = (head - torch.arange(self.slots, device=head.device)) % self.slots
+        first = int(self.open)
+        in_window = (ages >= first) & (ages < filled.clamp_max(first + active_window - 1))
+        return in_window.to(self._stats.dtype) * self._live_views().present
 
     def geometry_matches(self, weights: ConvWeights) -> bool:
         """Whether the recorded gradients belong to a conv shaped like ``weights`` (a geometry
@@ -347,21 +415,29 @@ class WindowHistory:
         ``gradients()`` gives ``(∂μ/∂θ patch, ∂var/∂θ)`` of the batch; called only with ``weights``.
         """
         self._allocate(like, weights)
+        traced = is_compiling()
         if self.open:
+            if traced:
+                raise RuntimeError(
+                    f'CBN({self.num_features}) under torch.compile takes one training forward per '
+                    'iteration (per call with per_call); a second forward before the optimizer step '
+                    '(gradient accumulation, a shared head without per_call) pools into the '
+                    "iteration's entry, which only eager mode does: compile without CBN layers "
+                    'called that way, or set per_call to the number of calls')
             self._pool_into_open(batch_mean, batch_var, count, finite, weights, gradients)
             return
-        v = self._views
-        slot = (self.head + 1) % self.slots
+        v = self._live_views()
         dtype = self._stats.dtype
         zero = self._constant(('zero', ), 0.0, dtype, like.device)
         c = self.num_features
         mean = batch_mean if batch_mean.dtype == dtype else batch_mean.to(dtype)
         var = batch_var if batch_var.dtype == dtype else batch_var.to(dtype)
+        grads = None
         if weights is None:
             # count, present, compensable, then zero references
             tail = self._constant(('plain', count, c), (count, 1.0, 0.0) + (0.0, ) * (2 * c), dtype,
                                   like.device)
-            torch.where(finite, torch.cat([mean, var, tail]), zero, out=v.columns[slot])
+            column = (finite, torch.cat([mean, var, tail]), zero)
         else:
             patch, var_grad = gradients()
             patch = patch if patch.dtype == dtype else patch.to(dtype)
@@ -375,17 +451,34 @@ class WindowHistory:
             usable = finite_flag(row)
             plain = torch.cat([mean, var, self._constant(('plain', count, c), (count, 1.0, 0.0)
                                                          + (0.0, ) * (2 * c), dtype, like.device)])
-            torch.where(usable, row, torch.where(finite, plain, zero), out=v.columns[slot])
-            # written straight into the slot: one weight-sized pass, non-finite values never enter
-            slot_grad = v.grad_slots[slot]
-            if slot_grad.dtype == var_grad.dtype:
-                torch.where(usable, var_grad, zero.to(var_grad.dtype), out=slot_grad)
-            else:
-                slot_grad.copy_(torch.where(usable, var_grad, zero.to(var_grad.dtype)))
-            torch.where(usable, patch, zero, out=v.patch_slots[slot])
+            column = (usable, row, torch.where(finite, plain, zero))
+            grads = ((usable, var_grad, zero.to(var_grad.dtype)), (usable, patch, zero))
+        if traced:
+            self._record_at_cursor(column, grads)
+            return
+        slot = (self.head + 1) % self.slots
+        # written straight into the slot (one pass each); non-finite values never enter
+        _write_where(v.columns[slot], *column)
+        if grads is not None:
+            _write_where(v.grad_slots[slot], *grads[0])
+            _write_where(v.patch_slots[slot], *grads[1])
         self.head = slot
         self.filled = min(self.filled + 1, self.slots)
         self.open = True
+        self._write_cursor()
+
+    def _record_at_cursor(self, column: tuple, grads: Optional[tuple]) -> None:
+        """The writes of :meth:`record` at the slot after the tensor cursor (a traced forward)."""
+        head, filled = self._cursor.unbind()
+        slot = ((head + 1) % self.slots).view(1)
+        self._stats.index_copy_(1, slot, torch.where(*column).unsqueeze(1))
+        if grads is not None:
+            c_out = self._grads.shape[0]
+            self._grads.index_copy_(1, slot, torch.where(*grads[0]).reshape(c_out, 1, -1))
+            self._patches.index_copy_(0, slot, torch.where(*grads[1]).unsqueeze(0))
+        self._cursor.copy_(torch.cat([slot, (filled + 1).clamp_max(self.slots).view(1)]))
+        self.open = True
+        self._host_stale = True
 
     def _reference_terms(self, patch: Tensor, var_grad: Tensor, weights: ConvWeights) -> Tensor:
         """``[<∂μ/∂θ, θ> + b, <∂var/∂θ, θ>]`` of one entry at the weights it is recorded with: the
@@ -395,14 +488,15 @@ class WindowHistory:
         if var_grad.dtype != rows.dtype:
             var_grad = var_grad.to(rows.dtype)
         if weights.groups == 1:
-            flat = patch.view(-1)
+            flat = patch.reshape(-1)
             mean = torch.mv(rows, flat) if weights.bias is None else torch.addmv(
                 weights.bias.to(rows.dtype), rows, flat)
         else:
-            mean = torch.bmm(rows, patch.view(weights.groups, -1, 1)).view(c)
+            mean = torch.bmm(rows, patch.reshape(weights.groups, -1, 1)).view(c)
             if weights.bias is not None:
                 mean = mean + weights.bias.to(rows.dtype)
-        var = torch.bmm(var_grad.view(c, 1, -1), columns).view(c)
+        # (reshape: the product of a channels-last conv comes channels-last)
+        var = torch.bmm(var_grad.reshape(c, 1, -1), columns).view(c)
         return torch.cat([mean, var])
 
     def _pool_into_open(self, batch_mean: Tensor, batch_var: Tensor, count: float, finite: Tensor,
@@ -450,6 +544,8 @@ class WindowHistory:
                   device: torch.device) -> Tensor:
         """``values`` as a tensor, kept (never written to), e.g. an entry's count while the batch
         size stays: no host-to-device copy then."""
+        if is_compiling():
+            return torch.tensor(values, dtype=dtype, device=device)
         key = key + (dtype, device)
         t = self._constants.get(key)
         if t is None:
@@ -514,7 +610,11 @@ class WindowHistory:
             dtype = t.dtype if target.dtype in (torch.float16, torch.bfloat16) else target.dtype
             return t.to(device=target.device, dtype=dtype)
 
+        head, filled = self.head, self.filled
+        self._cursor = None
         self._set_storage(move(self._stats), move(self._patches), move(self._grads))
+        self.head, self.filled = head, filled
+        self._write_cursor()
         self._cache = None
         self._in_window, self._constants, self._weight_views = {}, {}, None
 
@@ -577,7 +677,20 @@ class WindowHistory:
         self.filled = len(keep)
         self.head = head if same_layout else (len(keep) - 1) % self.slots
         self.open = bool(pending) and bool(keep)
+        self._write_cursor()
         self._stepped = True  # checkpoints are taken between iterations: closed at the next use
+
+
+def _static(t: Optional[Tensor]) -> None:
+    """Tell ``torch.compile`` that the ring's sizes are fixed (a window change re-traces; dynamic
+    sizes would only add guards)."""
+    if t is not None and hasattr(torch._dynamo, 'mark_static'):
+        torch._dynamo.mark_static(t)
+
+
+def _write_where(dst: Tensor, condition: Tensor, value: Tensor, other: Tensor) -> None:
+    """``dst[...] = where(condition, value, other)`` in one pass."""
+    torch.where(condition, value, other, out=dst)
 
 
 def rank_key(rank: int, key: str) -> str:

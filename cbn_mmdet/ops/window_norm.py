@@ -14,13 +14,20 @@ with the kernels' dtype rules; on CPU one fused reduction and two fused elementw
 
 Statistics are float32 (float64 for float64 input) whatever the precision of the input and of ``γ, β``
 (a half-precision module, or AMP), as in torch's BN kernels.
+
+**Double backward** (``create_graph=True``, e.g. a gradient penalty): the backward is then the same
+formula in differentiable tensor operations, with ``r`` and ``x̂`` functions of ``x`` through
+``μ̄(x) = μ̄ + δμ/k`` and ``σ̄²(x) = σ̄² + (δν − δμ²/k)/k``, where ``δμ, δν`` are the batch's first and
+second moments about ``μ̄`` minus their own values: zero, with the batch moments' derivatives. This is
+the window of Eq. 9 with the past held constant, so its derivatives of every order are those of
+``γ (x − μ̄)/sqrt(σ̄² + ε) + β``. With a process group the sums are all-reduced by a differentiable
+all-reduce (its backward is an all-reduce too), so every process must run the double backward.
 """
 from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .statistics import batch_moments, window_moments
 
@@ -76,8 +83,10 @@ class WindowBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: Tensor, *unused):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients get derivatives themselves
+            return _differentiable_backward(ctx, grad_y)
+        # grad mode is off here unless create_graph: the fused kernels, outside any graph
         x, weight, mean, invstd, inv_k = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
@@ -135,6 +144,66 @@ class WindowBatchNormFunction(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad_y: Tensor):
+    """The backward's formula in differentiable operations of ``x, γ`` and ``grad_y`` (see the module
+    docstring), for a double backward; in the statistics' precision, like the fused paths."""
+    x, weight, mean, invstd, inv_k = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_w = need_w and weight is not None
+    need_b = need_b and weight is not None
+    count, group = ctx.count, ctx.group
+    if x.numel() == 0 and group is None:  # nothing depends on an empty batch
+        grad_w = mean.new_zeros(mean.shape).to(weight.dtype) if need_w else None
+        grad_b = mean.new_zeros(mean.shape).to(weight.dtype) if need_b else None
+        return (torch.empty_like(x) if need_x else None, grad_w, grad_b,
+                None, None, None, None, None, None)
+    shape, dims = (1, -1, 1, 1), (0, 2, 3)
+    u = x.to(mean.dtype) - mean.view(shape)  # x − μ̄ (μ̄ a constant)
+    g = grad_y.to(mean.dtype)
+    local = torch.cat([u.sum(dims), u.square().sum(dims), g.sum(dims), (g * u).sum(dims)])
+    sums = local
+    if group is not None and need_x:  # (an empty x takes part too: its zero sums are in the graph)
+        sums = _AllReduceSum.apply(local, group)
+    sum_u, sum_uu, sum_dy, sum_dy_u = sums.view(4, -1).unbind(0)
+    # zero, with the derivatives of the moments about μ̄ (only the current batch depends on x)
+    d_mean = sum_u / count
+    d_mean = d_mean - d_mean.detach()
+    d_second = sum_uu / count
+    d_second = d_second - d_second.detach()
+    shift = d_mean * inv_k                                # μ̄(x) − μ̄
+    d_var = (d_second - d_mean * shift) * inv_k           # σ̄²(x) − σ̄²
+    r = invstd * torch.rsqrt(1.0 + d_var * invstd.square())  # (σ̄²(x) + ε)^{-1/2}, exactly r in value
+    xhat = (u - shift.view(shape)) * r.view(shape)
+    sum_dy_xhat = r * (sum_dy_u - shift * sum_dy)
+    grad_x = None
+    if need_x:
+        a = r if weight is None else weight.to(mean.dtype) * r
+        scale = inv_k / count
+        inner = g - scale * (sum_dy.view(shape) + xhat * sum_dy_xhat.view(shape))
+        grad_x = (a.view(shape) * inner).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    # γ and β: this process's share, as in the fused paths
+    _, _, local_dy, local_dy_u = local.view(4, -1).unbind(0)
+    grad_w = (r * (local_dy_u - shift * local_dy)).to(weight.dtype) if need_w else None
+    grad_b = local_dy.to(weight.dtype) if need_b else None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A sum over the processes of ``group`` whose backward is the same all-reduce (differentiable to
+    any order): the gradient of every process's loss reaches every process's input."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, torch.distributed.ReduceOp.SUM, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 def _all_reduce_sums(first: Tensor, second: Tensor, group) -> Tuple[Tensor, Tensor]:

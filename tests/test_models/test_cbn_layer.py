@@ -499,10 +499,14 @@ def test_bfloat16_autocast_keeps_float32_statistics():
     assert norm.history_length == 3 and torch.isfinite(var_grad).all()
 
 
-def test_channels_last_matches_contiguous():
+@pytest.mark.parametrize('shape', [(2, 3, 6, 5), (2, 3, 48, 48)],
+                         ids=['unfolded-product', 'convolution-product'])
+def test_channels_last_matches_contiguous(shape):
+    """Also for convs large enough that ∂var/∂θ is a weight-gradient convolution, whose result
+    then comes in the channels-last layout."""
     ref, cl = _model(), _model()
     cl.to(memory_format=torch.channels_last)
-    for x in _batches(3, dtype=torch.float32):
+    for x in _batches(3, shape=shape, dtype=torch.float32):
         a = ref(x)
         b = cl(x.to(memory_format=torch.channels_last))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

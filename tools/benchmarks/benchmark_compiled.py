@@ -1,0 +1,129 @@
+"""CBN under ``torch.compile``: training-step time of BN and CBN, eager and compiled, in one process.
+
+The model is mmdet's ResNet (+ FPN) with the same norm everywhere (``frozen_stages=1``,
+``norm_eval=False``: stages 2-4 and the FPN train their norms), a loss on the outputs and SGD. Per
+variant: the median of interleaved steps after warm-up, the time the first steps took (compilation
+included, reported separately), and the FLOPs of one eager training step (torch's
+``FlopCounterMode``; CBN's extra weight-gradient products included). Prints a Markdown table; ``--out``
+also writes it as JSON.
+
+    .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
+        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn]
+        [--modes eager compiled] [--out FILE.json]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
+
+NORMS = {'bn': dict(type='BN', requires_grad=True),
+         'cbn': dict(type='CBN', window=4, requires_grad=True),
+         'naive': dict(type='CBN', window=4, compensate=False, requires_grad=True)}
+
+
+def build(model: str, norm: str) -> torch.nn.Module:
+    import cbn_mmdet  # noqa: F401  (registers CBN)
+    from mmdet.models.backbones import ResNet
+    from mmdet.models.necks import FPN
+    torch.manual_seed(0)
+    depth = 18 if model == 'r18' else 50
+    backbone = ResNet(depth=depth, frozen_stages=1, norm_eval=False, norm_cfg=NORMS[norm],
+                      out_indices=(0, 1, 2, 3))
+    if model == 'r18':
+        return backbone
+    in_channels = [256, 512, 1024, 2048]
+    neck = FPN(in_channels, 256, 5, norm_cfg=NORMS[norm])
+    return torch.nn.Sequential(backbone, neck)
+
+
+def flops(model, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _loss(model(x)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _loss(outputs):
+    return sum(o.float().square().mean() for o in outputs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', choices=['r18', 'r50-fpn'], default='r18')
+    parser.add_argument('--size', type=int, nargs=2, default=[160, 160])
+    parser.add_argument('--images', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=20, help='timed steps per variant')
+    parser.add_argument('--warmup', type=int, default=6,
+                        help='untimed steps first (CBN k=4 reaches its steady-state graph at step 2)')
+    parser.add_argument('--backend', default='inductor')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    parser.add_argument('--variants', nargs='+', default=['bn', 'cbn'], choices=list(NORMS))
+    parser.add_argument('--modes', nargs='+', default=['eager', 'compiled'],
+                        choices=['eager', 'compiled'])
+    parser.add_argument('--out')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.images, 3, *args.size)
+    runs = {}
+    for variant in args.variants:
+        for mode in args.modes:
+            model = build(args.model, variant).train()
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                  momentum=0.9)
+            forward = torch.compile(model, backend=args.backend) if mode == 'compiled' else model
+
+            def step(model=model, opt=opt, forward=forward):
+                _loss(forward(x)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            runs[variant, mode] = dict(step=step, warmup_s=time.perf_counter() - start, times=[],
+                                       flops=flops(model, x) if mode == 'eager' else None)
+    for _ in range(args.steps):  # round-robin: the machine's drift hits every variant alike
+        for run in runs.values():
+            start = time.perf_counter()
+            run['step']()
+            run['times'].append(time.perf_counter() - start)
+    base = {mode: statistics.median(runs['bn', mode]['times']) for mode in args.modes
+            if ('bn', mode) in runs}
+    base_flops = runs.get(('bn', 'eager'), {}).get('flops')
+    rows = []
+    for (variant, mode), run in runs.items():
+        ms = 1e3 * statistics.median(run['times'])
+        flop_ratio = (runs[variant, 'eager']['flops'] / base_flops
+                      if base_flops and (variant, 'eager') in runs else None)
+        rows.append(dict(variant=variant, mode=mode, step_ms=ms,
+                         ratio_to_bn=ms / (1e3 * base[mode]) if mode in base else None,
+                         flop_ratio=flop_ratio, first_steps_s=run['warmup_s'],
+                         gflops=None if run['flops'] is None else run['flops'] / 1e9))
+    lines = [f'{args.model}, {args.images} x 3 x {args.size[0]}x{args.size[1]}, {args.threads} '
+             f'thread(s), backend {args.backend}, median of {args.steps} interleaved steps after '
+             f'{args.warmup}', '',
+             '| norm | mode | step ms | / BN (same mode) | FLOPs / BN | target 1 + 1.15 (FLOPs - 1) '
+             '| first steps s (compilation) |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        target = None if r['flop_ratio'] is None else 1 + 1.15 * (r['flop_ratio'] - 1)
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['step_ms']:.1f} | "
+                     f"{_fmt(r['ratio_to_bn'])} | {_fmt(r['flop_ratio'])} | {_fmt(target)} | "
+                     f"{r['first_steps_s']:.1f} |")
+    print('\n'.join(lines))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+
+
+def _fmt(value) -> str:
+    return '-' if value is None else f'{value:.2f}'
+
+
+if __name__ == '__main__':
+    main()
