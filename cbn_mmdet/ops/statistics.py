@@ -341,19 +341,20 @@ def compensate_history(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Ten
 
 
 def compensate_window(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tensor,
-                      patches: Tensor, var_grads: Tensor, weight_rows: Tensor, weight_columns: Tensor,
+                      patches: Tensor, var_grads: Tensor, weight_rows: Tensor, weight_vectors: Tensor,
                       bias: Optional[Tensor], compensable: Tensor, groups: int,
                       clamp: bool = True) -> Tuple[Tensor, Tensor]:
     """:func:`compensate_history` on the channel-major layout the layer keeps (one matrix product
-    for the means, one batched matrix-vector product for the variances, no weight-sized temporary).
+    for the means, one batched product for the variances, no weight-sized temporary).
 
     Args:
-        mean, var, mean_ref, var_ref: ``(C, T)`` (``var`` also as ``(C, T, 1)``); an entry that is not compensable holds zero
-            references and zero gradients, so it comes out as recorded without a mask.
+        mean, var, mean_ref, var_ref: ``(C, T)`` (``var`` also as ``(C, 1, T)``); an entry that is
+            not compensable holds zero references and zero gradients, so it comes out as recorded
+            without a mask.
         patches: ``∂μ/∂θ`` as ``(C_in·K, T)`` (``groups == 1``) or ``(G, C_in/G·K, T)``.
         var_grads: ``∂var/∂θ`` as ``(C, T, C_in/G·K)``.
         weight_rows: ``θ_t`` as ``(C, C_in/G·K)`` (``groups == 1``) or ``(G, C/G, C_in/G·K)``.
-        weight_columns: ``θ_t`` as ``(C, C_in/G·K, 1)``.
+        weight_vectors: ``θ_t`` as ``(C, 1, C_in/G·K)``.
         bias: the conv's current trainable bias or None; ``compensable``: ``(T,)`` 0/1, the entries
             whose reference includes the bias.
 
@@ -367,8 +368,10 @@ def compensate_window(mean: Tensor, var: Tensor, mean_ref: Tensor, var_ref: Tens
     mean_t.sub_(mean_ref)
     if bias is not None:
         mean_t.addr_(bias, compensable)
-    var_t = torch.baddbmm(var if var.dim() == 3 else var.unsqueeze(2), var_grads,
-                          weight_columns).view(c, t).sub_(var_ref)
+    # θ_c as a row against the transposed gradients: per channel a (1 × D)(D × T) product, about
+    # memory bandwidth on CPU (the (T × D)(D × 1) orientation is several times slower)
+    var_t = torch.baddbmm(var if var.dim() == 3 else var.unsqueeze(1), weight_vectors,
+                          var_grads.transpose(1, 2)).view(c, t).sub_(var_ref)
     shift = mean_t - mean
     var_t.addcmul_(shift, shift, value=-1.0)
     return mean_t, var_t.clamp_min_(0.0) if clamp else var_t

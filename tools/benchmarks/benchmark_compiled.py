@@ -74,7 +74,8 @@ def main(argv=None):
     runs = {}
     for variant in args.variants:
         for mode in args.modes:
-            model = build(args.model, variant).train()
+            model = build(args.model, variant)
+            model.train()  # (mmdet's ResNet.train returns None)
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                   momentum=0.9)
             forward = torch.compile(model, backend=args.backend) if mode == 'compiled' else model
