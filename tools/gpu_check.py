@@ -1,24 +1,32 @@
 """GPU acceptance check for CBN: correctness on CUDA against a float64 CPU reference, AMP and
 half-precision modules, no host synchronisation in steady state, the step-time / peak-memory cost
-of CBN against BN on a ResNet-50 + FPN, in fp32 and AMP, and the per-layer fixed cost (many tiny
-layers, where each operation's launch is what is left: ``tools/benchmarks/benchmark_fixed_cost.py``).
+of CBN against BN on a ResNet-50 + FPN, in fp32 and AMP, eager and under ``torch.compile`` (BN and
+CBN; fp32, ``--compile-amp`` adds AMP), and the per-layer fixed cost (many tiny layers, where each
+operation's launch is what is left: ``tools/benchmarks/benchmark_fixed_cost.py``). Beside every
+step time, the host's CPU time per step (what the Python thread spends issuing the step's work,
+synchronisations excluded) and its share of the step: near 1, the step is host-bound. Compiled rows
+report the first steps' wall time (compilation included) apart from the steady-state step time.
 Writes one Markdown report (and its JSON).
 
 Needs only torch (>= 2.4) with CUDA, plus torchvision for the model rows: no mmcv/mmengine/mmdet, no
-network. About 2-4 minutes on one modern GPU.
+network. About 2-4 minutes on one modern GPU, plus the compilation of the compiled rows (minutes;
+``--skip-compiled`` leaves them out).
 
     python tools/gpu_check.py --out DIR [--device cuda] [--quick] [--image-size 800 1216]
-        [--images 2] [--steps 20] [--skip-models] [--skip-fixed-cost]
+        [--images 2] [--steps 20] [--skip-models] [--skip-fixed-cost] [--skip-compiled]
+        [--compile-backend inductor] [--compile-amp]
 
 Without CUDA (``--device cuda`` on a machine that has none) it writes a report saying so and exits 0.
 ``--device cpu --quick`` runs every check that does not need CUDA (CI does). Exit code 1 when a check
-fails.
+fails. ``--quick`` leaves the compiled rows out (compiling takes minutes on a CPU).
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
 import os.path as osp
+import statistics
 import sys
 import time
 import traceback
@@ -265,11 +273,29 @@ def resnet50_fpn(norm):
     return model
 
 
-def measure_step(build, norm, device, amp, images, size, steps, warmup):
-    """Median step time (forward + backward + SGD), peak memory and number of CBN layers of one
-    variant."""
+def _unique_graphs():
+    """Graphs dynamo has compiled in this process so far."""
+    return torch._dynamo.utils.counters['stats']['unique_graphs']
+
+
+def measure_step(build, norm, device, amp, images, size, steps, warmup, compile_backend=None):
+    """One variant's training step (forward + backward + SGD): median wall time of the synchronised
+    step, median host time of the step, peak memory, the first (warm-up) steps' wall time, the number
+    of CBN layers and, compiled (``torch.compile(model, backend=compile_backend)``), the graphs
+    dynamo compiled during warm-up and during the timed steps (there should be none).
+
+    The host time is the Python thread's CPU time (``time.thread_time``) spent in the step up to its
+    synchronisation: on CUDA what the host spends issuing the work. Under AMP the GradScaler reads
+    its inf check back before the optimizer step (a synchronisation); the step synchronises just
+    before it, outside the host time, so the wait does not count as host work (the device waits
+    there anyway: the wall time is the same)."""
     model = build(norm).to(device).train()
     layers = sum(isinstance(m, CBN) for m in model.modules())
+    forward = model
+    if compile_backend:
+        torch._dynamo.reset()  # the variants share their code: each compiles its own graphs
+        forward = torch.compile(model, backend=compile_backend)
+        warmup = max(warmup, 3)  # CBN k = 4: the first iteration's graph, then the steady state's
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(device=torch.device(device).type, enabled=amp)
     x = torch.randn(images, 3, *size, device=device)
@@ -277,58 +303,119 @@ def measure_step(build, norm, device, amp, images, size, steps, warmup):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host_times, first_steps, graphs = [], [], 0.0, [_unique_graphs()]
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        if i == warmup:
+            graphs.append(_unique_graphs())
+        start, cpu = time.perf_counter(), time.thread_time()
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=amp):
-            loss = sum(f.float().square().mean() for f in model(x).values())
+            loss = sum(f.float().square().mean() for f in forward(x).values())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if amp:
+            scaler.unscale_(opt)  # (what scaler.step would do first)
+        host = time.thread_time() - cpu
+        if amp and cuda:
+            torch.cuda.synchronize()  # scaler.step's inf check reads back: wait here, not counted
+        cpu = time.thread_time()
         scaler.step(opt)
         scaler.update()
+        host += time.thread_time() - cpu
         if cuda:
             torch.cuda.synchronize()
+        wall = time.perf_counter() - start
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(wall)
+            host_times.append(host)
+        else:
+            first_steps += wall
+    graphs.append(_unique_graphs())
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float('nan')
-    del model, opt, x
+    del model, forward, opt, x
+    if compile_backend:
+        torch._dynamo.reset()
     if cuda:
         torch.cuda.empty_cache()
-    times.sort()
-    return times[len(times) // 2], peak, layers
+    return dict(step_s=statistics.median(times), host_s=statistics.median(host_times), peak_mb=peak,
+                first_steps_s=first_steps, warmup_steps=warmup, cbn_layers=layers,
+                graphs=graphs[1] - graphs[0] if compile_backend else None,
+                graphs_timed=graphs[2] - graphs[1] if compile_backend else None)
 
 
-def benchmark(build, device, images, size, steps, warmup, amp_modes):
+def benchmark(build, device, images, size, steps, warmup, amp_modes, compile_backend=None,
+              norms=('bn', 'naive', 'cbn')):
+    """Rows of :func:`measure_step` per precision of ``amp_modes`` and norm of ``norms`` (eager, or
+    compiled with ``compile_backend``), with time and memory as ratios to the first norm's (BN's)."""
     rows = []
     for amp in amp_modes:
         base = None
-        for norm in ('bn', 'naive', 'cbn'):
-            t, peak, layers = measure_step(build, norm, device, amp, images, size, steps, warmup)
-            base = base or (t, peak)
-            rows.append(dict(precision='AMP fp16' if amp else 'fp32', norm=norm, step_ms=1e3 * t,
-                             peak_mb=peak, time_ratio=t / base[0], memory_ratio=peak / base[1],
-                             cbn_layers=layers))
+        for norm in norms:
+            m = measure_step(build, norm, device, amp, images, size, steps, warmup, compile_backend)
+            base = base or m
+            rows.append(dict(precision='AMP fp16' if amp else 'fp32',
+                             mode='compiled' if compile_backend else 'eager', norm=norm,
+                             step_ms=1e3 * m['step_s'], host_ms=1e3 * m['host_s'],
+                             host_ratio=m['host_s'] / m['step_s'], peak_mb=m['peak_mb'],
+                             time_ratio=m['step_s'] / base['step_s'],
+                             memory_ratio=m['peak_mb'] / base['peak_mb'],
+                             first_steps_s=m['first_steps_s'], warmup_steps=m['warmup_steps'],
+                             graphs=m['graphs'], graphs_timed=m['graphs_timed'],
+                             cbn_layers=m['cbn_layers']))
     return rows
 
 
+@contextlib.contextmanager
+def recording_host_time(module):
+    """While active, ``module.step(model, opt, x)`` (``benchmark_fixed_cost.step``) also records the
+    thread's CPU time of each step up to its ``torch.cuda.synchronize()`` (or to its end, on the CPU):
+    yields ``{id(model): [seconds per step, in call order]}``, the models in the order first stepped."""
+    step, synchronize = module.step, torch.cuda.synchronize
+    records, synced = {}, []
+
+    def noting_synchronize(*args, **kwargs):
+        synced.append(time.thread_time())
+        return synchronize(*args, **kwargs)
+
+    def recording_step(model, opt, x):
+        synced.clear()
+        start = time.thread_time()
+        step(model, opt, x)
+        records.setdefault(id(model), []).append((synced[0] if synced else time.thread_time()) - start)
+
+    module.step, torch.cuda.synchronize = recording_step, noting_synchronize
+    try:
+        yield records
+    finally:
+        module.step, torch.cuda.synchronize = step, synchronize
+
+
 def fixed_cost(device, steps, warmup):
-    """Per-layer fixed cost rows of ``benchmark_fixed_cost.py`` on ``device`` (BN, Naive CBN, CBN)."""
+    """Per-layer fixed cost rows of ``benchmark_fixed_cost.py`` on ``device`` (BN, Naive CBN, CBN),
+    with the host time of the same steps."""
     sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), 'benchmarks'))
     import benchmark_fixed_cost
     args = benchmark_fixed_cost.parse_args(['--device', device, '--steps', str(steps), '--warmup',
                                             str(warmup), '--threads', str(torch.get_num_threads())])
-    rows = benchmark_fixed_cost.run(args)
+    with recording_host_time(benchmark_fixed_cost) as host:
+        rows = benchmark_fixed_cost.run(args)
+    # each variant is stepped first in its warm-up, in the order of ``rows``; then the timed
+    # round-robin's ``steps`` steps (then untimed ones: counting operations)
+    assert len(host) == len(rows), (len(host), list(rows))
+    host_ms = {name: 1e3 * statistics.median(records[warmup:warmup + steps])
+               for name, records in zip(rows, host.values())}
     base = rows['bn']['step_ms']
     return [dict(norm=name, ms_per_layer=r['step_ms'] / args.layers,
-                 above_bn_ms=(r['step_ms'] - base) / args.layers, ops_per_layer=r['ops'] / args.layers)
+                 above_bn_ms=(r['step_ms'] - base) / args.layers, ops_per_layer=r['ops'] / args.layers,
+                 host_ms_per_layer=host_ms[name] / args.layers, host_ratio=host_ms[name] / r['step_ms'])
             for name, r in rows.items()]
 
 
 def launch_share(cost, fixed, layers):
-    """Per precision: how much of the model's CBN − BN step difference ``layers`` × the per-layer
-    fixed cost would explain (a share near 1 or above: the step is bound by the layer's operations,
-    and batching them across layers would pay)."""
+    """Per precision: how much of the model's CBN − BN step difference (eager) ``layers`` × the
+    per-layer fixed cost would explain (a share near 1 or above: the step is bound by the layer's
+    operations, and batching them across layers would pay)."""
     above = {r['norm']: r['above_bn_ms'] for r in fixed}
+    cost = [r for r in cost if r.get('mode', 'eager') == 'eager']
     lines = []
     for precision in dict.fromkeys(r['precision'] for r in cost):
         step = {r['norm']: r['step_ms'] for r in cost if r['precision'] == precision}
@@ -360,6 +447,14 @@ def _markdown_table(title, header, rows):
             + ['| ' + ' | '.join(row) + ' |' for row in rows])
 
 
+def _graphs_cell(row):
+    """Compiled rows: the graphs compiled in warm-up, and any compiled while timed (there should be
+    none); eager rows: '-'."""
+    if row.get('graphs') is None:
+        return '-'
+    return str(row['graphs']) + (f" (+{row['graphs_timed']} while timed)" if row['graphs_timed'] else '')
+
+
 def write_report(out, env, checks, cost, notes, fixed=()):
     os.makedirs(out, exist_ok=True)
     lines = ['# CBN GPU acceptance check', '', ', '.join(f'{k}: {v}' for k, v in env.items()), '']
@@ -368,17 +463,23 @@ def write_report(out, env, checks, cost, notes, fixed=()):
               for r in checks]
     if cost:
         lines += _markdown_table(
-            'ResNet-50 + FPN (torchvision), CBN k = 4 in every norm layer; ratios against BN in the '
-            'same run:', ('precision', 'norm', 'step (ms)', 'peak (MiB)', 'step / BN', 'memory / BN'),
-            [(r['precision'], r['norm'], f"{r['step_ms']:.1f}", f"{r['peak_mb']:.0f}",
-              f"{r['time_ratio']:.2f}", f"{r['memory_ratio']:.2f}") for r in cost])
+            'ResNet-50 + FPN (torchvision), CBN k = 4 in every norm layer; ratios against BN of the '
+            'same precision and mode in the same run; host = the host\'s CPU time per step:',
+            ('precision', 'mode', 'norm', 'step (ms)', 'host (ms)', 'host / step', 'peak (MiB)',
+             'step / BN', 'memory / BN', 'first steps', 'first steps (s)', 'graphs'),
+            [(r['precision'], r['mode'], r['norm'], f"{r['step_ms']:.1f}", f"{r['host_ms']:.1f}",
+              f"{r['host_ratio']:.2f}", f"{r['peak_mb']:.0f}", f"{r['time_ratio']:.2f}",
+              f"{r['memory_ratio']:.2f}", str(r['warmup_steps']), f"{r['first_steps_s']:.1f}",
+              _graphs_cell(r)) for r in cost])
     if fixed:
         lines += _markdown_table(
             'Per-layer fixed cost (`tools/benchmarks/benchmark_fixed_cost.py`: 20 × conv 16→16 3×3 + '
             'norm + ReLU, input 2×16×8×8, on CUDA each step synchronised), fp32:',
-            ('norm', 'ms per layer and step', 'above BN', 'operations per layer and step'),
+            ('norm', 'ms per layer and step', 'above BN', 'host ms per layer and step', 'host / step',
+             'operations per layer and step'),
             [(r['norm'], f"{r['ms_per_layer']:.3f}", f"{r['above_bn_ms']:+.3f}",
-              f"{r['ops_per_layer']:.0f}") for r in fixed])
+              f"{r['host_ms_per_layer']:.3f}", f"{r['host_ratio']:.2f}", f"{r['ops_per_layer']:.0f}")
+             for r in fixed])
     lines += [''] + [f'* {n}' for n in notes]
     text = '\n'.join(lines) + '\n'
     with open(osp.join(out, 'gpu_check.md'), 'w') as f:
@@ -387,6 +488,23 @@ def write_report(out, env, checks, cost, notes, fixed=()):
         json.dump(dict(environment=env, checks=checks, cost=cost, fixed_cost=list(fixed),
                        notes=notes), f, indent=1, default=str)
     return text
+
+
+HOST_TIME_NOTE = (
+    'host = the Python thread\'s CPU time per step (`time.thread_time`, median), the waits at '
+    'synchronisations left out (the step\'s end; under AMP the GradScaler\'s inf check); on CUDA '
+    'what the host spends issuing the work: host / step near 1 = host-bound (or the device\'s launch '
+    'queue was full, a launch waiting for room counts as host time), well below 1 = device-bound. '
+    'On the CPU the host does the work, the main thread\'s share of it')
+
+
+def compiled_rows_backend(args):
+    """``(backend, None)`` where the compiled rows run, else ``(None, why not)``."""
+    if args.skip_compiled:
+        return None, '--skip-compiled'
+    if args.quick:
+        return None, '--quick (compiling takes minutes on a CPU)'
+    return args.compile_backend, None
 
 
 def run(args):
@@ -431,11 +549,28 @@ def run(args):
             notes.append('model rows skipped: torchvision is not installed')
         if build is not None:
             amp_modes = (False, True) if torch.device(device).type == 'cuda' else (False, )
-            cost = benchmark(build, device, args.images, tuple(args.image_size), args.steps,
-                             args.warmup, amp_modes)
+            size = tuple(args.image_size)
+            cost = benchmark(build, device, args.images, size, args.steps, args.warmup, amp_modes)
             notes.append(f'{args.images} images of {args.image_size[0]}×{args.image_size[1]}, median '
                          f'of {args.steps} steps after {args.warmup} warm-up steps; loss = mean '
                          'square of the FPN outputs; naive = CBN without compensation')
+            backend, why_not = compiled_rows_backend(args)
+            if backend is None:
+                notes.append(f'compiled rows skipped: {why_not}')
+            else:
+                try:
+                    cost += benchmark(build, device, args.images, size, args.steps, args.warmup,
+                                      amp_modes if args.compile_amp else (False, ), backend,
+                                      norms=('bn', 'cbn'))
+                    notes.append(
+                        f'compiled: `torch.compile(model, backend={backend!r})` (the loss and the '
+                        'optimizer step eager), after `torch._dynamo.reset()`; first steps = the '
+                        'warm-up steps\' wall time, compilation included (at least 3: CBN k = 4 '
+                        'compiles the first iteration and the steady state); graphs = dynamo\'s '
+                        'unique graphs compiled in them')
+                except Exception as err:  # noqa: BLE001  (a cost measurement: report and go on)
+                    notes.append(f'compiled rows failed: {type(err).__name__}: {err}'[:300])
+                    traceback.print_exc()
     fixed = []
     if not args.skip_fixed_cost:
         try:
@@ -443,6 +578,8 @@ def run(args):
         except Exception as err:  # noqa: BLE001  (a cost measurement, not a check: report and go on)
             notes.append(f'fixed-cost rows failed: {type(err).__name__}: {err}'[:300])
             traceback.print_exc()
+    if cost or fixed:
+        notes.append(HOST_TIME_NOTE)
     if fixed and cost:
         notes += launch_share(cost, fixed, max(r['cbn_layers'] for r in cost))
     text = write_report(args.out, environment(device), checks, cost, notes, fixed)
@@ -457,6 +594,12 @@ def parse_args(argv=None):
     parser.add_argument('--quick', action='store_true', help='fewer steps (CI on CPU)')
     parser.add_argument('--skip-models', action='store_true', help='no ResNet-50 + FPN cost rows')
     parser.add_argument('--skip-fixed-cost', action='store_true', help='no per-layer fixed-cost rows')
+    parser.add_argument('--skip-compiled', action='store_true',
+                        help='no torch.compile model rows (--quick leaves them out too)')
+    parser.add_argument('--compile-backend', default='inductor',
+                        help='torch.compile backend of the compiled rows')
+    parser.add_argument('--compile-amp', action='store_true',
+                        help='compiled rows in AMP too (on CUDA; more compilation)')
     parser.add_argument('--image-size', type=int, nargs=2, default=(800, 1216))
     parser.add_argument('--images', type=int, default=2)
     parser.add_argument('--steps', type=int, default=20)

@@ -6,6 +6,10 @@ number of values, ∂μ/∂θ as a mean input patch, ∂var/∂θ, and the two l
 weights it was recorded with (which replace storing old weights). The first call of an iteration
 compensates the past entries, keeps the result for the iteration's later calls, then overwrites the
 oldest slot with its own entry, open until the optimizer steps.
+
+The layout in memory is channel-major (the compensation of all entries is then one matrix product
+per statistic); state dicts keep the slot-major layout of version 5. A forward traced by
+``torch.compile`` reads and moves the ring's cursor as a tensor (docs/design.md, "torch.compile").
 """
 import re
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -108,15 +112,14 @@ class HistoryEntry(NamedTuple):
     var_grad: Optional[Tensor]    # (C_out, C_in/G, kh, kw) ∂var/∂θ
 
 
-# rows of the channel-major statistics ``(4C + 3, slots)``, one column per slot, so that an entry is
-# written with one copy: mean, var (C each), count, present (1 while the entry holds values),
-# compensable, then mean_ref, var_ref (C each)
-_COUNT, _PRESENT, _COMPENSABLE = 0, 1, 2
-
-
 class _Views:
     """Views of one ring's storage that the hot path uses every iteration (made once per
-    allocation, device move or load, so that no view is made per forward)."""
+    allocation, device move or load, so that no view is made per forward).
+
+    The statistics are channel-major, ``(4C + 3, slots)`` with one column per slot, so that an entry
+    is written with one copy: mean, var (C rows each), count, present (1 while the entry holds
+    values), compensable, then mean_ref, var_ref (C rows each).
+    """
 
     def __init__(self, stats: Tensor, c: int):
         self.mean, self.var = stats[:c], stats[c:2 * c]                      # (C, T)

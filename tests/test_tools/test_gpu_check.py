@@ -1,6 +1,10 @@
 """tools/gpu_check.py: its CPU parts run and pass here; without CUDA the GPU run skips cleanly."""
 import json
+import math
+import sys
+import types
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -23,6 +27,14 @@ def test_cpu_checks_pass(tmp_path):
     assert set(fixed) == {'bn', 'naive', 'cbn'} and fixed['bn']['above_bn_ms'] == 0
     assert fixed['cbn']['ops_per_layer'] > fixed['naive']['ops_per_layer'] > fixed['bn']['ops_per_layer']
     assert 'Per-layer fixed cost' in (tmp_path / 'gpu_check.md').read_text()
+    for r in fixed.values():  # the host's CPU time of the same steps (on the CPU: all of it, 1 thread)
+        assert _sane(r['host_ms_per_layer']) and _sane(r['host_ratio']), r
+    assert 'host ms per layer and step' in (tmp_path / 'gpu_check.md').read_text()
+    assert any(n.startswith('host = ') for n in report['notes'])
+
+
+def _sane(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
 def test_launch_share_relates_the_fixed_cost_to_the_model_step():
@@ -42,26 +54,68 @@ def test_without_cuda_the_gpu_run_skips_cleanly(tmp_path, monkeypatch):
     assert 'CUDA is not available' in (tmp_path / 'gpu_check.md').read_text()
 
 
+def _tiny_build(norm):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return {'0': self.body(x)}
+
+    model = Net()
+    if norm != 'bn':
+        convert_to_cbn(model, window=4, compensate=norm == 'cbn')
+    return model
+
+
 def test_cost_rows_with_a_small_model():
-    def build(norm):
-        torch.manual_seed(0)
-        body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                             nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.body = body
-
-            def forward(self, x):
-                return {'0': self.body(x)}
-
-        model = Net()
-        if norm != 'bn':
-            convert_to_cbn(model, window=4, compensate=norm == 'cbn')
-        return model
-
-    rows = gpu_check.benchmark(build, 'cpu', images=2, size=(16, 16), steps=2, warmup=2,
+    rows = gpu_check.benchmark(_tiny_build, 'cpu', images=2, size=(16, 16), steps=2, warmup=2,
                                amp_modes=(False, ))
     assert [r['norm'] for r in rows] == ['bn', 'naive', 'cbn']
     assert rows[0]['time_ratio'] == 1.0 and all(r['step_ms'] > 0 for r in rows)
+    for r in rows:
+        assert r['mode'] == 'eager' and r['graphs'] is None
+        assert _sane(r['host_ms']) and _sane(r['host_ratio']) and r['first_steps_s'] > 0, r
+
+
+def test_compiled_rows_with_a_small_model(tmp_path):
+    rows = gpu_check.benchmark(_tiny_build, 'cpu', images=2, size=(16, 16), steps=2, warmup=1,
+                               amp_modes=(False, ), compile_backend='aot_eager', norms=('bn', 'cbn'))
+    assert [(r['mode'], r['norm']) for r in rows] == [('compiled', 'bn'), ('compiled', 'cbn')]
+    bn, cbn = rows
+    assert bn['warmup_steps'] == cbn['warmup_steps'] == 3  # CBN's graphs all compiled before timing
+    assert bn['graphs'] == 1 and cbn['graphs'] == 2  # CBN: the first iteration, the steady state
+    assert bn['graphs_timed'] == cbn['graphs_timed'] == 0
+    for r in rows:
+        assert _sane(r['host_ms']) and _sane(r['host_ratio']) and r['first_steps_s'] > 0, r
+    text = gpu_check.write_report(str(tmp_path), {}, [], rows, [])
+    assert '| fp32 | compiled | cbn |' in text and text.count(' | 3 | ') == 2
+
+
+@pytest.mark.parametrize('flags,why', [(['--quick'], '--quick'),
+                                       (['--skip-compiled'], '--skip-compiled')])
+def test_quick_and_skip_compiled_leave_the_compiled_rows_out(flags, why):
+    args = gpu_check.parse_args(['--out', 'unused', '--device', 'cpu'] + flags)
+    backend, reason = gpu_check.compiled_rows_backend(args)
+    assert backend is None and reason.startswith(why)
+    default = gpu_check.parse_args(['--out', 'unused'])
+    assert gpu_check.compiled_rows_backend(default) == ('inductor', None)
+
+
+def test_quick_model_rows_have_host_times_and_no_compiled_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, 'resnet50_fpn', _tiny_build)
+    monkeypatch.setitem(sys.modules, 'torchvision', types.ModuleType('torchvision'))  # (may be absent)
+    gpu_check.run(gpu_check.parse_args(['--out', str(tmp_path), '--device', 'cpu', '--quick',
+                                        '--skip-fixed-cost', '--image-size', '16', '16', '--steps', '2',
+                                        '--warmup', '1']))
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert [(r['mode'], r['norm']) for r in report['cost']] == [
+        ('eager', 'bn'), ('eager', 'naive'), ('eager', 'cbn')]
+    assert all(_sane(r['host_ms']) and _sane(r['host_ratio']) for r in report['cost'])
+    assert 'compiled rows skipped: --quick' in ' '.join(report['notes'])
+    assert '| host (ms) | host / step |' in (tmp_path / 'gpu_check.md').read_text()
