@@ -26,6 +26,27 @@ def test_fixed_cost_benchmark_reports_every_variant():
     assert phases['record (incl. statistic gradients)'] > phases['statistic gradients']
 
 
+def test_fixed_cost_benchmark_times_compiled_layers_against_compiled_bn():
+    rows = benchmark_fixed_cost.run(benchmark_fixed_cost.parse_args(
+        ['--layers', '2', '--channels', '4', '--size', '4', '--steps', '2', '--warmup', '3',
+         '--compile', 'aot_eager']))
+    assert set(rows) == {'bn', 'naive', 'cbn', 'bn-compiled', 'cbn-compiled'}
+    for name in ('bn-compiled', 'cbn-compiled'):
+        assert rows[name]['ops'] is None and rows[name]['warmup_s'] > 0 and rows[name]['step_ms'] > 0
+
+
+def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
+    import benchmark_compiled
+    out = tmp_path / 'rows.json'
+    benchmark_compiled.main(['--model', 'r18', '--size', '32', '32', '--steps', '1', '--warmup', '3',
+                             '--modes', 'eager', '--out', str(out)])
+    rows = {(r['variant'], r['mode']): r for r in json.loads(out.read_text())['rows']}
+    assert set(rows) == {('bn', 'eager'), ('cbn', 'eager')}
+    assert rows['bn', 'eager']['flop_ratio'] == 1.0
+    assert rows['cbn', 'eager']['flop_ratio'] > 1.0  # the ∂var/∂θ products are counted
+    assert '| cbn | eager |' in capsys.readouterr().out
+
+
 def test_fixed_cost_benchmark_times_the_parts_of_each_layer():
     """``--time-parts``: every part of CBN is entered (a part never called, e.g. after a rename in the
     layer, would be missing), the parts nest inside the forward, and the wrappers are removed after."""

@@ -10,7 +10,7 @@ Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--baseline DIR]
-        [--time-parts] [--device cpu|cuda] [--out FILE.json]
+        [--time-parts] [--device cpu|cuda] [--compile BACKEND] [--out FILE.json]
 
 On CUDA every step ends with a synchronisation (the step time is then launch-bound: what each
 operation costs the host), and ``--time-parts`` times the host's side of each part.
@@ -172,7 +172,17 @@ def run(args):
         for _ in range(args.warmup):
             step(model, opt, x)
         setups[name] = (model, opt)
-    times = {name: [] for name in variants}
+    compile_s = {}
+    for name in ('bn', 'cbn') if args.compile else ():
+        model = build(VARIANTS[name], args.layers, args.channels).to(args.device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        compiled = torch.compile(model, backend=args.compile)
+        start = time.perf_counter()
+        for _ in range(args.warmup):  # CBN k=4 has compiled all its graphs after its second step
+            step(compiled, opt, x)
+        compile_s[name] = time.perf_counter() - start
+        setups[name + '-compiled'] = (compiled, opt)
+    times = {name: [] for name in setups}
     for _ in range(args.steps):  # round-robin
         for name, (model, opt) in setups.items():
             start = time.perf_counter()
@@ -180,11 +190,14 @@ def run(args):
             times[name].append(time.perf_counter() - start)
     rows = {}
     for name, (model, opt) in setups.items():
+        rows[name] = dict(step_ms=1e3 * statistics.median(times[name]), ops=None, top_ops=[])
+        if name.endswith('-compiled'):  # (a dispatch mode would re-trace the compiled graph)
+            rows[name]['warmup_s'] = compile_s[name[:-len('-compiled')]]
+            continue
         counter = OpCounter()
         with counter:
             step(model, opt, x)
-        rows[name] = dict(step_ms=1e3 * statistics.median(times[name]),
-                          ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
+        rows[name].update(ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
     phases = Counter()
     model, opt = setups['cbn']
     with counting_phases(phases):
@@ -202,12 +215,17 @@ def run(args):
              '|---|---|---|---|---|']
     for name, r in rows.items():
         per_layer = r['step_ms'] / args.layers
-        above = (r['step_ms'] - base['step_ms']) / args.layers
-        lines.append(f"| {name} | {r['step_ms']:.2f} | {per_layer:.3f} | {above:.3f} | "
-                     f"{r['ops'] / args.layers:.0f} |")
+        # a compiled variant against compiled BN
+        ref = rows['bn-compiled'] if name.endswith('-compiled') else base
+        above = (r['step_ms'] - ref['step_ms']) / args.layers
+        ops = '-' if r['ops'] is None else f"{r['ops'] / args.layers:.0f}"
+        lines.append(f"| {name} | {r['step_ms']:.2f} | {per_layer:.3f} | {above:.3f} | {ops} |")
     print('\n'.join(lines))
     for name, r in rows.items():
-        print(f"{name}: most frequent ops per step: {r['top_ops']}")
+        if r['ops'] is not None:
+            print(f"{name}: most frequent ops per step: {r['top_ops']}")
+        else:
+            print(f"{name}: warm-up steps (compilation included) {r['warmup_s']:.1f} s")
     print('cbn: ops per layer and step by part (nested parts also count in the outer one): ' +
           ', '.join(f'{label} {n:.0f}' for label, n in rows['cbn']['phase_ops'].items()))
     for name in ('bn', 'naive', 'cbn'):
@@ -235,6 +253,9 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--time-parts', action='store_true',
                         help='also time the parts of the layers (BN: its forward)')
+    parser.add_argument('--compile', metavar='BACKEND',
+                        help='also time BN and CBN under torch.compile with this backend (e.g. '
+                             'inductor), each against compiled BN')
     parser.add_argument('--out')
     return parser.parse_args(argv)
 
