@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..options import bn_bias_kwargs, is_int, is_real, reject_unknown, require
-from .input_checks import check_4d, check_like_module
+from .input_checks import check_4d, check_channels, check_like_module
 
 __all__ = ['BatchRenorm2d']
 
@@ -145,6 +145,7 @@ class BatchRenorm2d(_BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_4d('BRN', input)
+        check_channels('BRN', input, self.num_features)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:

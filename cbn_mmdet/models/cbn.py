@@ -16,7 +16,7 @@ from ..options import (bn_bias_kwargs, is_int, is_real, reject_unknown, require,
 from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
                            is_compiling, preceding_conv)
-from .input_checks import check_4d, check_like_module
+from .input_checks import check_4d, check_channels, check_like_module
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS', 'is_history_state_key',
@@ -225,6 +225,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_4d('CBN', input)
+        check_channels(self._option_owner, input, self.num_features)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ['check_4d', 'check_like_module']
+__all__ = ['check_4d', 'check_channels', 'check_like_module']
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -13,6 +13,13 @@ def check_4d(owner: str, input: Tensor) -> None:
     if input.dim() != 4:
         raise ValueError(f'{owner} expects 4D (N, C, H, W) input (got {input.dim()}D input of shape '
                          f'{tuple(input.shape)})')
+
+
+def check_channels(owner: str, input: Tensor, num_features: int) -> None:
+    """``C`` of a 4-D ``input`` is the layer's ``num_features`` (one integer comparison)."""
+    if input.shape[1] != num_features:
+        raise ValueError(f'{owner} expected input with {num_features} channels (num_features), got '
+                         f'{input.shape[1]} (input of shape {tuple(input.shape)})')
 
 
 def check_like_module(owner: str, input: Tensor, ref: Optional[Tensor]) -> None:
