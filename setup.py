@@ -45,7 +45,7 @@ setup(
     install_requires=['torch>=2.1'],
     extras_require={
         'mmdet': ['mmcv>=2.0.0,<2.2.0', 'mmengine>=0.10.0', 'mmdet>=3.3.0', 'pycocotools'],
-        'tests': ['pytest'],
+        'tests': ['pytest', 'expecttest'],  # expecttest: torch.testing._internal
         'analysis': ['matplotlib', 'scikit-learn'],
     },
 )

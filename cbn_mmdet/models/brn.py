@@ -8,6 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..options import bn_bias_kwargs, is_int, is_real, reject_unknown, require
 from .input_checks import check_4d, check_channels, check_like_module
+from .torchscript import refuse_torchscript
 
 __all__ = ['BatchRenorm2d']
 
@@ -146,6 +147,12 @@ class BatchRenorm2d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         check_4d('BRN', input)
         check_channels('BRN', input, self.num_features)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` refuses the layer with an error that names the ways to deploy."""
+        refuse_torchscript(self, 'its training forward (the renormalisation and its schedule) and '
+                           "BatchNorm's evaluation forward reached through super() are Python that "
+                           'TorchScript cannot compile')
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:

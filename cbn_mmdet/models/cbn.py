@@ -17,6 +17,7 @@ from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
                            is_compiling, preceding_conv)
 from .input_checks import check_4d, check_channels, check_like_module
+from .torchscript import refuse_torchscript
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS', 'is_history_state_key',
@@ -226,6 +227,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         check_4d('CBN', input)
         check_channels(self._option_owner, input, self.num_features)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` refuses the layer with an error that names the ways to deploy."""
+        refuse_torchscript(self, 'its training forward (the binding to its conv through the '
+                           'autograd graph, the history) is Python that TorchScript cannot '
+                           'compile, and the conv before it carries a forward hook (its tap for '
+                           'torch.compile) that TorchScript cannot compile either')
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
