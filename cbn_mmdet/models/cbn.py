@@ -225,7 +225,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')
 
     def _check_input_dim(self, input: Tensor) -> None:
-        check_4d('CBN', input)
+        check_4d(self._option_owner, input)
         check_channels(self._option_owner, input, self.num_features)
 
     def __prepare_scriptable__(self):

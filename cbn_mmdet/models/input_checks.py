@@ -16,8 +16,9 @@ def check_4d(owner: str, input: Tensor) -> None:
 
 
 def check_channels(owner: str, input: Tensor, num_features: int) -> None:
-    """``C`` of a 4-D ``input`` is the layer's ``num_features`` (one integer comparison)."""
-    if input.shape[1] != num_features:
+    """``C`` of a 4-D ``input`` is the layer's ``num_features`` (one integer comparison; not while
+    ``torch.jit.trace`` records, where shapes are tensors and the comparison would warn)."""
+    if not torch.jit.is_tracing() and input.shape[1] != num_features:
         raise ValueError(f'{owner} expected input with {num_features} channels (num_features), got '
                          f'{input.shape[1]} (input of shape {tuple(input.shape)})')
 

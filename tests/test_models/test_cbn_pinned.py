@@ -14,16 +14,7 @@ import torch.nn as nn
 from cbn_mmdet.models import BatchRenorm2d as BRN, CrossIterationBatchNorm2d as CBN
 from cbn_mmdet.models import iteration_clock
 from cbn_mmdet.models.cbn import HISTORY_STATE_KEYS
-
-
-def _batches(n, shape=(2, 3, 6, 5), seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, dtype=dtype, generator=gen) + 0.5 for _ in range(n)]
-
-
-def _conv(c_in=3, c_out=4, kernel=3, seed=0, **kw):
-    torch.manual_seed(seed)
-    return nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, **kw).double()
+from test_cbn_behaviour import _batches, _conv
 
 
 def _model(window=4, dtype=torch.float64):
@@ -179,3 +170,11 @@ def test_brn_input_with_another_channel_count_names_both():
     norm.eval()
     with pytest.raises(ValueError, match=_wrong_channels_message('BRN', 8, 4)):
         norm(x)
+
+
+def test_sync_cbn_input_errors_name_sync_cbn():
+    from cbn_mmdet.models import SyncCrossIterationBatchNorm2d as SyncCBN
+    with pytest.raises(ValueError, match=r'^SyncCBN expects 4D'):
+        SyncCBN(4)(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match=r'^SyncCBN expected input with 4 channels'):
+        SyncCBN(4)(torch.randn(2, 3, 5, 5))

@@ -823,9 +823,8 @@ def test_export_and_trace_of_an_eval_model_equal_eager(cls):
         exported = torch.export.export(model, (x, )).module()
         torch.testing.assert_close(exported(x), eager, rtol=0, atol=0)
         with warnings.catch_warnings():
-            # the layers' channel check reads input.shape[1], which tracing warns about (BN's
-            # check is in its kernel); the trace is specialised to the channel count anyway
-            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            # like BN's, no tracer warning (the layers' channel check stands aside while tracing)
+            warnings.simplefilter('error', torch.jit.TracerWarning)
             traced = torch.jit.trace(model, (x, ))
         torch.testing.assert_close(traced(x), eager, rtol=0, atol=0)
         torch.testing.assert_close(traced(other), model(other), rtol=0, atol=0)
