@@ -250,8 +250,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if self.per_call > 1:
                 self._call_history(self._autograd_pass())  # counts the call
             return self._batch_norm(input, group, update=True, call=self._call_index())
-        check_like_module('CBN', input, self.running_mean if self.running_mean is not None
-                          else self.weight)
+        state = self.running_mean if self.running_mean is not None else self.weight
+        check_like_module(self._option_owner, input, state)
         if input.numel() == 0 and group is None:
             # e.g. a mask head with no positive RoI: nothing to measure, nothing to record (but the
             # call counts, so that the next call meets its own history)
