@@ -47,5 +47,6 @@ setup(
         'mmdet': ['mmcv>=2.0.0,<2.2.0', 'mmengine>=0.10.0', 'mmdet>=3.3.0', 'pycocotools'],
         'tests': ['pytest', 'expecttest'],  # expecttest: torch.testing._internal
         'analysis': ['matplotlib', 'scikit-learn'],
+        'docs': ['sphinx>=9,<10', 'myst-parser>=5,<6'],
     },
 )

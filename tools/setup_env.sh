@@ -35,7 +35,7 @@ device=$(cbn_resolve_device "${CBN_DEVICE:-}" "$(cbn_recorded_device "$venv")" "
 
 stamp="$venv/.cbn_mmdet_env_ok"
 # Bump EXTRAS when the package list below changes, so that existing environments are updated.
-EXTRAS="pycocotools,pytest,matplotlib,scikit-learn,expecttest"
+EXTRAS="pycocotools,pytest,matplotlib,scikit-learn,expecttest,sphinx9,myst-parser5"
 # Likewise the project's own top-level packages: an editable install only finds those it was made with.
 PACKAGES="cbn_mmdet,cbn_mmdet_demo"
 want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device extras=$EXTRAS packages=$PACKAGES"
@@ -189,8 +189,10 @@ if [ -z "$mmcv_wheel" ]; then
   echo "[setup_env] cached $mmcv_wheel"
 fi
 vpip install -q --no-deps "$mmcv_wheel"
-# expecttest: imported by torch.testing._internal, whose ModuleInfo samples test_conformance.py runs
+# expecttest: imported by torch.testing._internal, whose ModuleInfo samples test_conformance.py runs;
+# sphinx and myst-parser: the documentation site, which the suite builds
 vpip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools pytest matplotlib scikit-learn expecttest \
+  "sphinx>=9,<10" "myst-parser>=5,<6" \
   "mmcv==$MMCV_VERSION" --find-links "$tagged_cache"
 vpip install -q --no-deps --no-build-isolation -e "$repo"
 "$vpy" -c "import mmdet, mmcv, mmengine; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"

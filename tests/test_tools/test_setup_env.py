@@ -682,7 +682,7 @@ def test_cpu_setup_reuses_the_wheel_of_the_old_cache_layout(fake):
     assert f'INSTALL-WHEEL {fake.cache / CPU_KEY / WHEEL}' in fake.calls()
     assert osp.isfile(legacy)
     assert fake.stamp().strip() == ('torch=2.13.0 mmcv=2.1.0 mmengine=0.10.7 mmdet=3.3.0 device=cpu '
-                                    'extras=pycocotools,pytest,matplotlib,scikit-learn,expecttest '
+                                    'extras=pycocotools,pytest,matplotlib,scikit-learn,expecttest,sphinx9,myst-parser5 '
                                     'packages=cbn_mmdet,cbn_mmdet_demo')
     assert (fake.venv / '.cbn_device').read_text().strip() == 'cpu'
     proc = fake.run()
