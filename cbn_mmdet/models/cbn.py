@@ -432,8 +432,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not self.track_running_stats or self.running_mean is None:
             return
         if call == 0:  # with per_call, every call then sees the count a layer of its own would have
-            self.num_batches_tracked.add_(1)
-        factor = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+            # a batch with non-finite moments is not averaged in, so it is not counted either
+            self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+        factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
                   if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
             # unbiased with the window's number of values n: var·n/(n − 1) = var + var/(n − 1)
