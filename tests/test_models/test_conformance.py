@@ -13,9 +13,7 @@ random projections (``fast_mode``) for the others, to keep the file to seconds),
 construction and ``to_empty``, train/eval switching. Every way in which a layer deliberately
 differs from BN is a row of :data:`DIFFERENCES`, asserted where it shows (an ``xfail(strict=True)``
 on the checks of a sample a layer refuses, a count one lower where BN counts an empty batch,
-history keys beyond BN's) and once more on its own in :func:`test_deliberate_difference`. One known
-limitation, not deliberate, is a strict xfail of its own: a copy or a move of a layer between two
-calls of one iteration (:func:`test_full_window_copy_between_calls_of_an_iteration`).
+history keys beyond BN's) and once more on its own in :func:`test_deliberate_difference`.
 """
 import copy
 import io
@@ -743,20 +741,20 @@ def test_full_window_save_load(layer):
             assert other[1].history_length == model[1].history_length
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason='known limitation (reported): a copy or a move made between two calls of '
-                   'one iteration normalises the later calls unlike the original')
 @pytest.mark.parametrize('how', ['pickle', 'state_dict', 'deepcopy', 'double'])
 def test_full_window_copy_between_calls_of_an_iteration(how):
-    """The first call of an iteration writes its entry over the ring's oldest; the original keeps
-    the iteration's past window (cached) for the later calls. A copy computes it again: pickle and
-    deepcopy without the overwritten entry (the cache is keyed by the conv weight's storage, which
-    the copy does not share; the layer also warns that the weights changed), the state dict with
-    the open entry taken as a past iteration (it is closed at load, as after a step); ``.double()``
-    of the float64 model (a no-op for BN) drops the cache, so the original itself then computes
-    the window without the overwritten entry."""
+    """The first call of an iteration writes its entry over the ring's oldest and keeps the
+    iteration's past window for the later calls. A copy made between two calls continues the
+    iteration as the original does: pickle and deepcopy carry that past window (the copy's conv
+    weights, elsewhere in memory, are not taken for weights changed in place), the state dict
+    saves it (``history_past_*``, only between two calls of one iteration), and ``.double()``
+    moves it with the ring."""
     model = _full_window_model('CBN')
+    past_keys = {'history_past_mean', 'history_past_var', 'history_past_valid',
+                 'history_past_recorded', 'history_past_window'}
+    assert not past_keys & set(model[1].state_dict())  # after a step: the ring alone
     model(_batch(20))
+    assert past_keys <= set(model[1].state_dict())
     x = _batch(21)
     copied, fresh = _copies(model)
     other = {'pickle': copied, 'state_dict': fresh, 'deepcopy': copy.deepcopy(model),
@@ -765,7 +763,7 @@ def test_full_window_copy_between_calls_of_an_iteration(how):
     if how == 'double':
         model.double()  # the same again for a later call, with the same past window
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
+        warnings.simplefilter('error')  # no 'weights changed between two calls' either
         torch.testing.assert_close(other(x), y, rtol=1e-12, atol=1e-12)
 
 
