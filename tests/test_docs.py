@@ -1,5 +1,5 @@
-"""The documentation: what the README and the pages in docs/ state about the code, checked against the
-code; the generated tables equal to their sources; the site builds with warnings as errors."""
+"""The documentation: what the README and the pages in docs/ state about the code, checked against
+the code; the generated tables equal to their sources; the site builds with warnings as errors."""
 import argparse
 import ast
 import fnmatch
@@ -52,7 +52,7 @@ def test_hook_signatures_in_the_docs_show_the_code_defaults(hook):
 
 
 def test_demo_smoke_run_in_the_docs_reaches_cbn():
-    """The demo smoke run the getting-started page gives trains some iterations after the burn-in."""
+    """The demo smoke run on the getting-started page trains some iterations after the burn-in."""
     args = re.search(r"DEMO_TRAIN_ARGS='--cfg-options ([^']*)'", read(GETTING_STARTED)).group(1)
     cfg = Config.fromfile(osp.join(REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_demo-shapes.py'))
     parser = argparse.ArgumentParser()
@@ -79,7 +79,8 @@ def test_readme_is_short_and_has_what_a_newcomer_needs_first():
         assert what in first_screen, f'the README\'s first screenful does not mention {what!r}'
     headings = re.findall(r'^## (.+)$', README, re.M)
     for heading in ('What CBN is', 'Install', 'Quick start', 'Use in an mmdet config',
-                    'Use in plain PyTorch', 'Which normalizer', 'What has been measured, and what has not',
+                    'Use in plain PyTorch', 'Which normalizer',
+                    'What has been measured, and what has not',
                     'Where CBN differs from BatchNorm2d', 'Reproducing the paper', 'Documentation'):
         assert heading in headings, f'README has no section {heading!r}'
 
@@ -97,7 +98,7 @@ def _test_functions():
 @pytest.mark.parametrize('page', ['README.md', 'docs/guarantees.md', 'docs/user_guide/modes.md'])
 def test_tests_named_in_the_docs_exist(page):
     """Every `test_file.py::test_name` a page cites (``::name`` continues the last file; * globs)
-    names a test function that exists, so a renamed test cannot leave the docs pointing at nothing."""
+    names a test function that exists: a renamed test cannot leave the docs pointing at nothing."""
     functions = _test_functions()
     missing, cited = [], 0
     for span in re.findall(r'`([^`]*)`', read(page)):

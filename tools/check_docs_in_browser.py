@@ -1,15 +1,15 @@
 """Open the built documentation in a headless Chromium and check that its maths and images render.
 
     make docs
-    .venv/bin/python tools/check_docs_in_browser.py [--html docs/_build/html] [--browser /usr/bin/chromium]
-        [--screenshots DIR] [PAGE.html ...]
+    .venv/bin/python tools/check_docs_in_browser.py [--html docs/_build/html]
+        [--browser /usr/bin/chromium] [--screenshots DIR] [PAGE.html ...]
 
 The pages are served from a local HTTP server (so a probe page of the same origin can look inside
 them) and loaded one by one in an iframe. For each page it reports the maths Sphinx wrote
-(``span.math``/``div.math``), how many MathJax typeset (``mjx-container``), MathJax errors, and images
-that did not load. Exit status 1 when any maths is left untypeset, MathJax reports an error or an
-image is broken. Needs a Chromium (Debian: ``apt-get install chromium``); it is not part of the test
-suite, which builds the site with warnings as errors but has no browser.
+(``span.math``/``div.math``), how many MathJax typeset (``mjx-container``), MathJax errors, and
+images that did not load. Exit status 1 when any maths is left untypeset, MathJax reports an error
+or an image is broken. Needs a Chromium (Debian: ``apt-get install chromium``); not part of the
+test suite, which builds the site with warnings as errors but has no browser.
 """
 import argparse
 import functools
@@ -56,7 +56,8 @@ async function inspect(page) {
     typeset: doc.querySelectorAll('mjx-container').length,
     math_errors: doc.querySelectorAll('mjx-merror, [data-mjx-error]').length,
     images: images.length,
-    broken_images: images.filter(img => !img.complete || img.naturalWidth === 0).map(img => img.src),
+    broken_images: images.filter(img => !img.complete || img.naturalWidth === 0)
+                         .map(img => img.src),
   };
   frame.remove();
   return result;
@@ -138,14 +139,16 @@ def main(argv=None) -> int:
     finally:
         server.shutdown()
 
-    print(f'browser: {subprocess.run([browser, "--version"], capture_output=True, text=True).stdout.strip()}')
+    version = subprocess.run([browser, '--version'], capture_output=True, text=True).stdout
+    print(f'browser: {version.strip()}')
     failed = False
     for r in results:
         bad = (r['typeset'] < r['math'] or r['math_errors'] or r['broken_images'])
         failed |= bool(bad)
         print(f"{'FAIL' if bad else 'ok  '} {r['page']}: maths {r['typeset']}/{r['math']} typeset, "
               f"{r['math_errors']} MathJax errors; images {r['images'] - len(r['broken_images'])}"
-              f"/{r['images']} loaded" + ''.join(f'\n     broken: {src}' for src in r['broken_images']))
+              f"/{r['images']} loaded"
+              + ''.join(f'\n     broken: {src}' for src in r['broken_images']))
     return 1 if failed else 0
 
 

@@ -1,7 +1,7 @@
-"""Write the documentation's tables from the files that hold their numbers, so no number is typed twice.
+"""Write the documentation's tables from the files that hold their numbers (no number typed twice).
 
-    .venv/bin/python tools/docs_tables.py           # rewrite every generated block (make docs runs it)
-    .venv/bin/python tools/docs_tables.py --check   # exit 1 and name the blocks that differ (the suite)
+    .venv/bin/python tools/docs_tables.py          # rewrite the generated blocks (make docs)
+    .venv/bin/python tools/docs_tables.py --check  # exit 1, naming the files that differ
 
 A generated block sits in README.md or a page under docs/ between two comment lines::
 
@@ -11,9 +11,9 @@ A generated block sits in README.md or a page under docs/ between two comment li
 
 NAME says where the numbers come from:
 
-* ``paper:TABLE`` (``table5``, ``table6``, ``table7``, ``figure3``, ``figure5``): the paper's table from
-  ``configs/cbn_paper/paper_results.yml``, in ``tools/collect_table.py``'s layout with no runs
-  collected (what the collector prints before the COCO runs; rerun it with ``--work-root`` after them);
+* ``paper:TABLE`` (``table5``, ``table6``, ``table7``, ``figure3``, ``figure5``): the paper's table
+  from ``configs/cbn_paper/paper_results.yml``, in ``tools/collect_table.py``'s layout with no runs
+  collected (what the collector prints before the COCO runs; it fills "ours" from the runs after);
 * ``normalizers``: the README's short table, the words from ``docs/data/normalizers.yml`` and the
   paper's Table 5 AP from ``paper_results.yml``;
 * ``benchmark:ID``: a measurement of ``docs/data/benchmarks.yml`` (a table with its date, commit,
@@ -74,7 +74,8 @@ def load_benchmarks() -> Dict[str, dict]:
         data = yaml.safe_load(f)
     out = {}
     for entry in data['measurements']:
-        missing = {'id', 'title', 'date', 'commit', 'machine', 'command', 'columns', 'rows'} - set(entry)
+        required = {'id', 'title', 'date', 'commit', 'machine', 'command', 'columns', 'rows'}
+        missing = required - set(entry)
         if missing:
             raise ValueError(f'{BENCHMARKS}: {entry.get("id")}: missing {sorted(missing)}')
         if entry['machine'] not in data['machines']:
