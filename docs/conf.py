@@ -6,7 +6,6 @@ import sys
 DOCS = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(DOCS)
 sys.path.insert(0, REPO)  # autodoc imports cbn_mmdet from this checkout
-sys.path.insert(0, osp.join(DOCS, '_ext'))
 
 
 def read_version():
@@ -34,8 +33,8 @@ exclude_patterns = ['_build']
 myst_enable_extensions = ['dollarmath', 'amsmath']
 myst_heading_anchors = 3
 
-# MathJax from a copy under _static (tools/vendor_mathjax.sh): the site renders its equations
-# offline and without a CDN.
+# MathJax from a copy under _static (its SOURCE.txt says which): the equations render offline and
+# without a CDN.
 mathjax_path = 'mathjax/tex-svg.js'
 
 autodoc_member_order = 'bysource'
