@@ -20,7 +20,7 @@ A run is **done** when its final checkpoint (``epoch_<final-epoch>.pth``) exists
 another one (rows shared by Tables 5 and 6, Figures 3 and 5 are trained once); done runs are skipped
 unless ``--force``. Before starting, the compute budget is printed: GPU-hours per row and in total,
 from ``--iter-time`` (seconds per iteration of one run on its GPUs: an assumption, measure yours
-with the smoke run in the README) and the COCO schedule (``--train-images`` /
+with the smoke run in docs/reproducing.md) and the COCO schedule (``--train-images`` /
 (``--gpus`` × ``--images-per-gpu``) iterations per epoch, ``--final-epoch`` epochs).
 
 ``--rows`` keeps the rows whose label or config name equals one of the given strings, or whose
