@@ -17,6 +17,7 @@ from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
                            is_compiling, preceding_conv)
 from .input_checks import check_4d, check_channels, check_like_module
+from .notices import CBNWarning
 from .torchscript import refuse_torchscript
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
@@ -423,7 +424,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if is_compiling():  # (a warning would break the graph being traced)
                 iteration_clock.warn_at_step(f'CBN({self.num_features}): {message}.')
             else:
-                warnings.warn(f'CBN({self.num_features}): {message}.', stacklevel=3)
+                warnings.warn(f'CBN({self.num_features}): {message}.', CBNWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ running statistics
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
