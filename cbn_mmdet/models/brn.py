@@ -193,7 +193,7 @@ class BatchRenorm2d(_BatchNorm):
         batch would be NaN."""
         with torch.no_grad():
             finite = all_finite(mean_b, var_b)
-            self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+            self.num_batches_tracked.add_(finite)
             factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
                       if self.momentum is None else self.momentum)  # a tensor: no host sync
             unbiased = var_b * (count / max(count - 1, 1))

@@ -434,7 +434,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return
         if call == 0:  # with per_call, every call then sees the count a layer of its own would have
             # a batch with non-finite moments is not averaged in, so it is not counted either
-            self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+            self.num_batches_tracked.add_(finite)
         factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
                   if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
