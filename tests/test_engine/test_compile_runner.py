@@ -1,5 +1,7 @@
 """mmengine's ``compile=True`` with CBN: the demo detector trains with its CBN layers traced into the
 compiled graphs (aot_eager backend), each bound to its conv, and evaluates."""
+import warnings
+
 import pytest
 import torch
 from mmengine.config import Config
@@ -35,7 +37,15 @@ def test_mmengine_compile_traces_the_cbn_layers_of_the_demo_detector(tiny_demo_d
     cfg.compile = dict(backend='aot_eager')
     cfg.work_dir = str(tmp_path)
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        runner.train()
+    # the graph breaks are mmcv's C++ ops in mmdet's RoI head (nms, RoIAlign), none in CBN
+    breaks = [str(w.message) for w in caught if 'Dynamo does not know how to trace' in str(w.message)]
+    assert all('mmcv._ext' in message for message in breaks), breaks
+    for w in caught:  # the others go through the suite's filters as if not caught
+        if 'Dynamo does not know how to trace' not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     norms = [m for m in runner.model.modules() if isinstance(m, CBN)]
     assert len(norms) == 12  # FPN and the 4conv1fc box head
     assert {m.last_bind_status for m in norms} == {'conv'}
