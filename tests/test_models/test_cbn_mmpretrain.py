@@ -118,3 +118,55 @@ def test_bn_checkpoint_loads_into_cbn_resnet18_strictly(tmp_path):
     load_state_dict(cbn_model, bn_model.state_dict(), strict=False,
                     logger=type('L', (), {'warning': messages.append})())
     assert not messages
+
+
+# Which path each CBN layer takes in the architectures of the paper's Table 4 that the detection
+# side never met (``last_bind_status`` after training steps; docs/imagenet.md explains each):
+# - MobileNet-v2's depthwise convs (groups = channels): compensated like any conv;
+# - DenseNet's pre-activation norm1 normalises a concatenation of several layers' outputs (and the
+#   transitions' and the final norm a block's concatenation): not a conv's output, so the BN
+#   fallback (current batch only); each layer's norm2, after its 1x1 conv, is compensated;
+# - Inception-v3's branches: every BasicConv2d is conv -> BN, all compensated once NormSwitchHook's
+#   switch made them CBN (the conv taps find the conv of a layer swapped in after construction).
+PATHS = {
+    'mobilenet-v2': (dict(type='MobileNetV2', norm_cfg=dict(type='CBN', window=4)), 32,
+                     {BindStatus.CONV: 52}),
+    'densenet121': (dict(type='DenseNet', arch='121', norm_cfg=dict(type='CBN', window=4)), 32,
+                    # 58 dense layers' norm2 + the stem; 58 norm1 + 3 transitions + the final norm
+                    {BindStatus.CONV: 1 + 58, BindStatus.NOT_CONV: 58 + 3 + 1}),
+    'inception-v3': (dict(type='InceptionV3', num_classes=10, aux_logits=False), 80,
+                     {BindStatus.CONV: 94}),
+}
+
+
+@pytest.mark.parametrize('arch', [pytest.param(a, marks=pytest.mark.slow) if a == 'inception-v3'
+                                  else a for a in PATHS])
+def test_which_path_cbn_takes(arch):
+    from collections import Counter
+
+    from mmpretrain.registry import MODELS
+
+    from cbn_mmdet.engine.hooks.norm_switch_hook import switch_norm_layers
+    init_default_scope('mmpretrain')
+    cfg, size, expected = PATHS[arch]
+    torch.manual_seed(0)
+    net = MODELS.build(cfg)
+    if arch == 'inception-v3':   # nn.BatchNorm2d in its code: switched as the configs' hook does
+        assert switch_norm_layers(net, dict(type='CBN', window=4), [torch.nn.BatchNorm2d]) == 94
+    net.train()
+    optim = torch.optim.SGD(net.parameters(), lr=0.01)
+    for _ in range(2):   # the second step runs with a history
+        out = net(torch.randn(2, 3, size, size))[-1]
+        out.square().mean().backward()
+        optim.step()
+        optim.zero_grad()
+    norms = [m for m in net.modules() if isinstance(m, CBN)]
+    assert Counter(m.last_bind_status for m in norms) == expected
+    if arch == 'mobilenet-v2':
+        depthwise = [m for m in net.modules()
+                     if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+        assert len(depthwise) == 17
+    if arch == 'densenet121':
+        layer = net.stages[1].block[3]   # norm1 over the concatenation of 4 + 1 inputs
+        assert layer.norm1.last_bind_status == BindStatus.NOT_CONV
+        assert layer.norm2.last_bind_status == BindStatus.CONV
