@@ -1,4 +1,5 @@
-# Inception-v3, 4 images per GPU x 4 GPUs, BRN (Batch Renormalization, cbn_mmdet's BRN with its default r_max/d_max) in every layer.
+# Inception-v3, 4 images per GPU x 4 GPUs, BRN (Batch Renormalization, cbn_mmdet's BRN with its
+# default r_max/d_max) in every layer.
 _base_ = './_base_/inception-v3_4xb32-100e_in1k.py'
 # mmpretrain's Inception-v3 builds nn.BatchNorm2d directly (no norm_cfg): the hook turns them
 # into this normalizer before the first iteration, keeping their tensors.

@@ -1,4 +1,5 @@
-# ResNet-18, 4 images per GPU x 4 GPUs, CBN in every layer, window k=4 (N * k = 16 >= 16), burn-in 25 epochs with k=1.
+# ResNet-18, 4 images per GPU x 4 GPUs, CBN in every layer, window k=4 (N * k = 16 >= 16), burn-in
+# 25 epochs with k=1.
 _base_ = './_base_/resnet18_4xb32-100e_in1k.py'
 norm_cfg = dict(type='CBN', window=4)
 model = dict(backbone=dict(norm_cfg=norm_cfg))
