@@ -1,9 +1,11 @@
-# The two user commands (see README.md): `make demo` and `make test`.
+# The two user commands (see README.md): `make demo` and `make test`; `make docs` builds the
+# documentation site into docs/_build/html.
 # Both first run tools/setup_env.sh, which creates .venv on the first run (the mmcv ops build takes
 # 10-20 minutes on 2 cores, once) and returns in about a second afterwards.
 #
 #   make demo [DEMO_CONFIG=configs/demo/...py, a detection or classification demo config] [DEMO_WORK_DIR=work_dirs/demo] [DEMO_TRAIN_ARGS='--cfg-options ...']
 #   make test [PYTEST_ARGS='-m "not slow"']
+#   make docs [DOCS_OUT=docs/_build/html]
 
 SHELL := /bin/bash
 PYTHON := .venv/bin/python
@@ -11,8 +13,9 @@ DEMO_CONFIG ?= configs/demo/faster-rcnn_r18_fpn_demo-shapes.py
 DEMO_WORK_DIR ?= work_dirs/demo
 PYTEST_ARGS ?=
 DEMO_TRAIN_ARGS ?=
+DOCS_OUT ?= docs/_build/html
 
-.PHONY: demo test
+.PHONY: demo test docs
 
 define DEMO_DATA_PY
 import importlib, sys, time
@@ -55,3 +58,11 @@ test:
 	@$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit code 5): failing" >&2; fi; \
 	  exit $$rc
+
+# The tables generated from their data files first, then the site with warnings as errors (as the
+# suite builds it).
+docs:
+	tools/setup_env.sh
+	$(PYTHON) tools/docs_tables.py
+	$(PYTHON) -m sphinx -W --keep-going -b html docs $(DOCS_OUT)
+	@echo "[docs] open $(DOCS_OUT)/index.html"

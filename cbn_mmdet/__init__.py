@@ -6,11 +6,11 @@ dict(imports=['cbn_mmdet'], allow_failed_imports=False)``) and applies the compa
 stack needs. Every import-time effect is listed in :mod:`cbn_mmdet.openmmlab`.
 """
 from . import models, openmmlab
-from .models import (BatchRenorm2d, CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d,
-                     convert_to_cbn)
+from .models import (BatchRenorm2d, CBNWarning, CrossIterationBatchNorm2d,
+                     SyncCrossIterationBatchNorm2d, convert_to_cbn)
 from .version import __version__
 
 __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d', 'BatchRenorm2d',
-           'convert_to_cbn', '__version__']
+           'convert_to_cbn', 'CBNWarning', '__version__']
 
 openmmlab.setup()

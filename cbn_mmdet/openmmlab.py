@@ -3,16 +3,49 @@
 Each step runs only when the package it needs is installed; with torch alone only the first two run,
 and nothing in torch is modified.
 
-| effect | needs | applies to | off |
-|---|---|---|---|
-| iteration clock: a global optimizer post-step hook (:mod:`.models.iteration_clock`) | torch | every torch optimizer | – (how CBN counts iterations; loops without one call ``next_iteration()``) |
-| conv taps: a global module registration hook that puts a forward hook on the conv registered just before each CBN layer (:func:`.models.cbn.install_conv_taps`; it keeps tensors only while ``torch.compile`` traces) | torch | CBN layers registered after the import | – (how a compiled CBN finds its conv) |
-| ``CBN``/``SyncCBN``/``BRN`` in mmengine's ``MODELS`` (where mmcv's ``BN`` lives) | mmengine | all | – |
-| the hooks in mmengine's ``HOOKS`` (found by mmdet/mmseg/mmpretrain configs) | mmengine | all | – |
-| checkpoint allow-list for ``torch.load(weights_only=True)`` (:mod:`.compat`) | mmengine | torch >= 2.4 (needed from 2.6, where it is the default) with mmengine <= 0.10.7 | ``CBN_MMDET_COMPAT=0`` |
-| CPU distributed init and CPU DDP (:mod:`.compat`) | mmengine | machines without CUDA only | ``CBN_MMDET_COMPAT=0`` |
-| ``cfg.sync_bn`` refuses to replace CBN by SyncBN; ``sync_bn='SyncCBN'`` makes it SyncCBN (:mod:`.engine.sync_bn_guard`) | mmengine | mmengine's ``Runner.wrap_model`` | – (remove ``sync_bn``) |
-| ``Runner.save_checkpoint`` gathers every process's SyncCBN history (:mod:`.engine.sync_cbn_checkpoint`) | mmengine | models with SyncCBN in distributed runs | – |
+.. list-table::
+   :header-rows: 1
+
+   * - effect
+     - needs
+     - applies to
+     - off
+   * - iteration clock: a global optimizer post-step hook (:mod:`.models.iteration_clock`)
+     - torch
+     - every torch optimizer
+     - – (how CBN counts iterations; loops without one call ``next_iteration()``)
+   * - conv taps: a global module registration hook that puts a forward hook on the conv registered
+       just before each CBN layer (:func:`.models.cbn.install_conv_taps`; it keeps tensors only
+       while ``torch.compile`` traces)
+     - torch
+     - CBN layers registered after the import
+     - – (how a compiled CBN finds its conv)
+   * - ``CBN``/``SyncCBN``/``BRN`` in mmengine's ``MODELS`` (where mmcv's ``BN`` lives)
+     - mmengine
+     - all
+     - –
+   * - the hooks in mmengine's ``HOOKS`` (found by mmdet/mmseg/mmpretrain configs)
+     - mmengine
+     - all
+     - –
+   * - checkpoint allow-list for ``torch.load(weights_only=True)`` (:mod:`.compat`)
+     - mmengine
+     - torch >= 2.4 (needed from 2.6, where it is the default) with mmengine <= 0.10.7
+     - ``CBN_MMDET_COMPAT=0``
+   * - CPU distributed init and CPU DDP (:mod:`.compat`)
+     - mmengine
+     - machines without CUDA only
+     - ``CBN_MMDET_COMPAT=0``
+   * - ``cfg.sync_bn`` refuses to replace CBN by SyncBN; ``sync_bn='SyncCBN'`` makes it SyncCBN
+       (:mod:`.engine.sync_bn_guard`)
+     - mmengine
+     - mmengine's ``Runner.wrap_model``
+     - – (remove ``sync_bn``)
+   * - ``Runner.save_checkpoint`` gathers every process's SyncCBN history
+       (:mod:`.engine.sync_cbn_checkpoint`)
+     - mmengine
+     - models with SyncCBN in distributed runs
+     - –
 """
 import importlib.util
 import os

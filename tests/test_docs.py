@@ -1,10 +1,15 @@
-"""What the README states about the code, checked against the code."""
+"""The documentation: what the README and the pages in docs/ state about the code, checked against
+the code; the generated tables equal to their sources; the site builds with warnings as errors."""
 import argparse
 import ast
+import fnmatch
+import glob
 import inspect
 import os.path as osp
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 from mmengine.config import Config, DictAction
@@ -13,14 +18,25 @@ import cbn_mmdet  # noqa: F401
 from cbn_mmdet.engine import hooks
 
 from conftest import REPO_ROOT as REPO  # noqa: E402
-README = open(osp.join(REPO, 'README.md')).read()
+import docs_tables  # noqa: E402
+
+
+def read(path: str) -> str:
+    with open(osp.join(REPO, path)) as f:
+        return f.read()
+
+
+README = read('README.md')
+HOOKS_PAGE = 'docs/user_guide/hooks.md'
+GETTING_STARTED = 'docs/getting_started.md'
 
 
 @pytest.mark.parametrize('hook', ['CBNBurnInHook', 'NormSwitchHook', 'CBNMonitorHook',
                                   'RNGStateHook'])
-def test_readme_hook_signatures_show_the_code_defaults(hook):
-    match = re.search(r'`' + hook + r'\(([^`]*)\)`', README)
-    assert match, f'README shows no `{hook}(...)` signature'
+def test_hook_signatures_in_the_docs_show_the_code_defaults(hook):
+    page = read(HOOKS_PAGE)
+    match = re.search(r'`' + hook + r'\(([^`]*)\)`', page)
+    assert match, f'{HOOKS_PAGE} shows no `{hook}(...)` signature'
     defaults = {name: p.default for name, p in
                 inspect.signature(getattr(hooks, hook).__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
@@ -30,13 +46,14 @@ def test_readme_hook_signatures_show_the_code_defaults(hook):
             shown = ast.literal_eval(value)
         except ValueError:  # a set of allowed values, e.g. None|int|'auto'
             shown = ast.literal_eval(value.split('|')[0])
-        assert name in defaults, f'{hook}: README shows {name}, the code has no such argument'
-        assert shown == defaults[name], f'{hook}: README says {name}={value}, code {defaults[name]!r}'
+        assert name in defaults, f'{hook}: {HOOKS_PAGE} shows {name}, the code has no such argument'
+        assert shown == defaults[name], \
+            f'{hook}: {HOOKS_PAGE} says {name}={value}, code {defaults[name]!r}'
 
 
-def test_readme_smoke_run_reaches_cbn():
-    """The demo smoke run the README gives trains some iterations after the burn-in."""
-    args = re.search(r"DEMO_TRAIN_ARGS='--cfg-options ([^']*)'", README).group(1)
+def test_demo_smoke_run_in_the_docs_reaches_cbn():
+    """The demo smoke run on the getting-started page trains some iterations after the burn-in."""
+    args = re.search(r"DEMO_TRAIN_ARGS='--cfg-options ([^']*)'", read(GETTING_STARTED)).group(1)
     cfg = Config.fromfile(osp.join(REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_demo-shapes.py'))
     parser = argparse.ArgumentParser()
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -47,9 +64,124 @@ def test_readme_smoke_run_reaches_cbn():
 
 def test_mmcv_build_time_is_stated_alike_everywhere():
     figures = {}
-    for name in ('README.md', 'Makefile', '.ci/run', 'tools/setup_env.sh'):
-        text = open(osp.join(REPO, name)).read()
-        found = set(re.findall(r'(\d+)\s*[-–]\s*(\d+) minutes\W+on\W+2 cores', text))
+    for name in ('README.md', GETTING_STARTED, 'Makefile', '.ci/run', 'tools/setup_env.sh'):
+        found = set(re.findall(r'(\d+)\s*[-–]\s*(\d+) minutes\W+on\W+2 cores', read(name)))
         assert found, f'{name} states no build time'
         figures[name] = found
     assert len(set.union(*figures.values())) == 1, figures
+
+
+def test_readme_is_short_and_has_what_a_newcomer_needs_first():
+    lines = README.splitlines()
+    assert len(lines) <= 250, f'README.md has {len(lines)} lines: move detail into docs/'
+    first_screen = '\n'.join(lines[:20])
+    for what in ('make demo', 'make test', "type='CBN'", 'Does it help', 'Cost'):
+        assert what in first_screen, f'the README\'s first screenful does not mention {what!r}'
+    headings = re.findall(r'^## (.+)$', README, re.M)
+    for heading in ('What CBN is', 'Install', 'Quick start', 'Use in an mmdet config',
+                    'Use in plain PyTorch', 'Which normalizer',
+                    'What has been measured, and what has not',
+                    'Where CBN differs from BatchNorm2d', 'Reproducing the paper', 'Documentation'):
+        assert heading in headings, f'README has no section {heading!r}'
+
+
+def _test_functions():
+    """{test file name: names of its test functions}."""
+    names = {}
+    for path in glob.glob(osp.join(REPO, 'tests', '**', 'test_*.py'), recursive=True):
+        tree = ast.parse(read(osp.relpath(path, REPO)))
+        names.setdefault(osp.basename(path), set()).update(
+            n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
+    return names
+
+
+@pytest.mark.parametrize('page', ['README.md', 'docs/guarantees.md', 'docs/user_guide/modes.md'])
+def test_tests_named_in_the_docs_exist(page):
+    """Every `test_file.py::test_name` a page cites (``::name`` continues the last file; * globs)
+    names a test function that exists: a renamed test cannot leave the docs pointing at nothing."""
+    functions = _test_functions()
+    missing, cited = [], 0
+    for span in re.findall(r'`([^`]*)`', read(page)):
+        file_match = re.match(r'(?:tests/[\w/]*/)?(test_\w+\.py)(::.*)?$', span)
+        if file_match:
+            current = file_match.group(1)
+            assert current in functions, f'{page} cites {current}, which does not exist'
+            rest = file_match.group(2)
+        elif span.startswith('::'):
+            rest = span
+        elif re.match(r'\[[\w,=*.-]+\]$', span):  # `[row-CBN]`: another case of the last test
+            continue
+        else:
+            continue
+        if not rest:
+            continue
+        name = re.match(r'::([\w*]+)', rest).group(1)
+        cited += 1
+        if not fnmatch.filter(functions[current], name):
+            missing.append(f'{current}::{name}')
+    assert cited, f'{page} cites no test'
+    assert not missing, f'{page} cites tests that do not exist: {missing}'
+
+
+def test_generated_tables_equal_their_sources():
+    """README.md and docs/ hold the tables tools/docs_tables.py writes from the data files
+    (paper_results.yml, docs/data/*.yml): a number changed in one place only fails here."""
+    stale = []
+    for path in docs_tables.documents():
+        with open(path) as f:
+            text = f.read()
+        if docs_tables.regenerate(text) != text:
+            stale.append(osp.relpath(path, REPO))
+    assert not stale, f'regenerate with: .venv/bin/python tools/docs_tables.py ({stale})'
+
+
+def test_every_benchmark_measurement_is_shown_once():
+    shown = []
+    for path in docs_tables.documents():
+        with open(path) as f:
+            shown += [m.group('name').split(':', 1)[1] for m in docs_tables.BLOCK.finditer(f.read())
+                      if m.group('name').startswith('benchmark:')]
+    assert sorted(shown) == sorted(docs_tables.load_benchmarks()), \
+        'each measurement of docs/data/benchmarks.yml appears in exactly one page'
+
+
+def test_recorded_benchmark_commands_name_existing_tools_and_options():
+    """Each command of docs/data/benchmarks.yml runs a script of tools/ with options it still has, so
+    the cost page's commands can be rerun as printed."""
+    for name, entry in docs_tables.load_benchmarks().items():
+        commands = entry['command'] if isinstance(entry['command'], list) else [entry['command']]
+        for command in commands:
+            command = command.split('  #')[0]  # a trailing comment says what DIR is
+            script = re.search(r'\.venv/bin/python (tools/\S+\.py)(.*)$', command)
+            assert script, f'{name}: {command!r} runs no script of tools/ with .venv/bin/python'
+            source = read(script.group(1))
+            options = set(re.findall(r"""['"](--[\w-]+)['"]""", source))
+            unknown = set(re.findall(r'(?<!\S)(--[\w-]+)', script.group(2))) - options
+            assert not unknown, f'{name}: {script.group(1)} has no option {sorted(unknown)}'
+
+
+def test_generated_block_of_an_unknown_source_is_an_error():
+    with pytest.raises(ValueError, match='unknown generated block'):
+        docs_tables.regenerate('<!-- generated by tools/docs_tables.py: nothing:here -->\n'
+                               '<!-- end of generated: nothing:here -->')
+
+
+def test_documentation_site_builds_without_warnings(tmp_path):
+    """Sphinx with warnings as errors: a broken cross-reference, a missing image, an unparseable
+    docstring or a page outside the table of contents fails here (as `make docs` does)."""
+    out = tmp_path / 'html'
+    proc = subprocess.run([sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-E', '-q', '-b',
+                           'html', osp.join(REPO, 'docs'), str(out),
+                           '-d', str(tmp_path / 'doctrees')],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f'sphinx-build failed:\n{(proc.stdout + proc.stderr)[-6000:]}'
+    version = re.search(r"__version__ = '([^']+)'", read('cbn_mmdet/version.py')).group(1)
+    index = (out / 'index.html').read_text()
+    assert f'cbn_mmdet {version}' in index, 'the site shows the package version'
+    api = (out / 'api.html').read_text()
+    for name in ('CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d', 'BatchRenorm2d',
+                 'CBNBurnInHook', 'NormSwitchHook', 'convert_to_cbn'):
+        assert f'id="cbn_mmdet.' in api and name in api, f'the API reference documents no {name}'
+    # the maths is typeset offline, from the copy of MathJax in docs/_static
+    assert (out / '_static' / 'mathjax' / 'tex-svg.js').is_file()
+    assert 'cdn.jsdelivr' not in (out / 'user_guide' / 'layer.html').read_text()

@@ -138,7 +138,8 @@ FOOTERS = {
 }
 
 
-def to_markdown(table, rows, n_expected: int) -> str:
+def to_markdown(table, rows, n_expected: int, list_missing: bool = True) -> str:
+    """The table in the paper's layout; ``list_missing=False`` leaves out the list of missing runs."""
     bench = paper_results.benchmark_of(table)
     # Every metric any row reports, in the METRICS order (Table 6 mixes box-only and mask rows).
     metrics = [m for m in bench.metrics if any(m in table.row_metrics(r['row']) for r in rows)]
@@ -162,7 +163,7 @@ def to_markdown(table, rows, n_expected: int) -> str:
         lines.append('| ' + ' | '.join(cells) + ' |')
     lines += ['', FOOTERS[table.benchmark]]
     missing = [p for r in rows for p in r['missing']]
-    if missing:
+    if missing and list_missing:
         lines += ['', f'Missing runs ({len(missing)}):', '']
         lines += [f'- `{p}`' for p in missing]
     return '\n'.join(lines) + '\n'
@@ -253,7 +254,7 @@ def to_zoo_readme(rows, n_expected: int) -> str:
              'CVPR 2021', '',
              'The configs of the paper\'s COCO experiments (Tables 5-7, Figures 3 and 5): Faster / Mask '
              'R-CNN with FPN and the 4conv1fc box head, 1x schedule, 4 GPUs x 4 images, statistics per '
-             'GPU. The main README ("Reproducing the paper") says how to run them. This file is '
+             'GPU. docs/reproducing.md says how to run them. This file is '
              'written by `tools/collect_table.py --model-zoo configs/cbn_paper`; rerun it after '
              'training.', '',
              '"paper" columns are the paper\'s numbers (mmdet v1, mean of 5 trials); "ours" are mean '

@@ -22,7 +22,7 @@ A run is **done** when its final checkpoint (``epoch_<final-epoch>.pth``) exists
 another one (rows shared by Tables 5 and 6, Figures 3 and 5 are trained once); done runs are skipped
 unless ``--force``. Before starting, the compute budget is printed: GPU-hours per row and in total,
 from ``--iter-time`` (seconds per iteration of one run on its GPUs: an assumption, measure yours
-with the smoke run in the README) and the schedule (``--train-images`` / (``--gpus`` ×
+with the smoke run in docs/reproducing.md) and the schedule (``--train-images`` / (``--gpus`` ×
 images per GPU) iterations per epoch, ``--final-epoch`` epochs). Without the options the schedule is
 the benchmark's (``schedule`` in its results file: COCO 117266 images, 12 epochs, 4 images per GPU;
 ImageNet 1281167 images, 100 epochs, each config's images per GPU from its name, ``4xb<N>``).

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ops.statistics import all_finite
 from ..options import bn_bias_kwargs, is_int, is_real, reject_unknown, require
 from .input_checks import check_4d, check_channels, check_like_module
 from .torchscript import refuse_torchscript
@@ -187,10 +188,14 @@ class BatchRenorm2d(_BatchNorm):
         return y.to(input.dtype)
 
     def _update_running_stats(self, mean_b: Tensor, var_b: Tensor, count: int) -> None:
-        """BN's update: biased batch variance made unbiased with ``m / (m - 1)``."""
+        """BN's update: biased batch variance made unbiased with ``m / (m - 1)``. Unlike BN's, a
+        batch with non-finite moments is neither averaged in nor counted: r and d of every later
+        batch would be NaN."""
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+            finite = all_finite(mean_b, var_b)
+            self.num_batches_tracked.add_(finite)
+            factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
+                      if self.momentum is None else self.momentum)  # a tensor: no host sync
             unbiased = var_b * (count / max(count - 1, 1))
-            self.running_mean.mul_(1.0 - factor).add_(mean_b.to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1.0 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+            for running, new in ((self.running_mean, mean_b), (self.running_var, unbiased)):
+                running.lerp_(torch.where(finite, new.to(running.dtype), running), factor)

@@ -17,6 +17,7 @@ from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
                            is_compiling, preceding_conv)
 from .input_checks import check_4d, check_channels, check_like_module
+from .notices import CBNWarning
 from .torchscript import refuse_torchscript
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
@@ -423,7 +424,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if is_compiling():  # (a warning would break the graph being traced)
                 iteration_clock.warn_at_step(f'CBN({self.num_features}): {message}.')
             else:
-                warnings.warn(f'CBN({self.num_features}): {message}.', stacklevel=3)
+                warnings.warn(f'CBN({self.num_features}): {message}.', CBNWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ running statistics
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
@@ -432,8 +433,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not self.track_running_stats or self.running_mean is None:
             return
         if call == 0:  # with per_call, every call then sees the count a layer of its own would have
-            self.num_batches_tracked.add_(1)
-        factor = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+            # a batch with non-finite moments is not averaged in, so it is not counted either
+            self.num_batches_tracked.add_(finite)
+        factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
                   if self.momentum is None else self.momentum)  # a tensor: no host sync
         if self.running_stats == 'window':
             # unbiased with the window's number of values n: var·n/(n − 1) = var + var/(n − 1)

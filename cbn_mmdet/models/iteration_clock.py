@@ -18,6 +18,8 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .notices import CBNWarning
+
 __all__ = ['current_iteration', 'next_iteration', 'install', 'watch', 'warn_at_step']
 
 _steps = 0
@@ -37,7 +39,7 @@ def next_iteration() -> None:
     for listener in list(_listeners):
         listener.on_iteration()
     while _warnings:
-        warnings.warn(_warnings.pop(0), stacklevel=2)
+        warnings.warn(_warnings.pop(0), CBNWarning, stacklevel=2)
 
 
 def warn_at_step(message: str) -> None:

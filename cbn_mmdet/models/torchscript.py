@@ -14,7 +14,7 @@ from typing import NoReturn
 
 __all__ = ['refuse_torchscript', 'DEPLOYMENT']
 
-#: How to deploy a model with these layers (also in README "Modes").
+#: How to deploy a model with these layers (also in docs/user_guide/modes.md).
 DEPLOYMENT = (
     'torch.export.export(model.eval(), args) or torch.jit.trace(model.eval(), args), which take '
     'the model as it is (in evaluation the layer is BatchNorm2d with its running statistics); or '

@@ -24,8 +24,8 @@ from . import iteration_clock
 from .conv_binding import ConvWeights, is_compiling
 
 __all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS',
-           'HISTORY_GRADS', 'HISTORY_TENSORS', 'HISTORY_INDEX', 'HISTORY_KEYS', 'PROCESSES_KEY',
-           'RANK_KEY', 'rank_key']
+           'HISTORY_GRADS', 'HISTORY_TENSORS', 'HISTORY_INDEX', 'HISTORY_KEYS', 'HISTORY_PAST',
+           'PROCESSES_KEY', 'RANK_KEY', 'rank_key']
 
 HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
                  'history_var_ref', 'history_compensable')
@@ -35,6 +35,11 @@ HISTORY_TENSORS = HISTORY_STATS + HISTORY_GRADS
 #: cursor lives on the host and is written only into state dicts
 HISTORY_INDEX = 'history_index'
 HISTORY_KEYS = HISTORY_TENSORS + (HISTORY_INDEX, )
+#: Saved only between two calls of one iteration: the iteration's past window, which its first call
+#: computed before writing its entry over the ring's oldest (slot-major; ``history_past_window``:
+#: long [active window, clamped, compensated]), so that a copy continues the iteration exactly
+HISTORY_PAST = ('history_past_mean', 'history_past_var', 'history_past_valid',
+                'history_past_recorded', 'history_past_window')
 #: SyncCBN's state-dict keys: long ``[processes, rank, gathered]`` of the run that saved the history
 #: (``gathered``: every process's history is saved, call i's key ``k`` of rank r as ``rank<r>_k``)
 PROCESSES_KEY = 'history_processes'
@@ -62,6 +67,14 @@ class PastWindow:
         self.compensated = compensated
         self._recorded = recorded          # (2C + 1, slots): mean, var, count as recorded
         self._channels = mean_ct.shape[0]
+
+    @property
+    def recorded(self) -> Tensor:
+        return self._recorded
+
+    def moved(self, move: Callable[[Tensor], Tensor]) -> 'PastWindow':
+        return PastWindow(move(self.mean_ct), move(self.var_ct), move(self.valid),
+                          move(self._recorded), self.compensated)
 
     @property
     def mean(self) -> Tensor:
@@ -165,6 +178,11 @@ class WindowHistory:
     def __setstate__(self, state):  # a copy (deepcopy, pickle) listens to the clock too
         self.__dict__.update(state)
         iteration_clock.watch(self)
+        # the copy's conv weights live elsewhere: views of the original's are not theirs, and the
+        # iteration's past window holds for them as it is
+        self._weight_views = None
+        if self._cache is not None:
+            self._cache = (self._cache[0], None, self._cache[2])
 
     def on_iteration(self) -> None:
         """The optimizer stepped: the next forward belongs to a new iteration."""
@@ -598,8 +616,15 @@ class WindowHistory:
         if self._stats is None:
             return {}
         # contiguous: a saved view would carry the whole storage
-        return dict({name: t.contiguous() for name, t in self.tensors.items()},
-                    **{HISTORY_INDEX: self.index()})
+        state = dict({name: t.contiguous() for name, t in self.tensors.items()},
+                     **{HISTORY_INDEX: self.index()})
+        if self.open and not self._stepped and self._cache is not None:
+            (window, clamp), _, past = self._cache
+            state.update(zip(HISTORY_PAST, (
+                past.mean_ct.t().contiguous(), past.var_ct.t().contiguous(), past.valid.clone(),
+                past.recorded.t().contiguous(),
+                torch.tensor([window, int(clamp), int(past.compensated)], device=past.valid.device))))
+        return state
 
     def apply(self, fn) -> None:
         """Move like the module's ``_apply(fn)``, never narrowing below the statistics' precision
@@ -619,7 +644,9 @@ class WindowHistory:
         self._set_storage(move(self._stats), move(self._patches), move(self._grads))
         self.head, self.filled = head, filled
         self._write_cursor()
-        self._cache = None
+        if self._cache is not None:  # moved too: later calls of the iteration use it as it is
+            key, _, past = self._cache
+            self._cache = (key, None, past.moved(move))
         self._in_window, self._constants, self._weight_views = {}, {}, None
 
     def load(self, loaded: Dict[str, Tensor], version: int, device: torch.device) -> None:
@@ -682,7 +709,17 @@ class WindowHistory:
         self.head = head if same_layout else (len(keep) - 1) % self.slots
         self.open = bool(pending) and bool(keep)
         self._write_cursor()
-        self._stepped = True  # checkpoints are taken between iterations: closed at the next use
+        # checkpoints are taken between iterations: the open entry is closed at the next use,
+        # unless the state was saved between two calls of one iteration
+        self._stepped = True
+        if self.open and same_layout and set(HISTORY_PAST) <= set(loaded):
+            window, clamp, compensated = (int(v) for v in loaded['history_past_window'].tolist())
+            mean, var, valid, recorded = (loaded[name].detach().to(device=device, dtype=dtype)
+                                          for name in HISTORY_PAST[:4])
+            past = PastWindow(mean.t().contiguous(), var.t().contiguous(), valid,
+                              recorded.t().contiguous(), bool(compensated))
+            self._cache = ((window, bool(clamp)), None, past)
+            self._stepped = False
 
 
 def _static(t: Optional[Tensor]) -> None:
@@ -756,12 +793,14 @@ class CallHistories:
         rank = RANK_KEY.fullmatch(name)
         if rank:
             name = rank.group(2)
-        return name.split('_', 1)[1] in HISTORY_KEYS if re.fullmatch(r'call\d+_.+', name) \
-            else name in HISTORY_KEYS or name == PROCESSES_KEY
+        if re.fullmatch(r'call\d+_.+', name):
+            name = name.split('_', 1)[1]
+        return name in HISTORY_KEYS or name in HISTORY_PAST or name == PROCESSES_KEY
 
     def keys(self) -> List[str]:
         """Every state-dict key (suffix) the histories may use."""
-        return [self.key(call, name) for call in range(len(self.histories)) for name in HISTORY_KEYS]
+        return [self.key(call, name) for call in range(len(self.histories))
+                for name in HISTORY_KEYS + HISTORY_PAST]
 
     def state(self) -> Dict[str, Tensor]:
         return {self.key(call, name): t for call, history in enumerate(self.histories)
@@ -770,7 +809,7 @@ class CallHistories:
     def load(self, state: Dict[str, Tensor], version: int, device: torch.device) -> None:
         """Restore from state-dict entries (keys without the module prefix); calls absent stay empty."""
         for call, history in enumerate(self.histories):
-            loaded = {name: state[self.key(call, name)] for name in HISTORY_KEYS
+            loaded = {name: state[self.key(call, name)] for name in HISTORY_KEYS + HISTORY_PAST
                       if self.key(call, name) in state}
             if loaded:
                 history.load(loaded, version, device)

@@ -1,4 +1,6 @@
 """CBN hooks and runner guards, through a real mmengine Runner on a toy model."""
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -53,8 +55,19 @@ class Recorder(Hook):
         self.lengths.append(runner.model.norm.history_length)
 
 
+def _experiment_name() -> str:
+    """A name of its own for each runner: mmengine names them by the second they start, and a
+    second runner of the same second would reuse (and warn about) the first one's logger,
+    visualizer and scope instances."""
+    return f'toy_{next(_RUNNERS)}'
+
+
+_RUNNERS = itertools.count()
+
+
 def _toy_runner(work_dir, model, hooks, max_epochs=2, checkpoint=None, optimizer=None, **kw):
     """A Runner over ToyData (8 images, batch 2: 4 iterations per epoch), no logger."""
+    kw.setdefault('experiment_name', _experiment_name())
     return Runner(
         model=model, work_dir=str(work_dir),
         train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
@@ -428,6 +441,7 @@ def _rng_runner(work_dir, by_epoch, **kw):
         train_cfg = dict(by_epoch=False, max_iters=6)
         checkpoint = dict(type='CheckpointHook', interval=3, by_epoch=False)
         sampler = dict(type='InfiniteSampler', shuffle=True)
+    kw.setdefault('experiment_name', _experiment_name())
     runner = Runner(
         model=RandomModel(), work_dir=str(work_dir),
         train_dataloader=dict(dataset=RandomAugData(n=4), batch_size=2, num_workers=0,

@@ -13,7 +13,7 @@ pytest.importorskip('torch._dynamo')
 pytestmark = pytest.mark.skipif(
     tuple(int(v) for v in torch.__version__.split('.')[:2]) < (2, 4),
     reason='torch 2.1 under torch.compile skips the global optimizer step hooks that advance '
-           "CBN's iteration clock (README: modes)")
+           "CBN's iteration clock (docs/user_guide/modes.md)")
 
 
 class ConvNorm(nn.Module):

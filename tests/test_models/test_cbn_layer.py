@@ -402,7 +402,7 @@ def test_bfloat16_history_changes_the_correction_by_rounding_only():
     shadow, rel_error = _shadow_run(history_dtype='bfloat16')
     assert shadow.history.get('history_var_grad').dtype == torch.bfloat16
     assert shadow.history.get('history_var_ref').dtype == torch.float32
-    # bfloat16 keeps 8 bits (relative rounding 2^-9 per value); README: 0.1-1 % of the correction
+    # bfloat16 keeps 8 bits (relative rounding 2^-9 per value); docs/cost.md: 0.1-1 % of the correction
     assert 0 < rel_error < 0.01
 
 

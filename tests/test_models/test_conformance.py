@@ -2,7 +2,8 @@
 (``torch.testing._internal.common_modules.module_db``) run through the checks of torch's
 ``test/test_modules.py`` with CBN, SyncCBN and BRN swapped in, each compared with ``BatchNorm2d``
 built from the same sample; then the same checks on a conv + CBN model whose window is full, against
-a composite reference; then deployment (TorchScript, ``torch.export``, ``torch.jit.trace``).
+a composite reference; then deployment (TorchScript, ``torch.export``, ``torch.jit.trace``); then
+a sweep of inputs beyond the samples (dtype, device, shape, channel count, empty, non-finite).
 
 The checks (reconstructed from the ModuleInfo API; torch's test file is not installed): factory
 kwargs (``device``/``dtype`` → parameters and buffers), ``repr``, pickle round trips of the module
@@ -12,12 +13,11 @@ random projections (``fast_mode``) for the others, to keep the file to seconds),
 construction and ``to_empty``, train/eval switching. Every way in which a layer deliberately
 differs from BN is a row of :data:`DIFFERENCES`, asserted where it shows (an ``xfail(strict=True)``
 on the checks of a sample a layer refuses, a count one lower where BN counts an empty batch,
-history keys beyond BN's) and once more on its own in :func:`test_deliberate_difference`. One known
-limitation, not deliberate, is a strict xfail of its own: a copy or a move of a layer between two
-calls of one iteration (:func:`test_full_window_copy_between_calls_of_an_iteration`).
+history keys beyond BN's) and once more on its own in :func:`test_deliberate_difference`.
 """
 import copy
 import io
+import re
 import warnings
 from typing import NamedTuple, Tuple
 
@@ -100,6 +100,22 @@ DIFFERENCES = {
         'TypeError naming the layer and the allowed combinations (evaluation: BN\'s own error)',
         "the layer's statistics code runs before any kernel: it says what is allowed "
         '(float16/bfloat16 input with a float32 layer)'),
+    'channel_error': Difference(
+        tuple(LAYERS), 'input with another channel count than num_features (beyond the samples)',
+        "RuntimeError from the kernel ('running_mean should contain 3 elements not 4'; without "
+        'running statistics and affine parameters, none: it normalises any channel count)',
+        "ValueError '<layer> expected input with 4 channels (num_features), got 3 ...', in training "
+        'and evaluation, with or without running statistics',
+        "behind a conv, CBN's window code would otherwise fail first with an internal size message; "
+        'one message for every path'),
+    'non_finite_batch': Difference(
+        tuple(LAYERS), 'a training batch with inf or NaN (beyond the samples)',
+        'output non-finite; the running statistics take the non-finite moments and the batch is '
+        'counted',
+        'output non-finite as BN\'s; the running statistics, num_batches_tracked and (CBN) the '
+        "window's entries keep their values: the iteration's entry is empty",
+        'one overflowing batch (e.g. under AMP, where the optimizer step is then skipped) would '
+        "otherwise make BN's evaluation, BRN's r and d and CBN's window NaN for good"),
     'warnings': Difference(
         RECORDS_HISTORY, 'any sample in training', 'no warning',
         'one UserWarning per layer: nothing upstream is trainable, so the window is not '
@@ -498,6 +514,41 @@ def test_deliberate_difference(row, layer):
         bn.eval(), m.eval()
         with pytest.raises(RuntimeError, match='mixed dtype'):
             m(x)
+    elif row == 'channel_error':
+        for kwargs in ({}, {'affine': False, 'track_running_stats': False}):
+            bn, m = _bn_and_layer(layer, 4, **kwargs) if kwargs else _bn_and_layer(layer, 4)
+            x = torch.randn(2, 3, 5, 5)
+            if kwargs:
+                bn(x)
+            else:
+                with pytest.raises(RuntimeError, match='running_mean should contain 3 elements not 4'):
+                    bn(x)
+            for training in (True, False):
+                m.train(training)
+                with pytest.raises(ValueError, match=r'expected input with 4 channels \(num_features\), '
+                                                     'got 3'):
+                    m(x)
+            if layer == 'BRN':
+                break  # (BRN always tracks running statistics: row 'brn_tracks_running_stats')
+    elif row == 'non_finite_batch':
+        bn, m = _bn_and_layer(layer, 3, momentum=None)
+        x = torch.randn(2, 3, 4, 4)
+        bn(x), m(x)
+        before = copy.deepcopy(m.state_dict())
+        bad = x.clone()
+        bad[0, 1, 0, 0] = float('nan')
+        iteration_clock.next_iteration()
+        y_bn, y = bn(bad), m(bad)
+        assert torch.equal(torch.isfinite(y), torch.isfinite(y_bn))
+        assert not torch.isfinite(y[:, 1]).any() and torch.isfinite(y[:, [0, 2]]).all()
+        assert bn.running_mean[1].isnan() and int(bn.num_batches_tracked) == 2
+        for key in ('running_mean', 'running_var', 'num_batches_tracked'):
+            assert torch.equal(m.state_dict()[key], before[key]), key
+        if layer in RECORDS_HISTORY:
+            assert float(m.history.entries()[0].count) == 0.0  # the iteration's entry is empty
+        iteration_clock.next_iteration()
+        m(x)  # and the next batch is averaged in as the second, not the third
+        torch.testing.assert_close(m.running_mean, x.mean((0, 2, 3)))
     elif row == 'warnings':
         bn, m = _bn_and_layer(layer, 3)
         x = torch.randn(2, 3, 4, 4)
@@ -690,20 +741,20 @@ def test_full_window_save_load(layer):
             assert other[1].history_length == model[1].history_length
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason='known limitation (reported): a copy or a move made between two calls of '
-                   'one iteration normalises the later calls unlike the original')
 @pytest.mark.parametrize('how', ['pickle', 'state_dict', 'deepcopy', 'double'])
 def test_full_window_copy_between_calls_of_an_iteration(how):
-    """The first call of an iteration writes its entry over the ring's oldest; the original keeps
-    the iteration's past window (cached) for the later calls. A copy computes it again: pickle and
-    deepcopy without the overwritten entry (the cache is keyed by the conv weight's storage, which
-    the copy does not share; the layer also warns that the weights changed), the state dict with
-    the open entry taken as a past iteration (it is closed at load, as after a step); ``.double()``
-    of the float64 model (a no-op for BN) drops the cache, so the original itself then computes
-    the window without the overwritten entry."""
+    """The first call of an iteration writes its entry over the ring's oldest and keeps the
+    iteration's past window for the later calls. A copy made between two calls continues the
+    iteration as the original does: pickle and deepcopy carry that past window (the copy's conv
+    weights, elsewhere in memory, are not taken for weights changed in place), the state dict
+    saves it (``history_past_*``, only between two calls of one iteration), and ``.double()``
+    moves it with the ring."""
     model = _full_window_model('CBN')
+    past_keys = {'history_past_mean', 'history_past_var', 'history_past_valid',
+                 'history_past_recorded', 'history_past_window'}
+    assert not past_keys & set(model[1].state_dict())  # after a step: the ring alone
     model(_batch(20))
+    assert past_keys <= set(model[1].state_dict())
     x = _batch(21)
     copied, fresh = _copies(model)
     other = {'pickle': copied, 'state_dict': fresh, 'deepcopy': copy.deepcopy(model),
@@ -712,7 +763,7 @@ def test_full_window_copy_between_calls_of_an_iteration(how):
     if how == 'double':
         model.double()  # the same again for a later call, with the same past window
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
+        warnings.simplefilter('error')  # no 'weights changed between two calls' either
         torch.testing.assert_close(other(x), y, rtol=1e-12, atol=1e-12)
 
 
@@ -846,3 +897,128 @@ def test_torchscript_refuses_with_the_ways_to_deploy_and_the_bn_route_scripts(cl
     x = _batch(40).detach()
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+
+
+# ================================================================ an input sweep
+# Inputs beyond the samples (dtype, device, shape, channel count, empty, non-finite), given to a
+# fresh layer and to one that has trained behind a conv (CBN and SyncCBN with a full window), in
+# training and evaluation, each next to BatchNorm2d given the same input: an input BN refuses is
+# refused with the same exception type, or with the error of a DIFFERENCES row that names the
+# layer and the setting; an input BN takes gives an output of BN's shape, dtype and finite values;
+# a refused input changes no state.
+def _sweep_input(case):
+    x = _batch(30, shape=(2, 4, 5, 4)).detach()
+    return {
+        'int64': lambda: x.long(),
+        'bool': lambda: x > 0,
+        'complex128': lambda: x.to(torch.complex128),
+        'float32 into a float64 layer': lambda: x.float(),
+        'float16 into a float64 layer': lambda: x.half(),
+        'meta device': lambda: x.to('meta'),
+        '3 channels': lambda: x[:, :3],
+        '3-D': lambda: x[0],
+        '5-D': lambda: x[..., None],
+        'empty batch': lambda: x[:0],
+        'empty plane': lambda: x[:, :, :0],
+        'one value per channel': lambda: x[:1, :, :1, :1],
+        'all inf': lambda: torch.full_like(x, float('inf')),
+        'inf and -inf': lambda: torch.full_like(x, float('inf')).where(x > 0, float('-inf')),
+        'one NaN': lambda: x.index_put((torch.tensor(0), torch.tensor(2)), x.new_tensor(float('nan'))),
+    }[case]()
+
+
+SWEEP_CASES = ['int64', 'bool', 'complex128', 'float32 into a float64 layer',
+               'float16 into a float64 layer', 'meta device', '3 channels', '3-D', '5-D',
+               'empty batch', 'empty plane', 'one value per channel', 'all inf', 'inf and -inf',
+               'one NaN']
+_OWNER = {'CBN': 'CBN', 'CBN-uncompensated': 'CBN', 'SyncCBN': 'SyncCBN', 'BRN': 'BRN'}
+
+
+def _trained_brn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchRenorm2d(4)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(WINDOW):
+        model(_batch(10 + step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def _sweep_layer(layer, trained):
+    if not trained:
+        return (LAYERS[_OWNER[layer]] if layer != 'CBN-uncompensated' else
+                lambda c, **kw: CrossIterationBatchNorm2d(c, compensate=False, **kw))(
+                    4, dtype=torch.float64)
+    return (_trained_brn() if layer == 'BRN' else _full_window_model(layer))[1]
+
+
+def _layer_error(layer, case, training):
+    """The error the layer gives where it does not give BN's: (type, message pattern) or None."""
+    owner = _OWNER[layer]
+    if case == '3 channels':  # row 'channel_error'
+        return ValueError, rf'^{owner} expected input with 4 channels \(num_features\), got 3'
+    if case in ('3-D', '5-D'):
+        return ValueError, rf'^{owner} expects 4D \(N, C, H, W\) input'
+    if not training:  # evaluation is BN's forward (BN's errors, row 'dtype_error')
+        return None
+    if case == 'meta device':
+        return RuntimeError, rf'^{owner} input is on meta but the layer is on cpu'
+    if case in ('int64', 'bool', 'complex128') or 'into a float64 layer' in case:
+        dtype = str(_sweep_input(case).dtype)
+        return TypeError, (rf'^{owner} input dtype {dtype} does not match the layer dtype '
+                           r'torch.float64 \(allowed: the same dtype, or float16/bfloat16 input with '
+                           r'a float32 layer\)')
+    return None
+
+
+def _outcome(module, x):
+    try:
+        return module(x), None
+    except Exception as error:  # noqa: BLE001  (compared with BN's)
+        return None, error
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')
+@pytest.mark.parametrize('case', SWEEP_CASES)
+@pytest.mark.parametrize('trained', [False, True], ids=['fresh', 'trained'])
+@pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('layer', ['CBN', 'CBN-uncompensated', 'SyncCBN', 'BRN'])
+def test_input_sweep_against_batchnorm(layer, training, trained, case):
+    m = _sweep_layer(layer, trained).train(training)
+    bn = nn.BatchNorm2d(4).double().train(training)
+    bn.load_state_dict({k: v for k, v in m.state_dict().items() if not is_history_state_key(k)})
+    iteration_clock.next_iteration()
+    before = copy.deepcopy(m.state_dict())
+    x = _sweep_input(case)
+    y_bn, bn_error = _outcome(bn, x)
+    y, error = _outcome(m, x)
+    expected = _layer_error(layer, case, training)
+    if expected is not None:
+        assert error is not None, f'{layer} took {case} input'
+        assert isinstance(error, expected[0]) and re.search(expected[1], str(error)), repr(error)
+        assert bn_error is not None or case == '3 channels'  # BN refuses it too (row aside)
+    elif bn_error is not None:
+        assert type(error) is type(bn_error), (repr(error), repr(bn_error))
+    else:
+        assert error is None, repr(error)
+        assert y.shape == y_bn.shape and y.dtype == y_bn.dtype and y.device == y_bn.device
+        if y.device.type != 'meta':
+            assert torch.equal(torch.isfinite(y), torch.isfinite(y_bn))
+            if not training or not trained:
+                # evaluation is BN's; fresh, CBN's window is empty and BRN's r = 1, d = 0
+                torch.testing.assert_close(y, y_bn, rtol=1e-12, atol=1e-12, equal_nan=True)
+    state = m.state_dict()
+    if error is not None or case in ('empty batch', 'empty plane') or not training:
+        # nothing changes (row 'empty_batch_not_counted': an empty batch is not counted)
+        assert list(state) == list(before)
+        for key in before:
+            assert torch.equal(state[key], before[key]), key
+    elif not torch.isfinite(x).all():  # row 'non_finite_batch'
+        for key in ('running_mean', 'running_var', 'num_batches_tracked'):
+            assert torch.equal(state[key], before[key]), key
+        if layer in RECORDS_HISTORY or layer == 'CBN-uncompensated':
+            entries = m.history.entries()
+            assert float(entries[0].count) == 0.0 and not torch.isfinite(y_bn).all()
+            assert all(torch.isfinite(e.mean).all() and torch.isfinite(e.var).all()
+                       for e in entries)
