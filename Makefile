@@ -3,7 +3,8 @@
 # Both first run tools/setup_env.sh, which creates .venv on the first run (the mmcv ops build takes
 # 10-20 minutes on 2 cores, once) and returns in about a second afterwards.
 #
-#   make demo [DEMO_CONFIG=configs/demo/...py, a detection or classification demo config] [DEMO_WORK_DIR=work_dirs/demo] [DEMO_TRAIN_ARGS='--cfg-options ...']
+#   make demo [DEMO_CONFIG=configs/demo/...py] [DEMO_WORK_DIR=work_dirs/demo] [DEMO_TRAIN_ARGS='--cfg-options ...']
+#     (DEMO_CONFIG: a detection or a classification demo config)
 #   make test [PYTEST_ARGS='-m "not slow"']
 #   make docs [DOCS_OUT=docs/_build/html]
 
@@ -43,11 +44,13 @@ demo:
 	tools/setup_env.sh
 	@mkdir -p $(DEMO_WORK_DIR)
 	@# Generate the config's demo data if missing, with exactly the config's generation arguments
-	@# (building its train and val datasets does that; see DemoShapesDataset, DemoShapesClassification).
+	@# (building its train and val datasets does that; see DemoShapesDataset and
+	@# DemoShapesClassification).
 	$(PYTHON) -c "$$DEMO_DATA_PY" $(DEMO_CONFIG) $(DEMO_WORK_DIR)/scope
 	$(PYTHON) tools/train.py $(DEMO_CONFIG) --work-dir $(DEMO_WORK_DIR) $(DEMO_TRAIN_ARGS)
 	@ckpt=$$(cat $(DEMO_WORK_DIR)/last_checkpoint) && \
-	  if [ "$$(cat $(DEMO_WORK_DIR)/scope)" = mmpretrain ]; then what="top-1 accuracy"; else what="COCO evaluation"; fi && \
+	  if [ "$$(cat $(DEMO_WORK_DIR)/scope)" = mmpretrain ]; then what="top-1 accuracy"; \
+	  else what="COCO evaluation"; fi && \
 	  echo "[demo] $$what of $$ckpt" && \
 	  $(PYTHON) tools/test.py $(DEMO_CONFIG) $$ckpt --work-dir $(DEMO_WORK_DIR)/test 2>&1 \
 	  | tee $(DEMO_WORK_DIR)/test.log | grep -E '$(DEMO_RESULT_LINES)'; \
