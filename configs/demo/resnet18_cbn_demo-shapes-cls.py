@@ -1,6 +1,6 @@
 # ResNet-18 (half width) with CBN in every layer, trained from scratch on the generated classification
-# demo shapes at 16 images per iteration: the classification counterpart of the detection demo, a CPU
-# run of a few minutes on 2 cores that learns for real. No pretrained weights are used anywhere.
+# demo shapes (32 x 32 pixels, five classes) at 16 images per iteration: the classification
+# counterpart of the detection demo. No pretrained weights are used anywhere.
 _base_ = [
     'mmpretrain::_base_/models/resnet18.py',
     '../_base_/datasets/demo_shapes_classification.py',
