@@ -45,6 +45,8 @@ setup(
     install_requires=['torch>=2.1'],
     extras_require={
         'mmdet': ['mmcv>=2.0.0,<2.2.0', 'mmengine>=0.10.0', 'mmdet>=3.3.0', 'pycocotools'],
+        # classification (configs/cbn_imagenet/); torchvision: mmpretrain's transforms import it
+        'mmpretrain': ['mmcv>=2.0.0,<2.2.0', 'mmengine>=0.10.0', 'mmpretrain>=1.2.0', 'torchvision'],
         'tests': ['pytest', 'expecttest'],  # expecttest: torch.testing._internal
         'analysis': ['matplotlib', 'scikit-learn'],
         'docs': ['sphinx>=9,<10', 'myst-parser>=5,<6'],

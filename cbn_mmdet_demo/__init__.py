@@ -4,6 +4,11 @@ It is not part of the layer library: ``import cbn_mmdet`` does not import it. Th
 (:mod:`cbn_mmdet_demo.shapes`) needs numpy only. Where mmdet is installed, importing this package
 also registers :class:`DemoShapesDataset` in mmdet's ``DATASETS``; the demo configs do so with
 ``custom_imports = dict(imports=['cbn_mmdet', 'cbn_mmdet_demo'], allow_failed_imports=False)``.
+
+The classification counterpart (:mod:`cbn_mmdet_demo.shapes_classification`, an ImageNet-format
+dataset of one shape per image; numpy only) has its mmpretrain dataset in
+:mod:`cbn_mmdet_demo.shapes_classification_dataset`, which the classification demo config imports
+itself: this package does not import mmpretrain (seconds of import time the detection demo would pay).
 """
 import importlib.util
 

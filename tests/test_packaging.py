@@ -49,6 +49,9 @@ def test_built_wheel_carries_both_packages_and_the_configs(tmp_path):
     assert 'cbn_mmdet/.mim/configs/cbn_paper/_base_/paper_1x.py' in names
     assert 'cbn_mmdet/.mim/configs/cbn_paper/metafile.yml' in names
     assert 'cbn_mmdet/.mim/configs/cbn_paper/paper_results.yml' in names
+    assert 'cbn_mmdet/.mim/configs/cbn_imagenet/paper_results.yml' in names
+    assert 'cbn_mmdet/.mim/configs/cbn_imagenet/_base_/schedule_100e_cosine.py' in names
     for module in ('cbn_mmdet/__init__.py', 'cbn_mmdet_demo/__init__.py', 'cbn_mmdet_demo/shapes.py',
-                   'cbn_mmdet_demo/shapes_dataset.py'):
+                   'cbn_mmdet_demo/shapes_dataset.py', 'cbn_mmdet_demo/shapes_classification.py',
+                   'cbn_mmdet_demo/shapes_classification_dataset.py'):
         assert module in names, module

@@ -29,16 +29,18 @@ TORCH_VERSION=2.13.0
 MMCV_VERSION=2.1.0
 MMENGINE_VERSION=0.10.7
 MMDET_VERSION=3.3.0
+MMPRETRAIN_VERSION=1.2.0
+TORCHVISION_VERSION=0.28.0   # the release built for torch 2.13
 PYTHON_MIN=3.10   # torch 2.13.0's Requires-Python
 
 device=$(cbn_resolve_device "${CBN_DEVICE:-}" "$(cbn_recorded_device "$venv")" "$venv")
 
 stamp="$venv/.cbn_mmdet_env_ok"
 # Bump EXTRAS when the package list below changes, so that existing environments are updated.
-EXTRAS="pycocotools,pytest,matplotlib,scikit-learn,expecttest,sphinx9,myst-parser5"
+EXTRAS="pycocotools,pytest,matplotlib,scikit-learn,expecttest,sphinx9,myst-parser5,mmpretrain"
 # Likewise the project's own top-level packages: an editable install only finds those it was made with.
 PACKAGES="cbn_mmdet,cbn_mmdet_demo"
-want="torch=$TORCH_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device extras=$EXTRAS packages=$PACKAGES"
+want="torch=$TORCH_VERSION torchvision=$TORCHVISION_VERSION mmcv=$MMCV_VERSION mmengine=$MMENGINE_VERSION mmdet=$MMDET_VERSION device=$device extras=$EXTRAS packages=$PACKAGES"
 env_ready() { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c '' 2>/dev/null; }
 env_ready && exit 0
 
@@ -97,17 +99,14 @@ vpy="$venv/bin/python"
 vpip() { "$vpy" -m pip "$@"; }
 # setuptools 82 dropped pkg_resources, which mmcv's setup.py and mmengine's `mmdet::` config loading import.
 vpip install -q -U pip wheel "setuptools<82"
-if [ "$device" = cpu ]; then
-  # Where pip's find-links hold the CPU wheel the pin takes it; from PyPI alone it is the CUDA build,
-  # which runs on CPU as well.
-  vpip install -q "torch==$TORCH_VERSION"
-else
-  # Any build of the pinned release except the CPU one, so a local CPU wheel in pip's find-links is
-  # never taken; CBN_TORCH_INDEX_URL picks a CUDA variant (PyTorch's per-CUDA indexes).
-  index_args=()
-  [ -z "${CBN_TORCH_INDEX_URL:-}" ] || index_args=(--index-url "$CBN_TORCH_INDEX_URL")
-  vpip install -q ${index_args[@]+"${index_args[@]}"} "torch==$TORCH_VERSION,!=$TORCH_VERSION+cpu"
-fi
+# Both devices take PyPI's torch (a CUDA build, which runs on CPU too) and the torchvision built with it,
+# which mmpretrain's data transforms import: any build of the pinned releases except the CPU one, so a
+# local CPU wheel in pip's find-links is never taken (PyPI's torchvision does not load with it).
+# cuda: CBN_TORCH_INDEX_URL picks a CUDA variant (PyTorch's per-CUDA indexes).
+index_args=()
+[ "$device" = cpu ] || [ -z "${CBN_TORCH_INDEX_URL:-}" ] || index_args=(--index-url "$CBN_TORCH_INDEX_URL")
+vpip install -q ${index_args[@]+"${index_args[@]}"} "torch==$TORCH_VERSION,!=$TORCH_VERSION+cpu" \
+  "torchvision==$TORCHVISION_VERSION,!=$TORCHVISION_VERSION+cpu"
 vpip install -q numpy ninja psutil
 
 torch_info=$("$vpy" -c '
@@ -190,12 +189,14 @@ if [ -z "$mmcv_wheel" ]; then
 fi
 vpip install -q --no-deps "$mmcv_wheel"
 # expecttest: imported by torch.testing._internal, whose ModuleInfo samples test_conformance.py runs;
-# sphinx and myst-parser: the documentation site, which the suite builds
-vpip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" pycocotools pytest matplotlib scikit-learn expecttest \
+# sphinx and myst-parser: the documentation site, which the suite builds;
+# mmpretrain: the classification side (configs/cbn_imagenet/ and its tests)
+vpip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" "mmpretrain==$MMPRETRAIN_VERSION" \
+  pycocotools pytest matplotlib scikit-learn expecttest \
   "sphinx>=9,<10" "myst-parser>=5,<6" \
   "mmcv==$MMCV_VERSION" --find-links "$tagged_cache"
 vpip install -q --no-deps --no-build-isolation -e "$repo"
-"$vpy" -c "import mmdet, mmcv, mmengine; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"
+"$vpy" -c "import mmdet, mmcv, mmengine, mmpretrain, torchvision; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"
 if [ "$device" = cuda ]; then
   compiled=$("$vpy" -c "from mmcv.ops import get_compiling_cuda_version as v; print(v())")
   if [ "$compiled" = "not available" ] || [ -z "$compiled" ]; then

@@ -117,6 +117,9 @@ cbn_arch_key() {
 # cbn_cache_key DEVICE PYTAG TORCH_VERSION [CUDA_VERSION ARCH_LIST]: the cache folder for an mmcv
 # wheel, e.g. cpu-cp311-torch2.13.0 or cuda12.8-cp311-torch2.13.0-sm90. A wheel's compiled ops are
 # tied to the Python ABI, the torch release, the CUDA version and the GPU architectures built for.
+# CPU-only ops link against the parts of libtorch that every build of a release shares (same headers,
+# same C++ ABI), so one cpu wheel serves the release's CPU and CUDA builds alike: the CUDA version of
+# a torch running CPU ops is not part of the key.
 cbn_cache_key() {
   local device=$1 pytag=$2 torch=${3%%+*} cuda=${4:-} arches=${5:-} ak
   if [ -z "$pytag" ] || [ -z "$torch" ]; then cbn_err "cache key: no Python tag or torch version"; return 1; fi

@@ -1,4 +1,5 @@
-"""Every config under configs/ parses with mmengine and builds its model with mmdet's registry.
+"""Every config under configs/ parses with mmengine and builds its model with its toolbox's registry
+(mmdet's, or mmpretrain's for the classification configs, through the config's default_scope).
 
 Configs that need GPUs or datasets are only parsed and built (nothing is run or loaded).
 """
@@ -11,11 +12,17 @@ from conftest import REPO_ROOT as REPO  # noqa: E402
 CONFIGS = sorted(
     osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
     if '_base_' not in osp.relpath(p, REPO).split(osp.sep))
+DEMOS = [p for p in CONFIGS if p.startswith('configs/demo/')]
+# the classification demos (mmpretrain) are named *_demo-shapes-cls.py; the rest are detectors
+CLASSIFICATION_DEMOS = [p for p in DEMOS if p.endswith('_demo-shapes-cls.py')]
+DETECTION_DEMOS = [p for p in DEMOS if p not in CLASSIFICATION_DEMOS]
 
 
 def test_configs_are_found():
     assert 'configs/demo/faster-rcnn_r18_fpn_demo-shapes.py' in CONFIGS
     assert 'configs/demo/mask-rcnn_r18_fpn_demo-shapes.py' in CONFIGS
+    assert CLASSIFICATION_DEMOS == ['configs/demo/resnet18_cbn_demo-shapes-cls.py']
+    assert 'configs/cbn_imagenet/resnet18_cbn-k4_4xb4-100e_in1k.py' in CONFIGS
 
 
 def _load(path):
@@ -29,7 +36,12 @@ def test_config_builds_model(path):
     from mmengine.registry import init_default_scope
 
     cfg = _load(path)
-    plugins = ['cbn_mmdet', 'cbn_mmdet_demo'] if path.startswith('configs/demo/') else ['cbn_mmdet']
+    if path in CLASSIFICATION_DEMOS:
+        plugins = ['cbn_mmdet', 'cbn_mmdet_demo.shapes_classification_dataset']
+    elif path in DETECTION_DEMOS:
+        plugins = ['cbn_mmdet', 'cbn_mmdet_demo']
+    else:
+        plugins = ['cbn_mmdet']
     assert cfg.custom_imports == dict(imports=plugins, allow_failed_imports=False)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
@@ -53,7 +65,7 @@ def _norm_cfgs(model_cfg):
     return out
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if p.startswith('configs/demo/')])
+@pytest.mark.parametrize('path', DETECTION_DEMOS)
 def test_demo_configs_use_one_head_norm_variable(path):
     cfg = _load(path)
     assert 'head_norm_cfg' in cfg
@@ -66,7 +78,7 @@ def test_demo_configs_use_one_head_norm_variable(path):
     assert cfg.model.backbone.frozen_stages == -1 and cfg.model.backbone.norm_eval is False
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if p.startswith('configs/demo/')])
+@pytest.mark.parametrize('path', DETECTION_DEMOS)
 def test_demo_configs_data_settings(path):
     cfg = _load(path)
     for split in ('train', 'val', 'test'):
@@ -92,3 +104,24 @@ def test_main_demo_config_uses_the_default_generation_arguments():
     assert cfg.train_dataloader.dataset.data_root.rstrip('/') == 'data/demo_shapes'
     generate = normalize_generation_args(**cfg.train_dataloader.dataset.generate)
     assert generate == default_generation_args()
+
+
+@pytest.mark.parametrize('path', CLASSIFICATION_DEMOS)
+def test_classification_demo_settings(path):
+    cfg = _load(path)
+    assert cfg.default_scope == 'mmpretrain'
+    # one norm variable for the whole network, trained from scratch
+    assert cfg.model.backbone.norm_cfg == cfg.norm_cfg and cfg.norm_cfg.type == 'CBN'
+    assert cfg.model.backbone.get('init_cfg') is None and 'Pretrained' not in repr(cfg.model)
+    assert cfg.model.head.num_classes == cfg.data_preprocessor.num_classes == 5
+    assert cfg.model.head.in_channels == cfg.width * 8
+    generate = cfg.train_dataloader.dataset.generate
+    for split, loader_name in (('train', 'train_dataloader'), ('val', 'val_dataloader'),
+                               ('val', 'test_dataloader')):
+        loader = cfg[loader_name]
+        assert loader.dataset.type == 'DemoShapesClassification' and loader.dataset.split == split
+        assert loader.dataset.generate == generate   # the same generated data
+        assert loader.num_workers > 0 or not loader.persistent_workers
+    assert cfg.val_evaluator == dict(type='Accuracy', topk=(1, ))
+    burn_in = next(h for h in cfg.custom_hooks if h.type == 'CBNBurnInHook')
+    assert burn_in.burn_in == cfg.max_iters // 4 and burn_in.by_epoch is False

@@ -113,7 +113,7 @@ def test_segm_metrics_and_unavailable_values(tmp_path):
 
 def test_unknown_table_is_refused():
     with pytest.raises(SystemExit, match='unknown table'):
-        collect_table.main(['table9'])
+        collect_table.main(['table8'])   # the paper's cost table: no results table here
 
 
 def _commands(out):
@@ -212,3 +212,91 @@ def test_model_zoo_fills_ours_log_and_checkpoint(tmp_path, capsys):
     model = next(m for m in meta['Models'] if m['Name'] == CFG)
     assert model['Results'][0]['Metrics'] == {'box AP': 37.9}
     assert model['Paper Results'] == {'box AP': 37.7} and model['Metadata']['Window'] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet (configs/cbn_imagenet/paper_results.yml): same tools, mmpretrain's logs
+
+IN_CFG = 'resnet18_cbn-k4_4xb4-100e_in1k'
+
+
+def _top1(acc, step=100):
+    return {'accuracy/top1': acc, 'data_time': 0.01, 'time': 0.1, 'step': step}
+
+
+def test_imagenet_table_reads_top1_in_percent_next_to_the_paper(tmp_path, capsys):
+    root = str(tmp_path)
+    for seed, acc in ((0, 69.8), (1, 70.2)):
+        write_run(root, 'table3', IN_CFG, seed, [_top1(acc - 5, 99), _top1(acc)])
+    # a COCO line in the same log is not a classification result
+    write_run(root, 'table3', 'resnet18_bn_4xb4-100e_in1k', 0, [_val(0.3)])
+    assert collect_table.main(['table3', '--work-root', root, '--trials', '2',
+                               '--format', 'markdown']) == 0
+    md = capsys.readouterr().out
+    line = next(x for x in md.splitlines() if f'`{IN_CFG}`' in x)
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    # mmpretrain logs percent: no scaling; the paper's value beside it
+    assert cells == ['CBN 4/GPU', f'`{IN_CFG}`', '2/2', '70.00 ± 0.28', '70.0']
+    bn = next(x for x in md.splitlines() if '`resnet18_bn_4xb4-100e_in1k`' in x)
+    assert '| 0/2 |' in bn and '65.1' in bn
+    assert 'top-1 accuracy in % on ImageNet val' in md and 'AP in %' not in md
+    # Figure 4 shares the run: found under the other table
+    assert collect_table.main(['figure4', '--work-root', root, '--trials', '2',
+                               '--format', 'csv']) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert next(r for r in rows if r['config'] == IN_CFG)['mean'] == '70.000'
+
+
+def test_tables_of_two_benchmarks_are_not_mixed(tmp_path):
+    with pytest.raises(SystemExit, match='mix benchmarks'):
+        collect_table.main(['table3', 'table5', '--work-root', str(tmp_path)])
+    with pytest.raises(SystemExit, match='not coco'):
+        collect_table.main(['table3', '--benchmark', 'coco', '--work-root', str(tmp_path)])
+    assert [t.name for t in collect_table.select_tables(['all'], 'imagenet')] == [
+        'table2', 'table3', 'table4', 'table9', 'figure3a', 'figure4', 'figure5a']
+    assert collect_table.select_tables([])[0].name == 'table5'   # COCO by default, as before
+
+
+def test_run_table_imagenet_budget_per_images_per_gpu(tmp_path, capsys):
+    root = str(tmp_path)
+    run_table.main(['table3', '--rows', 'CBN 32/GPU', 'CBN 4/GPU', '--trials', '2',
+                    '--iter-time', '0.1', '--work-root', root, '--dry-run'])
+    out = capsys.readouterr().out
+    iters = {32: 100 * -(-1281167 // 128), 4: 100 * -(-1281167 // 16)}
+    hours = {n: i * 0.1 * 4 / 3600 for n, i in iters.items()}
+    assert (f'#   resnet18_cbn-k1_4xb32-100e_in1k ({iters[32]} iterations: 100 epochs of 1281167 '
+            f'images, 4 GPUs x 32 images): 2 runs, {2 * hours[32]:.1f} GPU-hours') in out
+    assert f'#   {IN_CFG} ({iters[4]} iterations: 100 epochs of 1281167 images, 4 GPUs x 4 images)' in out
+    assert f'# total: 4 runs, {2 * hours[32] + 2 * hours[4]:.1f} GPU-hours' in out
+    commands = _commands(out)
+    assert commands[-1] == (f'tools/dist_train.sh configs/cbn_imagenet/{IN_CFG}.py 4 --work-dir '
+                            f'{root}/table3/{IN_CFG}/seed1 --resume --cfg-options randomness.seed=1')
+    # done: the ImageNet schedule's final checkpoint, epoch_100.pth
+    write_run(root, 'table3', IN_CFG, 0, [_top1(70.0)])
+    open(osp.join(root, 'table3', IN_CFG, 'seed0', 'epoch_100.pth'), 'w').close()
+    run_table.main(['table9', '--rows', 'CBN^(1)', 'BN', '--trials', '1', '--work-root', root,
+                    '--dry-run'])
+    assert len(_commands(capsys.readouterr().out)) == 2
+    run_table.main(['figure4', '--rows', 'CBN', '--trials', '1', '--work-root', root, '--dry-run'])
+    assert f'# skip (done): figure4 {IN_CFG} seed0' in capsys.readouterr().out
+
+
+def test_imagenet_model_zoo_fills_ours_log_and_checkpoint(tmp_path):
+    import yaml
+    root = str(tmp_path / 'runs')
+    write_run(root, 'table3', IN_CFG, 0, [_top1(70.1)])
+    run = osp.join(root, 'table3', IN_CFG, 'seed0')
+    for epoch in (9, 100):   # the final checkpoint by number, not by name
+        open(osp.join(run, f'epoch_{epoch}.pth'), 'w').close()
+    collect_table.main(['--benchmark', 'imagenet', '--format', 'csv', '--work-root', root,
+                        '--trials', '1', '--model-zoo', str(tmp_path)])
+    line = next(x for x in (tmp_path / 'README.md').read_text().splitlines()
+                if x.startswith(f'| [{IN_CFG}]'))
+    cells = [c.strip() for c in line.split('|')[1:-1]]
+    assert cells[1:8] == ['ResNet-18', 'CBN', '4', '4', '25', '70.0', '70.1']
+    assert cells[8] == '1/1' and cells[10] == f'`{run}/epoch_100.pth`'
+    meta = yaml.safe_load((tmp_path / 'metafile.yml').read_text())
+    model = next(m for m in meta['Models'] if m['Name'] == IN_CFG)
+    assert model['Results'][0]['Metrics'] == {'Top 1 Accuracy': 70.1}
+    assert model['Paper Results'] == {'Top 1 Accuracy': 70.0}
+    assert model['Metadata']['Batch Size'] == 16 and model['Metadata']['Window'] == 4

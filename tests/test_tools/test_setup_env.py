@@ -73,6 +73,8 @@ def make_wheel(path, force_cuda='0'):
     ('cpu cp311 2.13.0', 'cpu-cp311-torch2.13.0'),
     ('cpu cp312 2.13.0+cpu', 'cpu-cp312-torch2.13.0'),
     ('cpu cp311 2.14.1+cpu', 'cpu-cp311-torch2.14.1'),
+    # CPU ops built against a CPU torch run with the same release's CUDA build, and the other way round
+    ('cpu cp311 2.13.0+cu130 13.0', 'cpu-cp311-torch2.13.0'),
     ('cuda cp311 2.13.0+cu128 12.8 9.0', 'cuda12.8-cp311-torch2.13.0-sm90'),
     ('cuda cp311 2.13.0 12.6 9.0', 'cuda12.6-cp311-torch2.13.0-sm90'),
     ('cuda cp310 2.13.0+cu128 12.8 9.0', 'cuda12.8-cp310-torch2.13.0-sm90'),
@@ -677,12 +679,13 @@ def test_cpu_setup_reuses_the_wheel_of_the_old_cache_layout(fake):
     assert proc.returncode == 0, proc.out
     assert fake.builds() == []
     assert [c for c in fake.calls() if c.startswith('TORCH ')] == [
-        'TORCH torch==2.13.0 index= -> 2.13.0+cpu']
+        'TORCH torch==2.13.0,!=2.13.0+cpu index= -> 2.13.0+cpu']
     assert os.listdir(fake.cache / CPU_KEY) == [WHEEL]
     assert f'INSTALL-WHEEL {fake.cache / CPU_KEY / WHEEL}' in fake.calls()
     assert osp.isfile(legacy)
-    assert fake.stamp().strip() == ('torch=2.13.0 mmcv=2.1.0 mmengine=0.10.7 mmdet=3.3.0 device=cpu '
-                                    'extras=pycocotools,pytest,matplotlib,scikit-learn,expecttest,sphinx9,myst-parser5 '
+    assert fake.stamp().strip() == ('torch=2.13.0 torchvision=0.28.0 mmcv=2.1.0 mmengine=0.10.7 mmdet=3.3.0 '
+                                    'device=cpu extras=pycocotools,pytest,matplotlib,scikit-learn,expecttest,'
+                                    'sphinx9,myst-parser5,mmpretrain '
                                     'packages=cbn_mmdet,cbn_mmdet_demo')
     assert (fake.venv / '.cbn_device').read_text().strip() == 'cpu'
     proc = fake.run()
@@ -739,3 +742,31 @@ def test_old_python_is_refused_before_any_download(fake):
     assert 'is Python 3.9; Python >= 3.10 is needed' in proc.out
     assert fake.pip_calls() == []
     assert not fake.venv.exists()
+
+
+def test_cpu_setup_takes_pypi_torch_and_torchvision_and_the_cpu_wheel(fake):
+    # PyPI's torch is a CUDA build; its CPU ops use the same cached wheel as the CPU build's
+    make_wheel(fake.cache / CPU_KEY / WHEEL)
+    proc = fake.run(FAKE_TORCH_CUDA='13.0', CBN_TORCH_INDEX_URL='https://download.pytorch.org/whl/cu126')
+    assert proc.returncode == 0, proc.out
+    torch_installs = [c for c in fake.pip_calls() if 'torch==' in c]
+    # together, so that pip resolves a torchvision built for the pinned torch; the index is for cuda only
+    assert torch_installs == ['pip install -q torch==2.13.0,!=2.13.0+cpu torchvision==0.28.0,!=0.28.0+cpu']
+    assert fake.builds() == []
+    assert f'INSTALL-WHEEL {fake.cache / CPU_KEY / WHEEL}' in fake.calls()
+    assert any('mmpretrain==1.2.0' in c for c in fake.pip_calls())
+    assert 'device=cpu' in fake.stamp() and 'mmpretrain' in fake.stamp()
+
+
+def test_an_environment_set_up_before_mmpretrain_is_updated(fake):
+    make_wheel(fake.cache / CPU_KEY / WHEEL)
+    assert fake.run().returncode == 0
+    old_stamp = ('torch=2.13.0 mmcv=2.1.0 mmengine=0.10.7 mmdet=3.3.0 device=cpu extras=pycocotools,pytest,'
+                 'matplotlib,scikit-learn,expecttest,sphinx9,myst-parser5 packages=cbn_mmdet,cbn_mmdet_demo')
+    (fake.venv / '.cbn_mmdet_env_ok').write_text(old_stamp + '\n')
+    proc = fake.run(FAKE_TORCH_CUDA='13.0')
+    assert proc.returncode == 0, proc.out
+    assert any('torchvision==0.28.0' in c for c in fake.pip_calls())
+    assert any('mmpretrain==1.2.0' in c for c in fake.pip_calls())
+    assert fake.builds() == []
+    assert fake.stamp().strip() != old_stamp

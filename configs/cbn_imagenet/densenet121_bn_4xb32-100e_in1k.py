@@ -1,0 +1,2 @@
+# DenseNet-121, 32 images per GPU x 4 GPUs, BN in every layer.
+_base_ = './_base_/densenet121_4xb32-100e_in1k.py'

@@ -1,0 +1,4 @@
+# Inception-v3, 4 images per GPU x 4 GPUs, BN in every layer.
+_base_ = './_base_/inception-v3_4xb32-100e_in1k.py'
+train_dataloader = dict(batch_size=4)
+optim_wrapper = dict(optimizer=dict(lr=0.0125))  # 0.1 * 4 / 32

@@ -1,0 +1,4 @@
+# ResNet-18, 28 images per GPU x 4 GPUs, BN in every layer.
+_base_ = './_base_/resnet18_4xb32-100e_in1k.py'
+train_dataloader = dict(batch_size=28)
+optim_wrapper = dict(optimizer=dict(lr=0.08750000000000001))  # 0.1 * 28 / 32
