@@ -36,7 +36,7 @@ import shutil
 import struct
 import tempfile
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -437,20 +437,28 @@ def make_demo_dataset(root: str, num_train: int = 800, num_val: int = 200,
         num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
         min_objects=min_objects, max_objects=max_objects, min_size=min_size, max_size=max_size,
         min_visible_fraction=min_visible_fraction)
+    return generate_in_place(root, lambda tmp: _write_dataset(tmp, args), SPLITS, 'annotations',
+                             lambda: is_complete(root), overwrite)
+
+
+def generate_in_place(root: str, write: Callable[[str], None], folders: Sequence[str],
+                      marker: str, complete: Callable[[], bool], overwrite: bool) -> str:
+    """Write a dataset's ``folders`` and its ``marker`` folder with ``write(tmp)`` into a temporary
+    directory in ``root``, then move them into place, the marker last, under a lock file: processes
+    that call this at once take turns, and a reader that sees the marker sees everything."""
     os.makedirs(root, exist_ok=True)
     with _file_lock(osp.join(root, '.generate.lock')):
-        if is_complete(root) and not overwrite:
+        if complete() and not overwrite:
             return root
         tmp = tempfile.mkdtemp(prefix='.generating-', dir=root)
         try:
-            _write_dataset(tmp, args)
-            # Remove what a previous (crashed or overwritten) run left, annotations first so the
-            # dataset never looks complete while it is being replaced.
-            for name in ('annotations',) + SPLITS:
-                target = osp.join(root, name)
-                if osp.isdir(target):
-                    shutil.rmtree(target)
-            for name in SPLITS + ('annotations',):
+            write(tmp)
+            # what an earlier (crashed or overwritten) run left goes first, the marker before the
+            # rest, so the dataset never looks complete while it is being replaced
+            for name in (marker, ) + tuple(folders):
+                if osp.isdir(osp.join(root, name)):
+                    shutil.rmtree(osp.join(root, name))
+            for name in tuple(folders) + (marker, ):
                 os.replace(osp.join(tmp, name), osp.join(root, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,14 +27,12 @@ import inspect
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .shapes import (CLASSES, SPLITS, _coverage, _file_lock, _object_colour, _smooth_noise,
-                     encode_png)
+from .shapes import (CLASSES, SPLITS, _coverage, _object_colour, _smooth_noise, encode_png,
+                     generate_in_place)
 
 __all__ = ['CLASSES', 'generate_classification_split', 'make_classification_dataset',
            'normalize_classification_args', 'default_classification_args',
@@ -183,19 +181,5 @@ def make_classification_dataset(root: str, num_train: int = 1000, num_val: int =
     args = normalize_classification_args(num_train=num_train, num_val=num_val,
                                          image_size=image_size, seed=seed, min_size=min_size,
                                          max_size=max_size)
-    os.makedirs(root, exist_ok=True)
-    with _file_lock(osp.join(root, '.generate.lock')):
-        if is_complete(root) and not overwrite:
-            return root
-        tmp = tempfile.mkdtemp(prefix='.generating-', dir=root)
-        try:
-            _write(tmp, args)
-            # what an earlier (crashed or overwritten) run left goes first, meta/ before the images
-            for name in ('meta',) + SPLITS:
-                if osp.isdir(osp.join(root, name)):
-                    shutil.rmtree(osp.join(root, name))
-            for name in SPLITS + ('meta',):
-                os.replace(osp.join(tmp, name), osp.join(root, name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return generate_in_place(root, lambda tmp: _write(tmp, args), SPLITS, 'meta',
+                             lambda: is_complete(root), overwrite)
