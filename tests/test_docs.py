@@ -135,6 +135,33 @@ def test_generated_tables_equal_their_sources():
     assert not stale, f'regenerate with: .venv/bin/python tools/docs_tables.py ({stale})'
 
 
+def _tables(path):
+    """The Markdown tables of a page, each as its list of lines."""
+    tables, current = [], []
+    for line in open(path, encoding='utf-8').read().split('\n') + ['']:
+        if line.startswith('|'):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_evidence_page_includes_the_result_tables_instead_of_copying_them():
+    """A table the analysis tools wrote (docs/evidence/*.md) is included into the evidence page by
+    the build (MyST ``include``), so a rerun of a tool cannot leave an old copy behind."""
+    written = [row for path in glob.glob(osp.join(REPO, 'docs', 'evidence', '*.md'))
+               for table in _tables(path) for row in table[2:]]
+    copied = [row for table in _tables(osp.join(REPO, 'docs', 'evidence.md')) for row in table[2:]
+              if row in written]
+    assert copied == []
+    page = open(osp.join(REPO, 'docs', 'evidence.md'), encoding='utf-8').read()
+    includes = re.findall(r'```\{include\} (\S+)\n:start-after: (.+)\n', page)
+    assert len(includes) >= 5
+    for source, marker in includes:
+        assert open(osp.join(REPO, 'docs', source), encoding='utf-8').read().count(marker) == 1
+
+
 def test_every_benchmark_measurement_is_shown_once():
     shown = []
     for path in docs_tables.documents():

@@ -395,13 +395,14 @@ def tables(summary, ks, final_loss, n_layers, args):
                                   overall_rows(summary['full_lr'][oracle], False)))
         rows = [[k, t] + cells(row) for k in ks
                 for t, row in summary['by_type'][oracle].get(str(k), {}).items()]
-        out.append('By layer type (mean over the 4 layers of the type and the measurement points):\n\n' +
-                   markdown_table(['k', 'layers'] + metric_header, rows))
+        letter = 'A' if oracle == 'fixed' else 'B'
+        out.append(f'By layer type, oracle {letter} (mean over the 4 layers of the type and the '
+                   'measurement points):\n\n' + markdown_table(['k', 'layers'] + metric_header, rows))
         for k in ks:
             per = summary['per_layer'][oracle].get(str(k), {})
             rows = [[f'{short_name(name)} (`{name}`)'] + cells(row) for name, row in per.items()]
-            out.append(f'Per layer, k = {k}, oracle {"A" if oracle == "fixed" else "B"} (mean over '
-                       'measurement points):\n\n' + markdown_table(['layer'] + metric_header, rows))
+            out.append(f'Per layer, k = {k}, oracle {letter} (mean over measurement points):\n\n' +
+                       markdown_table(['layer'] + metric_header, rows))
     return out
 
 
