@@ -400,10 +400,13 @@ def test_detection_analog_variant_configs(variant, tmp_path):
     da = script('detection_analog')
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
-    register_all_modules()
-    cfg = da.build_config(variant, 3, analog_settings(batch_size=1), str(tmp_path))
+    from mmengine.registry import DefaultScope
+    # (in mmdet's scope whatever an earlier test left current, e.g. mmpretrain's)
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        cfg = da.build_config(variant, 3, analog_settings(batch_size=1), str(tmp_path))
+        census = da.norm_census(MODELS.build(cfg.model))
     heads, backbone = da.VARIANTS[variant]
-    census = da.norm_census(MODELS.build(cfg.model))
     # slim ResNet-18: stem + 8 blocks × 2 + 3 downsamples = 20 norms; FPN: 4 lateral + 4 output convs;
     # Shared4Conv1FCBBoxHead: 4 convs; the RPN head has none
     assert census == {'backbone': {backbone: 20}, 'neck': {heads: 8}, 'rpn_head': {}, 'roi_head': {heads: 4}}
