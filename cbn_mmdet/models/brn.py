@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.statistics import all_finite
+from ..ops.statistics import finite_flag, running_factor, update_running_
 from ..options import bn_bias_kwargs, is_int, is_real, reject_unknown, require
 from .input_checks import check_4d, check_channels, check_like_module
 from .torchscript import refuse_torchscript
@@ -192,10 +192,8 @@ class BatchRenorm2d(_BatchNorm):
         batch with non-finite moments is neither averaged in nor counted: r and d of every later
         batch would be NaN."""
         with torch.no_grad():
-            finite = all_finite(mean_b, var_b)
+            finite = finite_flag(var_b)  # (a finite variance means finite values and mean)
             self.num_batches_tracked.add_(finite)
-            factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
-                      if self.momentum is None else self.momentum)  # a tensor: no host sync
+            factor = running_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)
             unbiased = var_b * (count / max(count - 1, 1))
-            for running, new in ((self.running_mean, mean_b), (self.running_var, unbiased)):
-                running.lerp_(torch.where(finite, new.to(running.dtype), running), factor)
+            update_running_((self.running_mean, self.running_var), (mean_b, unbiased), finite, factor)

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops.statistics import (batch_moments, conv_statistic_gradients, finite_flag,
-                              window_statistics)
+                              running_factor, update_running_, window_statistics)
 from ..ops.window_norm import WindowBatchNormFunction
 from ..options import (bn_bias_kwargs, is_int, is_real, reject_unknown, require, require_bool,
                        require_choice)
@@ -435,8 +435,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if call == 0:  # with per_call, every call then sees the count a layer of its own would have
             # a batch with non-finite moments is not averaged in, so it is not counted either
             self.num_batches_tracked.add_(finite)
-        factor = (self.num_batches_tracked.clamp_min(1).to(self.running_mean.dtype).reciprocal()
-                  if self.momentum is None else self.momentum)  # a tensor: no host sync
+        factor = running_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)
         if self.running_stats == 'window':
             # unbiased with the window's number of values n: var·n/(n − 1) = var + var/(n − 1)
             values_less_one = (past_count + (count - 1.0)).clamp_min_(1.0)
@@ -446,12 +445,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             unbiased = batch_var * (count / ((count - 1.0).clamp_min(1.0) if torch.is_tensor(count)
                                              else max(count - 1.0, 1.0)))
             new_mean = batch_mean
-        running_mean, running_var = self._running_stats(call)
-        # non-finite statistics never enter the running stats (BN would write NaN into them): then
-        # each moves towards itself, which leaves it as it is
-        for running, new in ((running_mean, new_mean), (running_var, unbiased)):
-            new = new if new.dtype == running.dtype else new.to(running.dtype)
-            running.lerp_(torch.where(finite, new, running), factor)
+        # (BN would write non-finite statistics into them)
+        update_running_(self._running_stats(call), (new_mean, unbiased), finite, factor)
 
     # ------------------------------------------------------------------ history
     # ``self.history`` (a :class:`WindowHistory`) is the public view of the past iterations.

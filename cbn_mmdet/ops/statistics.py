@@ -20,7 +20,7 @@ The first-order terms are evaluated without storing past weights: ``∂μ/∂θ�
 <∂μ/∂θ, θ_t> − <∂μ/∂θ, θ_old>``, and the second inner product (a per-channel scalar, the "reference")
 is stored when the iteration is recorded.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ __all__ = [
     'conv_statistic_gradients',
     'linear_term_mean', 'linear_term_var', 'compensate_history', 'compensate_window',
     'window_moments', 'window_statistics', 'merge_moments', 'pool_moments', 'all_finite',
-    'finite_flag',
+    'finite_flag', 'running_factor', 'update_running_',
 ]
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -382,6 +382,23 @@ def finite_flag(t: Tensor) -> Tensor:
     value is, or when finite values overflow it)."""
     total = t.sum()
     return (total - total) == 0
+
+
+def running_factor(momentum: Optional[float], num_batches_tracked: Tensor,
+                   dtype: torch.dtype) -> Union[float, Tensor]:
+    """BN's weight of a new batch in the running statistics: ``momentum``, or with ``None`` the
+    cumulative average's ``1 / batches`` (a tensor: no host sync; 1 before any batch)."""
+    if momentum is not None:
+        return momentum
+    return num_batches_tracked.clamp_min(1).to(dtype).reciprocal()
+
+
+def update_running_(running: Tuple[Tensor, Tensor], new: Tuple[Tensor, Tensor], finite: Tensor,
+                    factor: Union[float, Tensor]) -> None:
+    """Move the running mean and variance towards ``new`` by ``factor``, in place; when ``finite``
+    is false each moves towards itself, so non-finite statistics never enter them."""
+    for r, n in zip(running, new):
+        r.lerp_(torch.where(finite, n if n.dtype == r.dtype else n.to(r.dtype), r), factor)
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
