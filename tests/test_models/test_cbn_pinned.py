@@ -140,8 +140,13 @@ def test_bfloat16_keeps_the_history_in_its_precision_and_values():
 
 
 # ---------------------------------------------------------------- channel count
-def _wrong_channels_message(owner, expected, got):
-    return re.escape(f'{owner} expected input with {expected} channels (num_features), got {got}')
+def _assert_wrong_channels_refused(norm, x, owner, expected, got):
+    """In training, then in evaluation: a ValueError naming num_features and the input's channels."""
+    message = re.escape(f'{owner} expected input with {expected} channels (num_features), got {got}')
+    for training in (True, False):
+        norm.train(training)
+        with pytest.raises(ValueError, match=message):
+            norm(x)
 
 
 def test_cbn_input_with_another_channel_count_names_both():
@@ -153,23 +158,13 @@ def test_cbn_input_with_another_channel_count_names_both():
         norm(conv8(x))
         iteration_clock.next_iteration()
     assert norm.history_length == 2
-    x = _conv(c_out=4)(_batches(1, seed=26)[0])
-    with pytest.raises(ValueError, match=_wrong_channels_message('CBN', 8, 4)):
-        norm(x)
-    norm.eval()
-    with pytest.raises(ValueError, match=_wrong_channels_message('CBN', 8, 4)):
-        norm(x)
+    _assert_wrong_channels_refused(norm, _conv(c_out=4)(_batches(1, seed=26)[0]), 'CBN', 8, 4)
 
 
 def test_brn_input_with_another_channel_count_names_both():
     norm = BRN(8, warmup_iters=0, rmax_iters=1, dmax_iters=1).double()
     norm(_conv(c_out=8)(_batches(1, seed=27)[0]))
-    x = _conv(c_out=4)(_batches(1, seed=28)[0])
-    with pytest.raises(ValueError, match=_wrong_channels_message('BRN', 8, 4)):
-        norm(x)
-    norm.eval()
-    with pytest.raises(ValueError, match=_wrong_channels_message('BRN', 8, 4)):
-        norm(x)
+    _assert_wrong_channels_refused(norm, _conv(c_out=4)(_batches(1, seed=28)[0]), 'BRN', 8, 4)
 
 
 def test_sync_cbn_input_errors_name_sync_cbn():
