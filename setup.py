@@ -37,8 +37,9 @@ setup(
     license='Apache-2.0',
     # cbn_mmdet_demo: the demo configs' dataset, a package of its own (cbn_mmdet does not import it)
     packages=find_packages(include=['cbn_mmdet', 'cbn_mmdet.*', 'cbn_mmdet_demo']),
+    # ops/csrc: the fused CPU ops' source, built on first use (cbn_mmdet/ops/fused.py)
     package_data={'cbn_mmdet': ['.mim/configs/**/*.py', '.mim/configs/**/*.md',
-                                '.mim/configs/**/*.yml']},
+                                '.mim/configs/**/*.yml', 'ops/csrc/*.cpp']},
     python_requires='>=3.9',
     # the layers need torch only; the OpenMMLab stack is an extra, so installing into an existing
     # mmdet environment never replaces the user's torch, mmcv or mmdet

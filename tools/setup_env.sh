@@ -197,6 +197,12 @@ vpip install -q "mmengine==$MMENGINE_VERSION" "mmdet==$MMDET_VERSION" "mmpretrai
   "mmcv==$MMCV_VERSION" --find-links "$tagged_cache"
 vpip install -q --no-deps --no-build-isolation -e "$repo"
 "$vpy" -c "import mmdet, mmcv, mmengine, mmpretrain, torchvision; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"
+# CBN's fused CPU ops (built once per torch version, like mmcv's ops; the layer falls back to its
+# Python path without them, but this environment has the compiler, so a failure is an error here)
+if ! "$vpy" -W error -c "from cbn_mmdet.ops import fused; assert fused.ops() is not None"; then
+  cbn_err "CBN's fused CPU ops (cbn_mmdet/ops/csrc/cbn_cpu.cpp) did not build; see the error above."
+  exit 1
+fi
 if [ "$device" = cuda ]; then
   compiled=$("$vpy" -c "from mmcv.ops import get_compiling_cuda_version as v; print(v())")
   if [ "$compiled" = "not available" ] || [ -z "$compiled" ]; then

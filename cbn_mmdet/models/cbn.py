@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ops import fused
 from ..ops.statistics import (batch_moments, conv_statistic_gradients, finite_flag,
                               running_factor, update_running_, window_statistics)
 from ..ops.window_norm import WindowBatchNormFunction
@@ -287,35 +288,62 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 self.last_correction = past.correction_size(self.eps)
             batch_mean, batch_var = batch_moments(input)
             count = float(input.shape[0] * input.shape[2] * input.shape[3])
-            # (a finite variance means finite values, hence a finite mean too)
-            finite = finite_flag(batch_var)
-            if group is None:
-                w = WindowInput(batch_mean, batch_var, count, finite, past.mean_ct, past.var_ct,
-                                past.valid, None)
-            else:  # SyncCBN: the moments of all processes' batches
-                w = self._pool_across(group, WindowInput(
-                    batch_mean, batch_var, count, finite, past.mean_ct, past.var_ct, past.valid,
-                    past.counts))
-            mean, var, inv_k = window_statistics(w.batch_mean, w.batch_var, w.past_mean,
-                                                 w.past_var, w.past_valid)
+            # before the normalisation saves its tensors (a checkpoint's recomputation may stop right
+            # after that save): the running statistics and the record
+            mean, var, inv_k, invstd, finite, pooled_count = self._window_statistics(
+                group, past, batch_mean, batch_var, count, call, recording)
             if recording:
-                # before the normalisation saves its tensors: a checkpoint's recomputation may stop
-                # right after that save
-                past_count = past.count if w.past_count is None else w.past_count
-                self._update_running_stats(w.batch_mean, w.batch_var, mean, var, w.count,
-                                           past_count, w.finite, call)
-                if count > 0:
-                    history.record(input, batch_mean, batch_var, count, finite,
-                                   binding if compensating else None,
-                                   lambda: conv_statistic_gradients(
-                                       binding.input, input, batch_mean, binding.weight,
-                                       binding.bias, binding.stride, binding.padding,
-                                       binding.dilation, binding.groups, self.statistics_gradients,
-                                       self.subsample, _DTYPES[self.var_grad_dtype]))
-                elif not history.open:  # an empty batch of SyncCBN: an empty entry keeps the
-                    history.record(input, batch_mean, batch_var, 0.0, finite, None, None)  # ring in step
+                self._record(history, input, batch_mean, batch_var, count, finite,
+                             binding if compensating else None)
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, inv_k, self.eps,
-                                             group, None if group is None else w.count)
+                                             group, pooled_count, invstd)
+
+    def _window_statistics(self, group, past: 'PastWindow', batch_mean: Tensor, batch_var: Tensor,
+                           count: float, call: int, recording: bool):
+        """Eqs. 9-11 and, when ``recording``, the running statistics: ``(μ̄, σ̄², 1/k, 1/sqrt(σ̄² + ε)
+        or None, finite, the count of all processes' batches or None)``."""
+        fused_ops = fused.applies(batch_mean) if group is None else None
+        running = self._running_stats(call) if recording and self._tracks() else (None, None)
+        if fused_ops is not None and (running[0] is None or running[0].dtype == batch_mean.dtype):
+            # all of it in one pass (buffers in another precision, e.g. a .half() module: below)
+            mean, var, invstd, inv_k, finite = fused_ops.window_step(
+                batch_mean, batch_var, count, past.mean_ct, past.var_ct, past.valid, past.recorded,
+                *running, None if running[0] is None else self.num_batches_tracked, call == 0,
+                -1.0 if self.momentum is None else self.momentum, self.running_stats == 'window',
+                self.eps)
+            return mean, var, inv_k, invstd, finite, None
+        # (a finite variance means finite values, hence a finite mean too)
+        finite = finite_flag(batch_var)
+        if group is None:
+            w = WindowInput(batch_mean, batch_var, count, finite, past.mean_ct, past.var_ct,
+                            past.valid, None)
+        else:  # SyncCBN: the moments of all processes' batches
+            w = self._pool_across(group, WindowInput(
+                batch_mean, batch_var, count, finite, past.mean_ct, past.var_ct, past.valid,
+                past.counts))
+        mean, var, inv_k = window_statistics(w.batch_mean, w.batch_var, w.past_mean, w.past_var,
+                                             w.past_valid)
+        if recording:
+            past_count = past.count if w.past_count is None else w.past_count
+            self._update_running_stats(w.batch_mean, w.batch_var, mean, var, w.count, past_count,
+                                       w.finite, call)
+        return mean, var, inv_k, None, finite, None if group is None else w.count
+
+    def _record(self, history: WindowHistory, input: Tensor, batch_mean: Tensor, batch_var: Tensor,
+                count: float, finite: Tensor, binding) -> None:
+        """The current iteration's entry (``binding``: the conv to compensate for, or None)."""
+        if count > 0:
+            history.record(input, batch_mean, batch_var, count, finite, binding,
+                           lambda: conv_statistic_gradients(
+                               binding.input, input, batch_mean, binding.weight, binding.bias,
+                               binding.stride, binding.padding, binding.dilation, binding.groups,
+                               self.statistics_gradients, self.subsample,
+                               _DTYPES[self.var_grad_dtype]))
+        elif not history.open:  # an empty batch of SyncCBN: an empty entry keeps the ring in step
+            history.record(input, batch_mean, batch_var, 0.0, finite, None, None)
+
+    def _tracks(self) -> bool:
+        return self.track_running_stats and self.running_mean is not None
 
     def _call_history_open(self) -> bool:
         return any(h.open and not h._stepped for h in self.call_histories)
@@ -430,7 +458,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _update_running_stats(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
                               count, past_count: Tensor, finite: Tensor, call: int = 0) -> None:
         # count: the batch's number of values, a float, or a 0-d tensor when pooled across processes
-        if not self.track_running_stats or self.running_mean is None:
+        if not self._tracks():
             return
         if call == 0:  # with per_call, every call then sees the count a layer of its own would have
             # a batch with non-finite moments is not averaged in, so it is not counted either

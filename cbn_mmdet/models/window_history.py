@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..ops import fused
 from ..ops.statistics import (all_finite, compensate_window, finite_flag, merge_gradients,
                               merge_moments)
 from ..ops.window_norm import statistics_dtype
@@ -142,6 +143,7 @@ class _Views:
         self.mean_ref, self.var_ref = stats[2 * c + 3:3 * c + 3], stats[3 * c + 3:]
         self.columns = stats.unbind(1)                                     # one per slot
         self.patches = self.grads = self.grad_slots = self.patch_slots = None
+        self.grads_t = self.mean_groups = None
 
     def set_gradients(self, patches: Tensor, grads: Tensor, groups: int) -> None:
         """``patches`` ``(T, C_in, kh, kw)``, ``grads`` ``(C, T, C_in/G·K)``."""
@@ -151,7 +153,9 @@ class _Views:
             self.patches = patches.view(t, -1).t()                           # (C_in·K, T)
         else:
             self.patches = patches.view(t, groups, -1).permute(1, 2, 0)      # (G, D, T)
+            self.mean_groups = self.mean.view(groups, c_out // groups, t)      # (G, C/G, T)
         self.grads = grads
+        self.grads_t = grads.transpose(1, 2)                                 # (C, D, T)
         kernel = patches.shape[2:]
         self.grad_slots = [g.view(c_out, d // (kernel[0] * kernel[1]), *kernel)
                            for g in grads.unbind(1)]                         # weight-shaped
@@ -355,6 +359,8 @@ class WindowHistory:
             none = empty.new_zeros(0)
             result = PastWindow(empty, empty, none, empty.new_zeros((2 * self.num_features + 1, 0)),
                                 False)
+        elif self._fused_ops() is not None:
+            result = self._past_fused(weights, active_window, clamp)
         else:
             v = self._live_views()
             valid = self._valid_traced(active_window) if compiling else self._valid(active_window)
@@ -377,6 +383,33 @@ class WindowHistory:
         self._cache = (key, weight_state, result)
         return result
 
+    def _fused_ops(self):
+        """The fused CPU ops where they apply to this ring (eager, CPU, gradients stored in the
+        statistics' precision), else None."""
+        if self._grads is not None and self._grads.dtype != self._stats.dtype:
+            return None
+        return fused.applies(self._stats)
+
+    def _past_fused(self, weights: Optional[ConvWeights], active_window: int,
+                    clamp: bool) -> PastWindow:
+        """:meth:`past` with the fused op: the two products here, the rest in one pass."""
+        v = self._views
+        in_window = self._in_window_mask(active_window)
+        compensated = (weights is not None and self._grads is not None
+                       and self.geometry_matches(weights))
+        mean_t = var_t = bias = None
+        if compensated:
+            rows, vectors = self._weight_views_of(weights)
+            if rows.dtype != self._stats.dtype:
+                rows, vectors = rows.to(self._stats.dtype), vectors.to(self._stats.dtype)
+            mean_t = (torch.addmm(v.mean, rows, v.patches) if weights.groups == 1
+                      else torch.baddbmm(v.mean_groups, rows, v.patches))
+            var_t = torch.baddbmm(v.var_rows, vectors, v.grads_t)
+            bias = weights.bias
+        valid, recorded, mean, var = fused.ops().past_window(self._stats, in_window, mean_t, var_t,
+                                                             bias, clamp)
+        return PastWindow(mean, var, valid, recorded, compensated)
+
     def _weight_views_of(self, weights: ConvWeights) -> Tuple[Tensor, Tensor]:
         """θ as the rows and the row vectors :func:`compensate_window` takes (kept while the
         weight's storage is the same: the optimizer updates it in place)."""
@@ -397,6 +430,10 @@ class WindowHistory:
 
     def _valid(self, active_window: int) -> Tensor:
         """1 for the slots in the window that hold values, on the device, from host integers."""
+        return self._in_window_mask(active_window) * self._views.present
+
+    def _in_window_mask(self, active_window: int) -> Tensor:
+        """1 for the slots in the window (held or not), from host integers."""
         # (the ring's device and dtype change only through apply/load, which empty this cache)
         key = (self.head, self.filled, self.open, active_window)
         in_window = None if is_compiling() else self._in_window.get(key)
@@ -409,7 +446,7 @@ class WindowHistory:
                                      dtype=self._stats.dtype, device=self._stats.device)
             if not is_compiling():
                 self._in_window[key] = in_window
-        return in_window * self._views.present
+        return in_window
 
     def _valid_traced(self, active_window: int) -> Tensor:
         """:meth:`_valid` from the tensor cursor (the same for every ring position)."""
@@ -447,6 +484,10 @@ class WindowHistory:
                     'called that way, or set per_call to the number of calls')
             self._pool_into_open(batch_mean, batch_var, count, finite, weights, gradients)
             return
+        if not traced and self._fused_ops() is not None and (
+                weights is None or weights.weight.dtype == self._stats.dtype):
+            self._record_fused(batch_mean, batch_var, count, finite, weights, gradients)
+            return
         v = self._live_views()
         dtype = self._stats.dtype
         zero = self._constant(('zero', ), 0.0, dtype, like.device)
@@ -483,10 +524,29 @@ class WindowHistory:
         if grads is not None:
             _write_where(v.grad_slots[slot], *grads[0])
             _write_where(v.patch_slots[slot], *grads[1])
+        elif v.grad_slots is not None:  # (the compensation uses no mask: zero gradients)
+            v.grad_slots[slot].zero_()
+            v.patch_slots[slot].zero_()
         self.head = slot
         self.filled = min(self.filled + 1, self.slots)
         self.open = True
         self._write_cursor()
+
+    def _record_fused(self, batch_mean: Tensor, batch_var: Tensor, count: float, finite: Tensor,
+                      weights: Optional[ConvWeights],
+                      gradients: Callable[[], Tuple[Tensor, Tensor]]) -> None:
+        """:meth:`record` with the fused op (the reference terms and every write in one pass)."""
+        patch = var_grad = weight = bias = None
+        groups = 1
+        if weights is not None:
+            patch, var_grad = gradients()
+            weight, bias, groups = weights.weight, weights.bias, weights.groups
+        slot = (self.head + 1) % self.slots
+        filled = min(self.filled + 1, self.slots)
+        fused.ops().record_entry(self._stats, slot, batch_mean, batch_var, count, finite, patch,
+                                 var_grad, self._patches, self._grads, weight, bias, groups,
+                                 self._cursor, filled)
+        self.head, self.filled, self.open = slot, filled, True
 
     def _record_at_cursor(self, column: tuple, grads: Optional[tuple]) -> None:
         """The writes of :meth:`record` at the slot after the tensor cursor (a traced forward)."""
@@ -497,6 +557,9 @@ class WindowHistory:
             c_out = self._grads.shape[0]
             self._grads.index_copy_(1, slot, torch.where(*grads[0]).reshape(c_out, 1, -1))
             self._patches.index_copy_(0, slot, torch.where(*grads[1]).unsqueeze(0))
+        elif self._grads is not None:  # (the compensation uses no mask: zero gradients)
+            self._grads.index_fill_(1, slot, 0.0)
+            self._patches.index_fill_(0, slot, 0.0)
         self._cursor.copy_(torch.cat([slot, (filled + 1).clamp_max(self.slots).view(1)]))
         self.open = True
         self._host_stale = True

@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import fused
 from .statistics import batch_moments, window_moments
 
 __all__ = ['WindowBatchNormFunction', 'window_batch_norm', 'window_batch_norm_reference',
@@ -74,9 +75,10 @@ class WindowBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 var: Tensor, inv_k: Tensor, eps: float, group=None,
-                count: Optional[float] = None) -> Tensor:
+                count: Optional[float] = None, invstd: Optional[Tensor] = None) -> Tensor:
         y = _normalize(x, weight, bias, mean, var, eps) if x.numel() else torch.empty_like(x)
-        invstd = torch.rsqrt(var + eps)
+        if invstd is None:
+            invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, invstd, inv_k)
         ctx.eps, ctx.group = eps, group
         ctx.count = x.shape[0] * x.shape[2] * x.shape[3] if count is None else count
@@ -112,6 +114,9 @@ class WindowBatchNormFunction(torch.autograd.Function):
                 counts = (count / inv_k).round().to(torch.int32).reshape(1)
                 grad_x = cuda_kernels.backward_elemt(grad_y, x, mean, invstd, gamma, sum_dy,
                                                      sum_dy_xmu, counts)
+        elif group is None and need_x and x.dtype == mean.dtype and fused.applies(mean) is not None:
+            grad_x, grad_w, grad_b = fused.ops().window_norm_backward(grad_y, x, gamma, mean, invstd,
+                                                                       inv_k, ctx.eps)
         elif group is None and need_x and x.dtype == mean.dtype:
             # CPU, full precision: dx = (1/k)·BN's backward at the window statistics
             # + (1 − 1/k)·γ r g (BN's kernel, whose count is this batch's; then one fused pass)
@@ -143,7 +148,7 @@ class WindowBatchNormFunction(torch.autograd.Function):
         # a gradient only for inputs that are tensors needing one, in their own dtype
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(weight.dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _differentiable_backward(ctx, grad_y: Tensor):
@@ -158,7 +163,7 @@ def _differentiable_backward(ctx, grad_y: Tensor):
         grad_w = mean.new_zeros(mean.shape).to(weight.dtype) if need_w else None
         grad_b = mean.new_zeros(mean.shape).to(weight.dtype) if need_b else None
         return (torch.empty_like(x) if need_x else None, grad_w, grad_b,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
     shape, dims = (1, -1, 1, 1), (0, 2, 3)
     u = x.to(mean.dtype) - mean.view(shape)  # x − μ̄ (μ̄ a constant)
     g = grad_y.to(mean.dtype)
@@ -187,7 +192,7 @@ def _differentiable_backward(ctx, grad_y: Tensor):
     _, _, local_dy, local_dy_u = local.view(4, -1).unbind(0)
     grad_w = (r * (local_dy_u - shift * local_dy)).to(weight.dtype) if need_w else None
     grad_b = local_dy.to(weight.dtype) if need_b else None
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):

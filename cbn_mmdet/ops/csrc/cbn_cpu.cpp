@@ -1,0 +1,306 @@
+// CBN's per-step bookkeeping on CPU as single passes over the channels.
+//
+// Each function computes exactly what its Python counterpart in cbn_mmdet/ops/statistics.py and
+// cbn_mmdet/models/window_history.py computes (the same formulas, in the same order), but in one
+// loop instead of one dispatched tensor operation per formula line. The Python code stays the
+// reference: tests compare the two in float64. Layouts are those of window_history.py: the ring's
+// statistics block is channel-major, (4C + 3, T): mean, var (C rows each), count, present,
+// compensable, then mean_ref, var_ref (C rows each).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "cbn_mmdet fused CPU op: ", name, " must be on the CPU");
+}
+
+template <typename T>
+T* data_of(const Tensor& t) { return t.data_ptr<T>(); }
+
+// Eqs. 7, 8, 10 after the two products: the references, the conv bias, the shift, the clamp; the
+// window's weights (in the window and holding values) and a copy of the recorded rows.
+std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
+    const Tensor& stats, const Tensor& in_window, const std::optional<Tensor>& mean_t,
+    const std::optional<Tensor>& var_t, const std::optional<Tensor>& bias, bool clamp) {
+  check_cpu(stats, "stats");
+  TORCH_CHECK(stats.is_contiguous() && stats.dim() == 2, "stats must be a contiguous (4C + 3, T)");
+  const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
+  Tensor valid = at::empty({slots}, stats.options());
+  Tensor recorded = stats.narrow(0, 0, 2 * c + 1).clone();
+  Tensor window = in_window.to(stats.scalar_type()).contiguous();
+  Tensor mean_out, var_out;
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "past_window", [&] {
+    const scalar_t* s = data_of<scalar_t>(stats);
+    const scalar_t* in = data_of<scalar_t>(window);
+    scalar_t* w = data_of<scalar_t>(valid);
+    const scalar_t* present = s + (2 * c + 1) * slots;
+    for (int64_t t = 0; t < slots; ++t) w[t] = in[t] * present[t];
+    if (!mean_t.has_value()) {
+      mean_out = recorded.narrow(0, 0, c);
+      var_out = recorded.narrow(0, c, c);
+      return;
+    }
+    TORCH_CHECK(mean_t->is_contiguous() && var_t->is_contiguous() &&
+                mean_t->numel() == c * slots && var_t->numel() == c * slots,
+                "compensated mean and var must be contiguous (C, T)");
+    scalar_t* m = data_of<scalar_t>(*mean_t);
+    scalar_t* v = data_of<scalar_t>(*var_t);
+    const scalar_t* mean = s;
+    const scalar_t* compensable = s + (2 * c + 2) * slots;
+    const scalar_t* mean_ref = s + (2 * c + 3) * slots;
+    const scalar_t* var_ref = s + (3 * c + 3) * slots;
+    Tensor b = bias.has_value() ? bias->to(stats.scalar_type()).contiguous() : Tensor();
+    const scalar_t* bv = b.defined() ? data_of<scalar_t>(b) : nullptr;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      for (int64_t t = 0; t < slots; ++t) {
+        const int64_t i = ch * slots + t;
+        scalar_t mt = m[i] - mean_ref[i];
+        if (bv != nullptr) mt += bv[ch] * compensable[t];
+        const scalar_t shift = mt - mean[i];
+        scalar_t vt = (v[i] - var_ref[i]) - shift * shift;
+        if (clamp && vt < scalar_t(0)) vt = scalar_t(0);  // (NaN stays NaN, as clamp_min)
+        m[i] = mt;
+        v[i] = vt;
+      }
+    }
+    mean_out = mean_t->view({c, slots});
+    var_out = var_t->view({c, slots});
+  });
+  return {valid, recorded, mean_out, var_out};
+}
+
+template <typename scalar_t>
+scalar_t lerp(scalar_t self, scalar_t end, scalar_t weight) {  // torch's CPU lerp
+  return std::abs(weight) < scalar_t(0.5) ? self + weight * (end - self)
+                                          : end - (end - self) * (scalar_t(1) - weight);
+}
+
+// Eqs. 9-11 for the current batch and the compensated past, BN's inverse standard deviation, and
+// the running statistics: returns (mean, var, invstd, 1/k, finite).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> window_step(
+    const Tensor& batch_mean, const Tensor& batch_var, double count, const Tensor& past_mean,
+    const Tensor& past_var, const Tensor& valid, const Tensor& recorded,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+    const std::optional<Tensor>& num_batches, bool count_batch, double momentum,
+    bool window_running, double eps) {
+  check_cpu(batch_mean, "batch_mean");
+  const int64_t c = batch_mean.numel(), slots = valid.numel();
+  const auto options = batch_mean.options();
+  Tensor mean = at::empty({c}, options), var = at::empty({c}, options);
+  Tensor invstd = at::empty({c}, options), inv_k_t = at::empty({}, options);
+  Tensor finite_t = at::empty({}, options.dtype(at::kBool));
+  Tensor pm = past_mean.contiguous(), pv = past_var.contiguous();
+  Tensor bm_c = batch_mean.contiguous(), bv_c = batch_var.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "window_step", [&] {
+    const scalar_t* bm = data_of<scalar_t>(bm_c);
+    const scalar_t* bv = data_of<scalar_t>(bv_c);
+    const scalar_t* M = slots ? data_of<scalar_t>(pm) : nullptr;
+    const scalar_t* V = slots ? data_of<scalar_t>(pv) : nullptr;
+    const scalar_t* w = slots ? data_of<scalar_t>(valid) : nullptr;
+    scalar_t* mo = data_of<scalar_t>(mean);
+    scalar_t* vo = data_of<scalar_t>(var);
+    scalar_t* io = data_of<scalar_t>(invstd);
+    scalar_t total = 0;  // finite_flag: one sum of the variance
+    for (int64_t ch = 0; ch < c; ++ch) total += bv[ch];
+    const bool finite = (total - total) == scalar_t(0);
+    scalar_t k = 0;
+    for (int64_t t = 0; t < slots; ++t) k += w[t];
+    const scalar_t inv_k = scalar_t(1) / (k + scalar_t(1));
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const scalar_t* mrow = M + ch * slots;
+      const scalar_t* vrow = V + ch * slots;
+      scalar_t sum = 0;
+      for (int64_t t = 0; t < slots; ++t) sum += mrow[t] * w[t];
+      const scalar_t mu = (bm[ch] + sum) * inv_k;
+      const scalar_t own = bm[ch] - mu;
+      scalar_t spread = 0;
+      for (int64_t t = 0; t < slots; ++t) {
+        const scalar_t d = mrow[t] - mu;
+        spread += (vrow[t] + d * d) * w[t];
+      }
+      const scalar_t sigma2 = ((bv[ch] + own * own) + spread) * inv_k;
+      mo[ch] = mu;
+      vo[ch] = sigma2;
+      io[ch] = scalar_t(1) / std::sqrt(sigma2 + static_cast<scalar_t>(eps));
+    }
+    *data_of<scalar_t>(inv_k_t) = inv_k;
+    *data_of<bool>(finite_t) = finite;
+    if (!running_mean.has_value() || !running_mean->defined()) return;
+    TORCH_CHECK(running_mean->scalar_type() == batch_mean.scalar_type() &&
+                running_mean->is_contiguous() && running_var->is_contiguous(),
+                "running statistics must be contiguous, in the statistics' dtype");
+    int64_t batches = 0;
+    if (num_batches.has_value() && num_batches->defined()) {
+      int64_t* n = num_batches->data_ptr<int64_t>();
+      if (count_batch && finite) *n += 1;  // a non-finite batch is not counted
+      batches = *n;
+    }
+    if (!finite) return;  // non-finite statistics never enter the running ones
+    const scalar_t factor = momentum >= 0 ? static_cast<scalar_t>(momentum)
+                                          : scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(batches, 1));
+    scalar_t* rm = data_of<scalar_t>(*running_mean);
+    scalar_t* rv = data_of<scalar_t>(*running_var);
+    if (window_running) {
+      // unbiased with the window's number of values n: var + var/(n − 1)
+      const scalar_t* counts = data_of<scalar_t>(recorded) + 2 * c * slots;
+      scalar_t past_count = 0;
+      for (int64_t t = 0; t < slots; ++t) past_count += counts[t] * w[t];
+      scalar_t less_one = past_count + static_cast<scalar_t>(count - 1.0);
+      if (less_one < scalar_t(1)) less_one = scalar_t(1);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        rm[ch] = lerp(rm[ch], mo[ch], factor);
+        rv[ch] = lerp(rv[ch], vo[ch] + vo[ch] / less_one, factor);
+      }
+    } else {
+      const scalar_t unbias = static_cast<scalar_t>(count / std::max(count - 1.0, 1.0));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        rm[ch] = lerp(rm[ch], bm[ch], factor);
+        rv[ch] = lerp(rv[ch], bv[ch] * unbias, factor);
+      }
+    }
+  });
+  return {mean, var, invstd, inv_k_t, finite_t};
+}
+
+// The current iteration's entry written over ring slot `slot`: its statistics, the reference
+// terms <∂μ/∂θ, θ> + b and <∂var/∂θ, θ> (Eqs. 7-8 at the recording weights) and its gradients;
+// an entry whose terms are not finite is kept uncompensated, nothing of a non-finite batch is
+// kept. Also writes the tensor cursor [slot, filled].
+void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
+                  const Tensor& batch_var, double count, const Tensor& finite,
+                  const std::optional<Tensor>& patch, const std::optional<Tensor>& var_grad,
+                  const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
+                  const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                  int64_t groups, const Tensor& cursor, int64_t filled) {
+  check_cpu(stats, "stats");
+  const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
+  TORCH_CHECK(slot >= 0 && slot < slots, "slot out of range");
+  const bool batch_finite = finite.item<bool>();
+  Tensor bm_c = batch_mean.to(stats.scalar_type()).contiguous();
+  Tensor bv_c = batch_var.to(stats.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "record_entry", [&] {
+    scalar_t* s = data_of<scalar_t>(stats);
+    const scalar_t* bm = data_of<scalar_t>(bm_c);
+    const scalar_t* bv = data_of<scalar_t>(bv_c);
+    std::vector<scalar_t> refs;
+    bool usable = false;
+    Tensor g_c, p_c;
+    const bool gradients = patch.has_value() && patch->defined();
+    if (gradients) {
+      TORCH_CHECK(grads->scalar_type() == stats.scalar_type() && weight->scalar_type() ==
+                  stats.scalar_type(), "gradients and weight must be in the statistics' dtype");
+      p_c = patch->to(stats.scalar_type()).contiguous();
+      g_c = var_grad->to(stats.scalar_type()).contiguous();
+      Tensor w_c = weight->contiguous();
+      const int64_t d = g_c.numel() / c;           // C_in/G · kh · kw
+      const int64_t per_group = c / groups;
+      const scalar_t* p = data_of<scalar_t>(p_c);
+      const scalar_t* g = data_of<scalar_t>(g_c);
+      const scalar_t* th = data_of<scalar_t>(w_c);
+      Tensor b = bias.has_value() ? bias->to(stats.scalar_type()).contiguous() : Tensor();
+      const scalar_t* bp = b.defined() ? data_of<scalar_t>(b) : nullptr;
+      refs.assign(2 * c, scalar_t(0));
+      at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+          const scalar_t* row = th + ch * d;
+          const scalar_t* pg = p + (ch / per_group) * d;
+          const scalar_t* gr = g + ch * d;
+          double mean_ref = 0, var_ref = 0;
+          for (int64_t j = 0; j < d; ++j) {
+            mean_ref += static_cast<double>(row[j]) * pg[j];
+            var_ref += static_cast<double>(gr[j]) * row[j];
+          }
+          refs[ch] = static_cast<scalar_t>(mean_ref) + (bp ? bp[ch] : scalar_t(0));
+          refs[c + ch] = static_cast<scalar_t>(var_ref);
+        }
+      });
+      // finite_flag of the whole entry: one sum
+      scalar_t total = static_cast<scalar_t>(count) + scalar_t(2);
+      for (int64_t ch = 0; ch < c; ++ch) total += bm[ch] + bv[ch];
+      for (scalar_t r : refs) total += r;
+      usable = (total - total) == scalar_t(0);
+    }
+    const bool plain = batch_finite;
+    auto put = [&](int64_t row, scalar_t value) { s[row * slots + slot] = value; };
+    for (int64_t ch = 0; ch < c; ++ch) {
+      put(ch, (usable || plain) ? bm[ch] : scalar_t(0));
+      put(c + ch, (usable || plain) ? bv[ch] : scalar_t(0));
+      put(2 * c + 3 + ch, usable ? refs[ch] : scalar_t(0));
+      put(3 * c + 3 + ch, usable ? refs[c + ch] : scalar_t(0));
+    }
+    put(2 * c, (usable || plain) ? static_cast<scalar_t>(count) : scalar_t(0));
+    put(2 * c + 1, (usable || plain) ? scalar_t(1) : scalar_t(0));
+    put(2 * c + 2, usable ? scalar_t(1) : scalar_t(0));
+    if (grads.has_value() && grads->defined()) {
+      // the ring's gradients (C, T, D) and patches (T, C_in, kh, kw): zero where not usable (an
+      // entry recorded without a conv, too: the compensation of an entry uses no mask)
+      TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "ring must be contiguous");
+      TORCH_CHECK(grads->scalar_type() == stats.scalar_type(), "gradients in the statistics' dtype");
+      const int64_t d = grads->size(2);
+      scalar_t* gring = data_of<scalar_t>(*grads);
+      const scalar_t* g = usable ? data_of<scalar_t>(g_c) : nullptr;
+      at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+          scalar_t* dst = gring + (ch * slots + slot) * d;
+          if (usable) std::copy(g + ch * d, g + (ch + 1) * d, dst); else std::fill(dst, dst + d, scalar_t(0));
+        }
+      });
+      const int64_t pn = patches->numel() / slots;
+      scalar_t* pdst = data_of<scalar_t>(*patches) + slot * pn;
+      const scalar_t* psrc = usable ? data_of<scalar_t>(p_c) : nullptr;
+      if (usable) std::copy(psrc, psrc + pn, pdst); else std::fill(pdst, pdst + pn, scalar_t(0));
+    }
+  });
+  int64_t* cur = cursor.data_ptr<int64_t>();
+  cur[0] = slot;
+  cur[1] = filled;
+}
+
+// The normalisation's backward on CPU at full precision (window_norm.py): (1/k)·BN's backward at
+// the window statistics plus (1 − 1/k)·γ r g.
+std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
+    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& gamma, const Tensor& mean,
+    const Tensor& invstd, const Tensor& inv_k, double eps) {
+  Tensor scale = gamma.has_value() && gamma->defined() ? *gamma * inv_k
+                                                       : inv_k.expand(mean.sizes()).contiguous();
+  auto result = at::native_batch_norm_backward(grad_y, x, scale, {}, {}, mean, invstd, true, eps,
+                                               {true, true, true});
+  Tensor scaled = gamma.has_value() && gamma->defined() ? *gamma * invstd : invstd;
+  Tensor rest = at::addcmul(scaled, scaled, inv_k, -1.0);  // (1 − 1/k)·γ r
+  std::get<0>(result).addcmul_(grad_y, rest.view({1, -1, 1, 1}));
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cbn_mmdet, m) {
+  m.def("past_window(Tensor stats, Tensor in_window, Tensor(a!)? mean_t, Tensor(b!)? var_t, "
+        "Tensor? bias, bool clamp) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("window_step(Tensor batch_mean, Tensor batch_var, float count, Tensor past_mean, "
+        "Tensor past_var, Tensor valid, Tensor recorded, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches, bool count_batch, float momentum, "
+        "bool window_running, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("record_entry(Tensor(a!) stats, int slot, Tensor batch_mean, Tensor batch_var, "
+        "float count, Tensor finite, Tensor? patch, Tensor? var_grad, Tensor(b!)? patches, "
+        "Tensor(c!)? grads, Tensor? weight, Tensor? bias, int groups, Tensor(d!) cursor, "
+        "int filled) -> ()");
+  m.def("window_norm_backward(Tensor grad_y, Tensor x, Tensor? gamma, Tensor mean, "
+        "Tensor invstd, Tensor inv_k, float eps) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
+  m.impl("past_window", &past_window);
+  m.impl("window_step", &window_step);
+  m.impl("record_entry", &record_entry);
+  m.impl("window_norm_backward", &window_norm_backward);
+}

@@ -1,0 +1,212 @@
+"""The fused CPU bookkeeping ops (``cbn_mmdet/ops/csrc/cbn_cpu.cpp``) against the Python path they
+replace, in float64: the same outputs, gradients, running statistics and history over several SGD
+steps, for every branch the ops take (compensated or not, conv bias, groups, a non-finite batch, a
+conv frozen then trainable again, cumulative momentum, batch running statistics, per-call histories,
+burn-in, a window change). The Python path is itself tested against brute-force references in the
+other files; the fused one runs everywhere else on CPU."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
+from cbn_mmdet.ops import fused
+
+pytestmark = pytest.mark.skipif(fused.ops() is None, reason='the fused CPU ops did not build')
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _model(conv_bias=False, groups=1, channels=4, **cbn):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, channels, 3, padding=1, bias=conv_bias, groups=groups),
+                         CBN(channels, **cbn), nn.ReLU()).double()
+
+
+def _batches(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64) * (1 + 0.3 * i) + 0.2 * i
+            for i in range(steps)]
+
+
+def _train(model, xs, calls=1, events=None):
+    """SGD with momentum; ``events[i]`` runs before step i (it gets the model)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    record = []
+    for i, x in enumerate(xs):
+        if events and i in events:
+            events[i](model)
+        x = x.clone().requires_grad_(True)
+        ys = [model(x * (1 + 0.1 * c)) for c in range(calls)]
+        sum(y.square().mean() + y.mean() for y in ys).backward()
+        record.append([y.detach() for y in ys] + [x.grad] + [p.grad.clone() for p in
+                                                             model.parameters() if p.grad is not None])
+        opt.step()
+        opt.zero_grad()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return record, state
+
+
+def _freeze(requires_grad):
+    def event(model):
+        model[0].weight.requires_grad_(requires_grad)
+    return event
+
+
+def _nan_batch(model):
+    model._poison = True
+
+
+SCENARIOS = {
+    'compensated': (dict(), {}),
+    'naive': (dict(compensate=False), {}),
+    'conv_bias': (dict(conv_bias=True), {}),
+    'groups': (dict(groups=2), {}),
+    'momentum_none': (dict(momentum=None), {}),
+    'batch_running_stats': (dict(running_stats='batch'), {}),
+    'no_running_stats': (dict(track_running_stats=False), {}),
+    'no_affine': (dict(affine=False), {}),
+    'window_2': (dict(window=2), {}),
+    'window_8': (dict(window=8), {}),
+    'frozen_then_trainable': (dict(), {2: _freeze(False), 4: _freeze(True)}),
+    'burn_in': (dict(), {0: lambda m: setattr(m[1], 'active_window', 1),
+                         2: lambda m: setattr(m[1], 'active_window', 2),
+                         4: lambda m: setattr(m[1], 'active_window', 4)}),
+    'window_change': (dict(), {4: lambda m: m[1].set_window(3)}),
+}
+
+
+def _compare(a, b):
+    (rec_a, state_a), (rec_b, state_b) = a, b
+    assert len(rec_a) == len(rec_b)
+    for step_a, step_b in zip(rec_a, rec_b):
+        assert len(step_a) == len(step_b)
+        for x, y in zip(step_a, step_b):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-12, atol=1e-12,
+                                   equal_nan=True, msg=lambda m: f'{key}: {m}')
+
+
+@pytest.mark.parametrize('name', sorted(SCENARIOS))
+@pytest.mark.filterwarnings('ignore:CBN.4.. its conv has frozen weights')
+def test_fused_ops_equal_the_python_path(name):
+    options, events = SCENARIOS[name]
+    xs = _batches(8)
+    fused_run = _train(_model(**options), xs, events=events)
+    with fused.disabled():
+        python_run = _train(_model(**options), xs, events=events)
+    _compare(fused_run, python_run)
+
+
+def test_fused_ops_equal_the_python_path_per_call_and_pooled_calls():
+    xs = _batches(6)
+    for options in (dict(per_call=2), dict()):  # two calls per iteration, per call or pooled
+        fused_run = _train(_model(**options), xs, calls=2)
+        with fused.disabled():
+            python_run = _train(_model(**options), xs, calls=2)
+        _compare(fused_run, python_run)
+
+
+@pytest.mark.parametrize('where', ['input', 'gradients'])
+def test_fused_ops_equal_the_python_path_with_non_finite_values(where):
+    """A batch with a NaN (nothing of it kept) and a batch whose ∂var/∂θ overflows (kept,
+    uncompensated: its reference terms are not finite)."""
+    xs = _batches(7)
+    if where == 'input':
+        xs[3] = xs[3].clone()
+        xs[3][0, 0, 0, 0] = float('nan')
+    else:
+        xs[3] = xs[3] * 1e160  # squares overflow float64 in ∂var/∂θ, not the moments' sums
+    runs = []
+    for disabled in (False, True):
+        with (fused.disabled() if disabled else _nothing()):
+            model = _model()
+            record, state = _train(model, xs)
+            runs.append((record, state))
+    _compare(*runs)
+    state = runs[0][1]
+    assert torch.isfinite(state['1.running_mean']).all()
+    assert torch.isfinite(state['1.history_var_grad']).all()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fused_ops_run_on_cpu_and_not_when_disabled():
+    """The ops are what a CPU training step dispatches (the comparison above compares two paths)."""
+    model = _model()
+    xs = _batches(4)
+    _train(model, xs[:3])
+    for disabled in (False, True):
+        counter = _Ops()
+        with (fused.disabled() if disabled else _nothing()), counter:
+            model(xs[3]).sum().backward()
+        used = {n for n in counter.names if n.startswith('cbn_mmdet.')}
+        assert used == (set() if disabled else {'cbn_mmdet.past_window', 'cbn_mmdet.window_step',
+                                                'cbn_mmdet.record_entry',
+                                                'cbn_mmdet.window_norm_backward'})
+
+
+def test_fused_window_step_against_the_formulas():
+    """The op alone against Eqs. 9-11 written out, with a slot outside the window and cumulative
+    momentum (an independent reference, not the Python path)."""
+    g = torch.Generator().manual_seed(3)
+    c, t, count = 5, 3, 40.0
+    bm, bv = torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g,
+                                                                         dtype=torch.float64)
+    pm, pv = torch.randn(c, t, generator=g, dtype=torch.float64), torch.rand(c, t, generator=g,
+                                                                           dtype=torch.float64)
+    valid = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    recorded = torch.zeros(2 * c + 1, t, dtype=torch.float64)
+    recorded[2 * c] = torch.tensor([30.0, 50.0, 20.0])
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    nbt = torch.tensor(4)
+    mean, var, invstd, inv_k, finite = fused.ops().window_step(
+        bm, bv, count, pm, pv, valid, recorded, rm, rv, nbt, True, -1.0, True, 1e-5)
+    used = [bm] + [pm[:, i] for i in (0, 2)]
+    used_v = [bv] + [pv[:, i] for i in (0, 2)]
+    mu = sum(used) / 3
+    sigma2 = sum(v + (m - mu) ** 2 for m, v in zip(used, used_v)) / 3
+    torch.testing.assert_close(mean, mu, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(var, sigma2, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(invstd, 1 / torch.sqrt(sigma2 + 1e-5), rtol=1e-14, atol=1e-14)
+    assert math.isclose(float(inv_k), 1 / 3) and bool(finite) and int(nbt) == 5
+    values = count + 30.0 + 20.0
+    torch.testing.assert_close(rm, mu / 5, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(rv, 1 + (sigma2 * values / (values - 1) - 1) / 5, rtol=1e-14,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize('path', ['fused', 'python'])
+@pytest.mark.filterwarnings('ignore:CBN.4.. its conv has frozen weights')
+def test_entries_recorded_while_the_conv_was_frozen_stay_as_recorded(path):
+    """An entry recorded without compensation into a slot that held gradients before is used as
+    recorded once the conv trains again (its slot's old gradients would move it by θ·∂μ/∂θ)."""
+    with (fused.disabled() if path == 'python' else _nothing()):
+        model = _model()
+        xs = _batches(5)
+        _train(model, xs[:4], events={2: _freeze(False)})  # slots: step 3 over step 0's
+        model[0].weight.requires_grad_(True)
+        model(xs[4])
+    past = model[1].past_window()
+    kept = model[1].history.get('history_compensable') == 0
+    assert kept.sum() == 2
+    torch.testing.assert_close(past['mean_compensated'][kept], past['mean'][kept], rtol=0, atol=0)
+    torch.testing.assert_close(past['var_compensated'][kept], past['var'][kept], rtol=0, atol=0)
