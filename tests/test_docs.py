@@ -179,7 +179,7 @@ def test_recorded_benchmark_commands_name_existing_tools_and_options():
         commands = entry['command'] if isinstance(entry['command'], list) else [entry['command']]
         for command in commands:
             command = command.split('  #')[0]  # a trailing comment says what DIR is
-            script = re.search(r'\.venv/bin/python (tools/\S+\.py)(.*)$', command)
+            script = re.search(r'(?:\.venv/bin/)?python (tools/\S+\.py)(.*)$', command)
             assert script, f'{name}: {command!r} runs no script of tools/ with .venv/bin/python'
             source = read(script.group(1))
             options = set(re.findall(r"""['"](--[\w-]+)['"]""", source))

@@ -17,7 +17,8 @@ NAME says where the numbers come from:
 * ``normalizers``: the README's short table, the words from ``docs/data/normalizers.yml`` and the
   paper's Table 5 AP from ``paper_results.yml``;
 * ``benchmark:ID``: a measurement of ``docs/data/benchmarks.yml`` (a table with its date, commit,
-  machine and command).
+  machine and command; the benchmark scripts' ``--record ID`` appends one, see
+  ``tools/benchmarks/record.py``).
 """
 import argparse
 import glob
@@ -69,27 +70,36 @@ def normalizers_table() -> str:
     return '\n'.join(markdown_table(head, rows) + ['', data['note'].strip()]) + '\n'
 
 
-def load_benchmarks() -> Dict[str, dict]:
-    with open(BENCHMARKS) as f:
-        data = yaml.safe_load(f)
+def check_benchmarks(data: dict, path: str = BENCHMARKS) -> Dict[str, dict]:
+    """The measurements of a loaded benchmarks file by id, each with its machine's words added;
+    ValueError for a measurement that lacks a key, names an unknown machine or has a row of the
+    wrong length, and for an id given twice."""
     out = {}
     for entry in data['measurements']:
         required = {'id', 'title', 'date', 'commit', 'machine', 'command', 'columns', 'rows'}
         missing = required - set(entry)
         if missing:
-            raise ValueError(f'{BENCHMARKS}: {entry.get("id")}: missing {sorted(missing)}')
+            raise ValueError(f'{path}: {entry.get("id")}: missing {sorted(missing)}')
+        if entry['id'] in out:
+            raise ValueError(f'{path}: measurement {entry["id"]!r} given twice')
         if entry['machine'] not in data['machines']:
-            raise ValueError(f'{BENCHMARKS}: {entry["id"]}: unknown machine {entry["machine"]!r}')
+            raise ValueError(f'{path}: {entry["id"]}: unknown machine {entry["machine"]!r}')
         for row in entry['rows']:
             if len(row) != len(entry['columns']):
-                raise ValueError(f'{BENCHMARKS}: {entry["id"]}: row {row} has {len(row)} cells for '
+                raise ValueError(f'{path}: {entry["id"]}: row {row} has {len(row)} cells for '
                                  f'{len(entry["columns"])} columns')
         out[entry['id']] = dict(entry, machine_text=data['machines'][entry['machine']])
     return out
 
 
-def benchmark_table(name: str) -> str:
-    entry = load_benchmarks()[name]
+def load_benchmarks(path: str = None) -> Dict[str, dict]:
+    path = path or BENCHMARKS
+    with open(path, encoding='utf-8') as f:
+        return check_benchmarks(yaml.safe_load(f), path)
+
+
+def benchmark_table(name: str, path: str = None) -> str:
+    entry = load_benchmarks(path)[name]
     lines = [f"**{entry['title']}** — measured {entry['date']} (commit `{entry['commit']}`) on "
              f"{entry['machine_text']}.", '']
     commands = entry['command'] if isinstance(entry['command'], list) else [entry['command']]
@@ -100,10 +110,11 @@ def benchmark_table(name: str) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def render(name: str) -> str:
+def render(name: str, benchmarks: str = None) -> str:
+    """The body of the generated block ``name`` (``benchmarks``: the benchmarks file to read)."""
     kind, _, arg = name.partition(':')
     makers: Dict[str, Callable[[str], str]] = {
-        'paper': paper_table, 'benchmark': benchmark_table,
+        'paper': paper_table, 'benchmark': lambda i: benchmark_table(i, benchmarks),
         'normalizers': lambda _: normalizers_table()}
     if kind not in makers:
         raise ValueError(f'unknown generated block {name!r}: expected paper:TABLE, normalizers or '
@@ -117,8 +128,8 @@ def documents() -> List[str]:
                                                   if '_build' not in p.split(osp.sep))
 
 
-def regenerate(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + render(m.group('name')) + m.group(4), text)
+def regenerate(text: str, benchmarks: str = None) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group('name'), benchmarks) + m.group(4), text)
 
 
 def main(argv=None) -> int:
