@@ -117,8 +117,9 @@ def describe_machine() -> str:
     words = [f'{cpu} ({os.cpu_count()} logical CPUs)']
     if torch.cuda.is_available():
         words.append(f'{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})')
-    words.append(f'{platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} '
-                 f'threads')
+    threads = torch.get_num_threads()
+    words.append(f'{platform.system()}, torch {torch.__version__}, {threads} '
+                 f'thread{"s" if threads != 1 else ""}')
     return ', '.join(words)
 
 
@@ -206,7 +207,7 @@ def record(args, output: str, script: str, argv: Optional[Sequence[str]] = None,
     command = command_line(script, sys.argv[1:] if argv is None else argv)
     entries = []
     for i, (caption, columns, rows) in enumerate(tables):
-        title = args.title or osp.basename(script)
+        title = (args.title or osp.basename(script)).rstrip('.')
         if i:
             title = f'{title}: {caption.rstrip(":.")}' if caption else f'{title} ({i + 1})'
         note = ' '.join(filter(None, [caption.rstrip(':') + '.' if caption and not i else '',
