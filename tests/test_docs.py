@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from mmengine.config import Config, DictAction
 
 import cbn_mmdet  # noqa: F401
@@ -179,12 +180,38 @@ def test_recorded_benchmark_commands_name_existing_tools_and_options():
         commands = entry['command'] if isinstance(entry['command'], list) else [entry['command']]
         for command in commands:
             command = command.split('  #')[0]  # a trailing comment says what DIR is
-            script = re.search(r'\.venv/bin/python (tools/\S+\.py)(.*)$', command)
+            script = re.search(r'(?:\.venv/bin/)?python (tools/\S+\.py)(.*)$', command)
             assert script, f'{name}: {command!r} runs no script of tools/ with .venv/bin/python'
             source = read(script.group(1))
             options = set(re.findall(r"""['"](--[\w-]+)['"]""", source))
             unknown = set(re.findall(r'(?<!\S)(--[\w-]+)', script.group(2))) - options
             assert not unknown, f'{name}: {script.group(1)} has no option {sorted(unknown)}'
+
+
+def test_every_evidence_summary_is_shown():
+    with open(docs_tables.EVIDENCE_TABLES, encoding='utf-8') as f:
+        defined = set(yaml.safe_load(f))
+    shown = set()
+    for path in docs_tables.documents():
+        with open(path, encoding='utf-8') as f:
+            shown |= {m.group('name').split(':', 1)[1] for m in docs_tables.BLOCK.finditer(f.read())
+                      if m.group('name').startswith('evidence:')}
+    assert shown == defined, 'each summary of docs/data/evidence_tables.yml is shown in a page'
+
+
+def test_evidence_summary_refuses_a_column_or_row_its_source_lacks(tmp_path, monkeypatch):
+    spec = {'no-column': dict(parts=[dict(file='batch_size_table.md', caption='Test accuracy')],
+                              columns=['method', 'bs=3']),
+            'no-row': dict(parts=[dict(file='batch_size_table.md', caption='Test accuracy')],
+                           rows=['BN', 'LayerNorm']),
+            'no-caption': dict(parts=[dict(file='batch_size_table.md', caption='No such table')])}
+    path = tmp_path / 'evidence_tables.yml'
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(docs_tables, 'EVIDENCE_TABLES', str(path))
+    for name, error in (('no-column', 'no column'), ('no-row', '1 rows match'),
+                        ('no-caption', 'no table after')):
+        with pytest.raises(ValueError, match=error):
+            docs_tables.render(f'evidence:{name}')
 
 
 def test_generated_block_of_an_unknown_source_is_an_error():

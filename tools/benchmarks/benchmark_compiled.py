@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
+import record  # noqa: E402
 
 NORMS = {'bn': dict(type='BN', requires_grad=True),
          'cbn': dict(type='CBN', window=4, requires_grad=True),
@@ -68,6 +69,7 @@ def main(argv=None):
     parser.add_argument('--modes', nargs='+', default=['eager', 'compiled'],
                         choices=['eager', 'compiled'])
     parser.add_argument('--out')
+    record.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.images, 3, *args.size)
@@ -120,6 +122,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    record.record(args, '\n'.join(lines), __file__, argv)
 
 
 def _fmt(value) -> str:

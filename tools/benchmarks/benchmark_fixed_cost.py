@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
 from cbn_mmdet.models import CrossIterationBatchNorm2d, cbn, conv_binding, window_history  # noqa: E402
 from cbn_mmdet.ops import window_norm  # noqa: E402
+import record  # noqa: E402
 
 VARIANTS = {
     'bn': lambda c: nn.BatchNorm2d(c),
@@ -236,6 +237,7 @@ def run(args):
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    record.record(args, '\n'.join(lines), __file__)
     return rows
 
 
@@ -257,6 +259,7 @@ def parse_args(argv=None):
                         help='also time BN and CBN under torch.compile with this backend (e.g. '
                              'inductor), each against compiled BN')
     parser.add_argument('--out')
+    record.add_arguments(parser)
     return parser.parse_args(argv)
 
 

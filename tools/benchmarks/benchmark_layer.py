@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet.models import CrossIterationBatchNorm2d
+import record
 
 # name, (N, C_in, H, W), C_out, kernel, stride
 SHAPES = [
@@ -105,7 +106,14 @@ def main():
                         '(default: all)')
     parser.add_argument('--no-accuracy', action='store_true',
                         help='skip the compensation-error table of the approximate modes')
+    record.add_arguments(parser)
     args = parser.parse_args()
+    with record.printed() as output:
+        run(args)
+    record.record(args, output.getvalue(), __file__)
+
+
+def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter('ignore')

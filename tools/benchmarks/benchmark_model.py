@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+import record
+
 VARIANTS = {
     # name: (norm type, where: 'head' = FPN + box/mask heads over a frozen-BN backbone; 'all' = also
     #        the backbone's stages 2-4 (frozen_stages=1, norm_eval=False), extra norm kwargs)
@@ -212,6 +214,7 @@ def main(argv=None):
                         help='only time gathering the compensated convs\' weights into one tensor')
     parser.add_argument('--variant', help=argparse.SUPPRESS)
     parser.add_argument('--run-interleaved', action='store_true', help=argparse.SUPPRESS)
+    record.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.gather_weights:
         return gather_weights(args)
@@ -248,21 +251,23 @@ def main(argv=None):
             r['train_s'] = medians[r['variant']]
         print(f'# interleaved step times: {medians}', flush=True)
     base = rows[0]
-    print(f'\n{args.arch} R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]}, '
-          f'{args.rois} RoIs/image, device {base["device"]}{", AMP" if args.amp else ""}; '
-          f'ratios vs {base["variant"]} in the same run'
-          f'{"; step times interleaved in one process" if args.interleave else ""}\n')
-    print('| variant | train step s | ratio | peak MB | ratio | peak above imports MB | ratio | '
-          'CBN history MB | GFLOPs/step | ratio | inference s | ratio |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    lines = [f'{args.arch} R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]}, '
+             f'{args.rois} RoIs/image, device {base["device"]}{", AMP" if args.amp else ""}; '
+             f'ratios vs {base["variant"]} in the same run'
+             f'{"; step times interleaved in one process" if args.interleave else ""}', '',
+             '| variant | train step s | ratio | peak MB | ratio | peak above imports MB | ratio | '
+             'CBN history MB | GFLOPs/step | ratio | inference s | ratio |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        print(f'| {r["variant"]} | {r["train_s"]:.3f} | {r["train_s"] / base["train_s"]:.2f} | '
-              f'{r["peak_mb"]:.0f} | {r["peak_mb"] / base["peak_mb"]:.2f} | '
-              f'{r["above_import_mb"]:.0f} | {r["above_import_mb"] / base["above_import_mb"]:.2f} | '
-              f'{r["history_mb"]:.0f} | {r["gflops"]:.1f} | '
-              f'{r["gflops"] / base["gflops"] if base["gflops"] else float("nan"):.2f} | '
-              f'{r["infer_s"]:.3f} | '
-              f'{r["infer_s"] / base["infer_s"]:.2f} |')
+        lines.append(
+            f'| {r["variant"]} | {r["train_s"]:.3f} | {r["train_s"] / base["train_s"]:.2f} | '
+            f'{r["peak_mb"]:.0f} | {r["peak_mb"] / base["peak_mb"]:.2f} | '
+            f'{r["above_import_mb"]:.0f} | {r["above_import_mb"] / base["above_import_mb"]:.2f} | '
+            f'{r["history_mb"]:.0f} | {r["gflops"]:.1f} | '
+            f'{r["gflops"] / base["gflops"] if base["gflops"] else float("nan"):.2f} | '
+            f'{r["infer_s"]:.3f} | {r["infer_s"] / base["infer_s"]:.2f} |')
+    print('\n' + '\n'.join(lines))
+    record.record(args, '\n'.join(lines), __file__, argv)
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
+import record  # noqa: E402
 from cbn_mmdet.models import (CrossIterationBatchNorm2d,  # noqa: E402
                               SyncCrossIterationBatchNorm2d)
 
@@ -151,13 +152,16 @@ def parse_args(argv=None):
     parser.add_argument('--timeout', type=int, default=900, help='seconds for all processes')
     parser.add_argument('--rank', type=int, help=argparse.SUPPRESS)
     parser.add_argument('--port', help=argparse.SUPPRESS)
+    record.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main():
     args = parse_args()
     if args.rank is None:
-        print(launch(args), end='')
+        output = launch(args)
+        print(output, end='')
+        record.record(args, output, __file__)
     else:
         worker(args)
 
