@@ -334,11 +334,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The current iteration's entry (``binding``: the conv to compensate for, or None)."""
         if count > 0:
             history.record(input, batch_mean, batch_var, count, finite, binding,
-                           lambda: conv_statistic_gradients(
+                           lambda defer_centring=False: conv_statistic_gradients(
                                binding.input, input, batch_mean, binding.weight, binding.bias,
                                binding.stride, binding.padding, binding.dilation, binding.groups,
                                self.statistics_gradients, self.subsample,
-                               _DTYPES[self.var_grad_dtype]))
+                               _DTYPES[self.var_grad_dtype], defer_centring))
         elif not history.open:  # an empty batch of SyncCBN: an empty entry keeps the ring in step
             history.record(input, batch_mean, batch_var, 0.0, finite, None, None)
 

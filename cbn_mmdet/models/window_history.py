@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ..ops import fused
-from ..ops.statistics import (all_finite, compensate_window, finite_flag, merge_gradients,
-                              merge_moments)
+from ..ops.statistics import (DeferredCentring, all_finite, compensate_window, finite_flag,
+                              merge_gradients, merge_moments)
 from ..ops.window_norm import statistics_dtype
 from . import iteration_clock
 from .conv_binding import ConvWeights, is_compiling
@@ -143,7 +143,6 @@ class _Views:
         self.mean_ref, self.var_ref = stats[2 * c + 3:3 * c + 3], stats[3 * c + 3:]
         self.columns = stats.unbind(1)                                     # one per slot
         self.patches = self.grads = self.grad_slots = self.patch_slots = None
-        self.grads_t = self.mean_groups = None
 
     def set_gradients(self, patches: Tensor, grads: Tensor, groups: int) -> None:
         """``patches`` ``(T, C_in, kh, kw)``, ``grads`` ``(C, T, C_in/G·K)``."""
@@ -153,9 +152,7 @@ class _Views:
             self.patches = patches.view(t, -1).t()                           # (C_in·K, T)
         else:
             self.patches = patches.view(t, groups, -1).permute(1, 2, 0)      # (G, D, T)
-            self.mean_groups = self.mean.view(groups, c_out // groups, t)      # (G, C/G, T)
         self.grads = grads
-        self.grads_t = grads.transpose(1, 2)                                 # (C, D, T)
         kernel = patches.shape[2:]
         self.grad_slots = [g.view(c_out, d // (kernel[0] * kernel[1]), *kernel)
                            for g in grads.unbind(1)]                         # weight-shaped
@@ -392,22 +389,13 @@ class WindowHistory:
 
     def _past_fused(self, weights: Optional[ConvWeights], active_window: int,
                     clamp: bool) -> PastWindow:
-        """:meth:`past` with the fused op: the two products here, the rest in one pass."""
-        v = self._views
-        in_window = self._in_window_mask(active_window)
+        """:meth:`past` with the fused op (the products with θ and the rest in one pass)."""
         compensated = (weights is not None and self._grads is not None
                        and self.geometry_matches(weights))
-        mean_t = var_t = bias = None
-        if compensated:
-            rows, vectors = self._weight_views_of(weights)
-            if rows.dtype != self._stats.dtype:
-                rows, vectors = rows.to(self._stats.dtype), vectors.to(self._stats.dtype)
-            mean_t = (torch.addmm(v.mean, rows, v.patches) if weights.groups == 1
-                      else torch.baddbmm(v.mean_groups, rows, v.patches))
-            var_t = torch.baddbmm(v.var_rows, vectors, v.grads_t)
-            bias = weights.bias
-        valid, recorded, mean, var = fused.ops().past_window(self._stats, in_window, mean_t, var_t,
-                                                             bias, clamp)
+        valid, recorded, mean, var = fused.ops().past_window(
+            self._stats, self._in_window_mask(active_window),
+            *((weights.weight, self._patches, self._grads, weights.bias, weights.groups)
+              if compensated else (None, None, None, None, 1)), clamp)
         return PastWindow(mean, var, valid, recorded, compensated)
 
     def _weight_views_of(self, weights: ConvWeights) -> Tuple[Tensor, Tensor]:
@@ -470,7 +458,8 @@ class WindowHistory:
                gradients: Callable[[], Tuple[Tensor, Tensor]]) -> None:
         """Write the current iteration's entry over the oldest, or pool into it when open.
 
-        ``gradients()`` gives ``(∂μ/∂θ patch, ∂var/∂θ)`` of the batch; called only with ``weights``.
+        ``gradients()`` gives ``(∂μ/∂θ patch, ∂var/∂θ)`` of the batch; called only with ``weights``
+        (``gradients(True)``: ∂var/∂θ may be a :class:`DeferredCentring`).
         """
         self._allocate(like, weights)
         traced = is_compiling()
@@ -536,16 +525,18 @@ class WindowHistory:
                       weights: Optional[ConvWeights],
                       gradients: Callable[[], Tuple[Tensor, Tensor]]) -> None:
         """:meth:`record` with the fused op (the reference terms and every write in one pass)."""
-        patch = var_grad = weight = bias = None
-        groups = 1
+        patch = var_grad = weight = bias = centre_mean = centre_patch = None
+        groups, scale = 1, 1.0
         if weights is not None:
-            patch, var_grad = gradients()
+            patch, var_grad = gradients(True)
             weight, bias, groups = weights.weight, weights.bias, weights.groups
+            if isinstance(var_grad, DeferredCentring):  # formed by the op as it writes it
+                var_grad, scale, centre_mean, centre_patch = var_grad
         slot = (self.head + 1) % self.slots
         filled = min(self.filled + 1, self.slots)
         fused.ops().record_entry(self._stats, slot, batch_mean, batch_var, count, finite, patch,
-                                 var_grad, self._patches, self._grads, weight, bias, groups,
-                                 self._cursor, filled)
+                                 var_grad, scale, centre_mean, centre_patch, self._patches,
+                                 self._grads, weight, bias, groups, self._cursor, filled)
         self.head, self.filled, self.open = slot, filled, True
 
     def _record_at_cursor(self, column: tuple, grads: Optional[tuple]) -> None:

@@ -20,7 +20,7 @@ The first-order terms are evaluated without storing past weights: ``∂μ/∂θ�
 <∂μ/∂θ, θ_t> − <∂μ/∂θ, θ_old>``, and the second inner product (a per-channel scalar, the "reference")
 is stored when the iteration is recorded.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ __all__ = [
     'conv_statistic_gradients',
     'linear_term_mean', 'linear_term_var', 'compensate_history', 'compensate_window',
     'window_moments', 'window_statistics', 'merge_moments', 'pool_moments', 'all_finite',
-    'finite_flag', 'running_factor', 'update_running_',
+    'finite_flag', 'running_factor', 'update_running_', 'DeferredCentring',
 ]
 
 _REDUCE_DIMS = (0, 2, 3)
@@ -86,11 +86,25 @@ def patch_mean(conv_input: Tensor, kernel_size: Sequence[int], output_size: Sequ
     return patch / count
 
 
+class DeferredCentring(NamedTuple):
+    """``∂var/∂θ = scale · product − 2 μ ⊗ patch`` not yet formed (:func:`variance_weight_gradient`
+    with ``defer_centring``), for a consumer that forms it in a pass of its own."""
+    product: Tensor   # Σ_i x_i y_i: the weight-gradient convolution of the conv output itself
+    scale: float      # 2/m
+    mean: Tensor      # (C_out,) μ
+    patch: Tensor     # (C_in, kh, kw) the mean input patch of the same positions
+
+    def finished(self, groups: int) -> Tensor:
+        centring = self.mean.to(self.product.dtype).view(-1, 1, 1, 1) * patch_mean_as_weight(
+            self.patch.to(self.product.dtype), self.product.shape[0], groups)
+        return self.product.mul_(self.scale).sub_(centring, alpha=2.0)
+
+
 def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, patch: Tensor,
                              weight: Tensor, stride: Sequence[int], padding: Sequence[int],
                              dilation: Sequence[int], groups: int, subsample: int = 1,
-                             centred: bool = False,
-                             operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+                             centred: bool = False, operand_dtype: Optional[torch.dtype] = None,
+                             defer_centring: bool = False) -> Union[Tensor, DeferredCentring]:
     """``∂var/∂θ = 2/m Σ_i (x_i − μ) y_i`` for the conv ``x = θ * y``: one weight-gradient convolution.
 
     This is Appendix B's ``∂ν/∂θ`` minus ``2μ ∂μ/∂θ`` (see the module docstring); it has the shape of
@@ -108,6 +122,9 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     ``operand_dtype=torch.bfloat16`` runs the weight-gradient convolution on bfloat16 operands (the
     kernels accumulate in float32), always centred: the rounding then applies to ``x − μ`` and ``y``,
     relative 2⁻⁹, not to a large uncentred sum that the centring would cancel.
+
+    ``defer_centring``: return the uncentred product and the centring as a :class:`DeferredCentring`
+    (the fused record forms ``∂var/∂θ`` while it copies it, saving three weight-sized passes).
     """
     dtype = _acc_dtype(x)
     if subsample == 1 and _input_covariance_is_cheaper(conv_input, x, weight, padding, groups):
@@ -128,9 +145,8 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
                                  w.to(operand_dtype), stride, padding, dilation, groups).to(dtype)
     if centred:
         return second.mul_(2.0 / count)
-    centring = batch_mean.to(dtype).view(-1, 1, 1, 1) * patch_mean_as_weight(
-        patch.to(dtype), w.shape[0], groups)
-    return second.mul_(2.0 / count).sub_(centring, alpha=2.0)
+    deferred = DeferredCentring(second, 2.0 / count, batch_mean, patch)
+    return deferred if defer_centring else deferred.finished(groups)
 
 
 def weight_gradient(grad_out: Tensor, conv_input: Tensor, weight: Tensor, stride: Sequence[int],
@@ -210,13 +226,14 @@ def statistic_gradients_autograd(conv_input: Tensor, weight: Tensor, bias: Optio
 def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, weight: Tensor,
                              bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                              dilation: Sequence[int], groups: int, method: str = 'closed_form',
-                             subsample: int = 1,
-                             operand_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                             subsample: int = 1, operand_dtype: Optional[torch.dtype] = None,
+                             defer_centring: bool = False) -> Tuple[Tensor, Tensor]:
     """``(∂μ/∂θ as a (C_in, kh, kw) patch mean, ∂var/∂θ)`` of the batch ``x = conv(conv_input)``.
 
     ``method``: ``'closed_form'`` (Appendix B), ``'subsampled'`` (∂var/∂θ from every
-    ``subsample``-th output row and column) or ``'autograd'`` (the reference). ``operand_dtype``:
-    see :func:`variance_weight_gradient`.
+    ``subsample``-th output row and column) or ``'autograd'`` (the reference). ``operand_dtype``,
+    ``defer_centring`` (∂var/∂θ may then be a :class:`DeferredCentring`): see
+    :func:`variance_weight_gradient`.
     """
     if method == 'autograd':
         d_mean, d_second = statistic_gradients_autograd(conv_input, weight, bias, stride, padding,
@@ -226,8 +243,9 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
         return patch, d_second - 2.0 * batch_mean.to(d_mean.dtype).view(-1, 1, 1, 1) * d_mean
     kh, kw = weight.shape[2:]
     if (method == 'closed_form' and operand_dtype is None and not x.is_cuda and kh * kw > 1
-            and conv_input.shape[0] * conv_input.shape[1] * kh * kw * x.shape[2] * x.shape[3]
-            <= _UNFOLD_MAX_ELEMENTS):
+            and (conv_input.shape[0] * conv_input.shape[1] * kh * kw * x.shape[2] * x.shape[3]
+                 <= _UNFOLD_MAX_ELEMENTS or x.shape[0] * x.shape[2] * x.shape[3]
+                 <= _UNFOLD_MAX_POSITIONS)):
         return _statistic_gradients_by_unfold(conv_input, x, batch_mean, weight, stride, padding,
                                               dilation, groups)
     patch = patch_mean(conv_input, (kh, kw), x.shape[2:], stride, padding, dilation)
@@ -238,7 +256,7 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     # centred on CUDA, where cuDNN may round the product's operands to TF32 (allowed by default)
     var_grad = variance_weight_gradient(conv_input, x, batch_mean, sub_patch, weight, stride, padding,
                                         dilation, groups, sub, centred=x.is_cuda,
-                                        operand_dtype=operand_dtype)
+                                        operand_dtype=operand_dtype, defer_centring=defer_centring)
     return patch, var_grad
 
 
@@ -246,6 +264,10 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
 #: copy of the input: for such small layers the weight-gradient kernel's fixed cost dominates
 #: (measured: 2.5× faster at 18k, even at 64k, slower above).
 _UNFOLD_MAX_ELEMENTS = 1 << 16
+#: Output positions (N·H·W) up to which the CPU takes that way whatever the channels: the
+#: weight-gradient kernel is slow when the sum over positions is short (measured with one thread,
+#: 2 × 512 → 512 3×3 at 5×5: 20 ms against 4.8 ms unfolded; at 10×10 the two are even).
+_UNFOLD_MAX_POSITIONS = 64
 
 
 def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Tensor,

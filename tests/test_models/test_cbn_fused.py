@@ -27,15 +27,16 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _model(conv_bias=False, groups=1, channels=4, **cbn):
+def _model(conv_bias=False, groups=1, channels=4, kernel=3, size=None, **cbn):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(4, channels, 3, padding=1, bias=conv_bias, groups=groups),
+    return nn.Sequential(nn.Conv2d(4, channels, kernel, padding=kernel // 2, bias=conv_bias,
+                                   groups=groups),
                          CBN(channels, **cbn), nn.ReLU()).double()
 
 
-def _batches(steps, seed=1):
+def _batches(steps, seed=1, size=(6, 5)):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(3, 4, 6, 5, generator=g, dtype=torch.float64) * (1 + 0.3 * i) + 0.2 * i
+    return [torch.randn(3, 4, *size, generator=g, dtype=torch.float64) * (1 + 0.3 * i) + 0.2 * i
             for i in range(steps)]
 
 
@@ -69,6 +70,12 @@ def _nan_batch(model):
 
 SCENARIOS = {
     'compensated': (dict(), {}),
+    # ∂var/∂θ by the weight-gradient convolution (its centring formed by the fused record), by the
+    # input covariance of a 1×1 conv, and subsampled
+    'large_input': (dict(size=(40, 36)), {}),
+    'large_input_groups_bias': (dict(size=(40, 36), groups=2, conv_bias=True), {}),
+    'conv_1x1': (dict(kernel=1, channels=16, size=(12, 10)), {}),
+    'subsampled': (dict(size=(40, 36), statistics_gradients='subsampled'), {}),
     'naive': (dict(compensate=False), {}),
     'conv_bias': (dict(conv_bias=True), {}),
     'groups': (dict(groups=2), {}),
@@ -103,7 +110,7 @@ def _compare(a, b):
 @pytest.mark.filterwarnings('ignore:CBN.4.. its conv has frozen weights')
 def test_fused_ops_equal_the_python_path(name):
     options, events = SCENARIOS[name]
-    xs = _batches(8)
+    xs = _batches(8, size=options.get('size') or (6, 5))
     fused_run = _train(_model(**options), xs, events=events)
     with fused.disabled():
         python_run = _train(_model(**options), xs, events=events)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
 import record  # noqa: E402
+from flops import counter as flop_counter  # noqa: E402
 
 NORMS = {'bn': dict(type='BN', requires_grad=True),
          'cbn': dict(type='CBN', window=4, requires_grad=True),
@@ -43,8 +44,7 @@ def build(model: str, norm: str) -> torch.nn.Module:
 
 
 def flops(model, x) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         _loss(model(x)).backward()
     model.zero_grad(set_to_none=True)

@@ -134,13 +134,13 @@ def run_one(args):
     warnings.simplefilter('ignore')
     import cbn_mmdet  # noqa: F401
     from cbn_mmdet.models import CrossIterationBatchNorm2d
-    from torch.utils.flop_counter import FlopCounterMode
+    from flops import counter as flop_counter
     import_mb = _rss_mb()
     device = _device()
     model, data, train_step = prepare(args, args.variant, device)
     model.train()
     times = [_timed(train_step, device) for _ in range(args.warmup + args.repeats)][args.warmup:]
-    flops = FlopCounterMode(display=False)
+    flops = flop_counter()
     if not args.skip_flops:
         with flops:
             train_step()

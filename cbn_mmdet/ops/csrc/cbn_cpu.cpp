@@ -27,54 +27,92 @@ void check_cpu(const Tensor& t, const char* name) {
 template <typename T>
 T* data_of(const Tensor& t) { return t.data_ptr<T>(); }
 
-// Eqs. 7, 8, 10 after the two products: the references, the conv bias, the shift, the clamp; the
-// window's weights (in the window and holding values) and a copy of the recorded rows.
+// Σ_j a[j]·b[j] with sixteen partial sums (so that the compiler vectorises it, as BLAS would sum),
+// compiled for the CPU's widest vectors (chosen when the library loads)
+template <typename T>
+inline T dot_impl(const T* a, const T* b, int64_t n) {
+  T acc[16] = {0};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
+  }
+  T total = 0;
+  for (int l = 0; l < 16; ++l) total += acc[l];
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define CBN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CBN_VECTOR_CLONES
+#endif
+
+CBN_VECTOR_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
+CBN_VECTOR_CLONES double dot(const double* a, const double* b, int64_t n) {
+  return dot_impl(a, b, n);
+}
+
+// Eqs. 7, 8, 10 for the ring's entries at the current weights θ (C, C_in/G·K): per channel the
+// inner products of its row of θ with every entry's ∂μ/∂θ patch and ∂var/∂θ row (one pass over θ
+// and the gradients), minus the references; the shift and the clamp. Also the window's weights (in
+// the window and holding values) and a copy of the recorded rows. Without θ: the entries as
+// recorded (Naive CBN, or nothing to compensate with).
 std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
-    const Tensor& stats, const Tensor& in_window, const std::optional<Tensor>& mean_t,
-    const std::optional<Tensor>& var_t, const std::optional<Tensor>& bias, bool clamp) {
+    const Tensor& stats, const Tensor& in_window, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
+    const std::optional<Tensor>& bias, int64_t groups, bool clamp) {
   check_cpu(stats, "stats");
   TORCH_CHECK(stats.is_contiguous() && stats.dim() == 2, "stats must be a contiguous (4C + 3, T)");
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
   Tensor valid = at::empty({slots}, stats.options());
   Tensor recorded = stats.narrow(0, 0, 2 * c + 1).clone();
   Tensor window = in_window.to(stats.scalar_type()).contiguous();
-  Tensor mean_out, var_out;
+  const bool compensate = weight.has_value() && weight->defined();
+  Tensor mean_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, 0, c);
+  Tensor var_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, c, c);
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "past_window", [&] {
     const scalar_t* s = data_of<scalar_t>(stats);
     const scalar_t* in = data_of<scalar_t>(window);
     scalar_t* w = data_of<scalar_t>(valid);
     const scalar_t* present = s + (2 * c + 1) * slots;
     for (int64_t t = 0; t < slots; ++t) w[t] = in[t] * present[t];
-    if (!mean_t.has_value()) {
-      mean_out = recorded.narrow(0, 0, c);
-      var_out = recorded.narrow(0, c, c);
-      return;
-    }
-    TORCH_CHECK(mean_t->is_contiguous() && var_t->is_contiguous() &&
-                mean_t->numel() == c * slots && var_t->numel() == c * slots,
-                "compensated mean and var must be contiguous (C, T)");
-    scalar_t* m = data_of<scalar_t>(*mean_t);
-    scalar_t* v = data_of<scalar_t>(*var_t);
+    if (!compensate) return;
+    TORCH_CHECK(grads->scalar_type() == stats.scalar_type() && grads->is_contiguous() &&
+                patches->is_contiguous(), "the ring's gradients: contiguous, statistics' dtype");
+    Tensor th_c = weight->to(stats.scalar_type()).contiguous();
+    const int64_t d = th_c.numel() / c;  // C_in/G · kh · kw
+    const int64_t per_group = c / groups, patch_size = patches->numel() / slots;
+    const scalar_t* th = data_of<scalar_t>(th_c);
+    const scalar_t* p = data_of<scalar_t>(*patches);   // (T, C_in·K)
+    const scalar_t* g = data_of<scalar_t>(*grads);     // (C, T, D)
     const scalar_t* mean = s;
+    const scalar_t* var = s + c * slots;
     const scalar_t* compensable = s + (2 * c + 2) * slots;
     const scalar_t* mean_ref = s + (2 * c + 3) * slots;
     const scalar_t* var_ref = s + (3 * c + 3) * slots;
-    Tensor b = bias.has_value() ? bias->to(stats.scalar_type()).contiguous() : Tensor();
+    Tensor b = bias.has_value() && bias->defined() ? bias->to(stats.scalar_type()).contiguous()
+                                                   : Tensor();
     const scalar_t* bv = b.defined() ? data_of<scalar_t>(b) : nullptr;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      for (int64_t t = 0; t < slots; ++t) {
-        const int64_t i = ch * slots + t;
-        scalar_t mt = m[i] - mean_ref[i];
-        if (bv != nullptr) mt += bv[ch] * compensable[t];
-        const scalar_t shift = mt - mean[i];
-        scalar_t vt = (v[i] - var_ref[i]) - shift * shift;
-        if (clamp && vt < scalar_t(0)) vt = scalar_t(0);  // (NaN stays NaN, as clamp_min)
-        m[i] = mt;
-        v[i] = vt;
+    scalar_t* m = data_of<scalar_t>(mean_out);
+    scalar_t* v = data_of<scalar_t>(var_out);
+    at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const scalar_t* row = th + ch * d;
+        const scalar_t* pg = p + (ch / per_group) * d;
+        for (int64_t t = 0; t < slots; ++t) {
+          const int64_t i = ch * slots + t;
+          // an entry that is not compensable holds zero references and zero gradients
+          scalar_t mt = mean[i] + dot(row, pg + t * patch_size, d) - mean_ref[i];
+          if (bv != nullptr) mt += bv[ch] * compensable[t];
+          const scalar_t shift = mt - mean[i];
+          scalar_t vt = (var[i] + dot(row, g + (ch * slots + t) * d, d) - var_ref[i]) - shift * shift;
+          if (clamp && vt < scalar_t(0)) vt = scalar_t(0);  // (NaN stays NaN, as clamp_min)
+          m[i] = mt;
+          v[i] = vt;
+        }
       }
-    }
-    mean_out = mean_t->view({c, slots});
-    var_out = var_t->view({c, slots});
+    });
   });
   return {valid, recorded, mean_out, var_out};
 }
@@ -179,6 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> window_step(
 void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
                   const Tensor& batch_var, double count, const Tensor& finite,
                   const std::optional<Tensor>& patch, const std::optional<Tensor>& var_grad,
+                  double scale, const std::optional<Tensor>& centre_mean,
+                  const std::optional<Tensor>& centre_patch,
                   const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
                   const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                   int64_t groups, const Tensor& cursor, int64_t filled) {
@@ -210,18 +250,33 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
       Tensor b = bias.has_value() ? bias->to(stats.scalar_type()).contiguous() : Tensor();
       const scalar_t* bp = b.defined() ? data_of<scalar_t>(b) : nullptr;
       refs.assign(2 * c, scalar_t(0));
-      at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
+      TORCH_CHECK(grads.has_value() && grads->defined() && grads->scalar_type() ==
+                  stats.scalar_type() && grads->is_contiguous(),
+                  "the ring's gradients: contiguous, statistics' dtype");
+      scalar_t* gring = data_of<scalar_t>(*grads);
+      // ∂var/∂θ = scale · product − 2 μ ⊗ patch, formed as it is written into the ring
+      Tensor cm = centre_mean.has_value() && centre_mean->defined()
+                      ? centre_mean->to(stats.scalar_type()).contiguous() : Tensor();
+      Tensor cp = cm.defined() ? centre_patch->to(stats.scalar_type()).contiguous() : Tensor();
+      const scalar_t* cmp = cm.defined() ? data_of<scalar_t>(cm) : nullptr;
+      const scalar_t* cpp = cm.defined() ? data_of<scalar_t>(cp) : nullptr;
+      const scalar_t sc = static_cast<scalar_t>(scale);
+      at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
           const scalar_t* row = th + ch * d;
-          const scalar_t* pg = p + (ch / per_group) * d;
           const scalar_t* gr = g + ch * d;
-          double mean_ref = 0, var_ref = 0;
-          for (int64_t j = 0; j < d; ++j) {
-            mean_ref += static_cast<double>(row[j]) * pg[j];
-            var_ref += static_cast<double>(gr[j]) * row[j];
+          scalar_t* dst = gring + (ch * slots + slot) * d;  // (zeroed below if not usable)
+          if (cmp != nullptr) {
+            const scalar_t twice_mean = scalar_t(2) * cmp[ch];
+            const scalar_t* cq = cpp + (ch / per_group) * d;
+            for (int64_t j = 0; j < d; ++j) dst[j] = sc * gr[j] - twice_mean * cq[j];
+          } else if (sc != scalar_t(1)) {
+            for (int64_t j = 0; j < d; ++j) dst[j] = sc * gr[j];
+          } else {
+            std::copy(gr, gr + d, dst);
           }
-          refs[ch] = static_cast<scalar_t>(mean_ref) + (bp ? bp[ch] : scalar_t(0));
-          refs[c + ch] = static_cast<scalar_t>(var_ref);
+          refs[ch] = dot(row, p + (ch / per_group) * d, d) + (bp ? bp[ch] : scalar_t(0));
+          refs[c + ch] = dot(dst, row, d);
         }
       });
       // finite_flag of the whole entry: one sum
@@ -245,16 +300,16 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
       // the ring's gradients (C, T, D) and patches (T, C_in, kh, kw): zero where not usable (an
       // entry recorded without a conv, too: the compensation of an entry uses no mask)
       TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "ring must be contiguous");
-      TORCH_CHECK(grads->scalar_type() == stats.scalar_type(), "gradients in the statistics' dtype");
       const int64_t d = grads->size(2);
       scalar_t* gring = data_of<scalar_t>(*grads);
-      const scalar_t* g = usable ? data_of<scalar_t>(g_c) : nullptr;
-      at::parallel_for(0, c, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t ch = begin; ch < end; ++ch) {
-          scalar_t* dst = gring + (ch * slots + slot) * d;
-          if (usable) std::copy(g + ch * d, g + (ch + 1) * d, dst); else std::fill(dst, dst + d, scalar_t(0));
-        }
-      });
+      if (!usable) {  // (written above when usable)
+        at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
+          for (int64_t ch = begin; ch < end; ++ch) {
+            scalar_t* dst = gring + (ch * slots + slot) * d;
+            std::fill(dst, dst + d, scalar_t(0));
+          }
+        });
+      }
       const int64_t pn = patches->numel() / slots;
       scalar_t* pdst = data_of<scalar_t>(*patches) + slot * pn;
       const scalar_t* psrc = usable ? data_of<scalar_t>(p_c) : nullptr;
@@ -284,14 +339,15 @@ std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
 }  // namespace
 
 TORCH_LIBRARY(cbn_mmdet, m) {
-  m.def("past_window(Tensor stats, Tensor in_window, Tensor(a!)? mean_t, Tensor(b!)? var_t, "
-        "Tensor? bias, bool clamp) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("past_window(Tensor stats, Tensor in_window, Tensor? weight, Tensor? patches, "
+        "Tensor? grads, Tensor? bias, int groups, bool clamp) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("window_step(Tensor batch_mean, Tensor batch_var, float count, Tensor past_mean, "
         "Tensor past_var, Tensor valid, Tensor recorded, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches, bool count_batch, float momentum, "
         "bool window_running, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("record_entry(Tensor(a!) stats, int slot, Tensor batch_mean, Tensor batch_var, "
-        "float count, Tensor finite, Tensor? patch, Tensor? var_grad, Tensor(b!)? patches, "
+        "float count, Tensor finite, Tensor? patch, Tensor? var_grad, float scale, "
+        "Tensor? centre_mean, Tensor? centre_patch, Tensor(b!)? patches, "
         "Tensor(c!)? grads, Tensor? weight, Tensor? bias, int groups, Tensor(d!) cursor, "
         "int filled) -> ()");
   m.def("window_norm_backward(Tensor grad_y, Tensor x, Tensor? gamma, Tensor mean, "

@@ -1,0 +1,41 @@
+"""torch's ``FlopCounterMode`` with the multiply-adds it does not know: ``addbmm`` (CBN's ∂var/∂θ of
+small convs on CPU) and CBN's fused CPU ops (the inner products of θ with the history's gradients
+and patches: two per channel and past entry, two per channel for the new entry's references).
+Like torch's formulas, one multiply-add is two FLOPs."""
+import math
+
+import torch
+
+__all__ = ['counter']
+
+
+def _addbmm(input_shape, batch1_shape, batch2_shape, *args, out_shape=None, **kwargs) -> int:
+    b, m, k = batch1_shape
+    return 2 * b * m * k * batch2_shape[2]
+
+
+def _weight_size(weight_shape) -> int:
+    return math.prod(weight_shape)
+
+
+def _past_window(stats_shape, in_window_shape, weight_shape, *args, out_shape=None,
+                 **kwargs) -> int:
+    if weight_shape is None:  # not compensated: no products
+        return 0
+    return 2 * 2 * _weight_size(weight_shape) * stats_shape[1]
+
+
+def _record_entry(stats_shape, slot, mean_shape, var_shape, count, finite_shape, patch_shape,
+                  var_grad_shape, patches_shape, grads_shape, weight_shape, *args, out_shape=None,
+                  **kwargs) -> int:
+    return 0 if weight_shape is None else 2 * 2 * _weight_size(weight_shape)
+
+
+def counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    mapping = {torch.ops.aten.addbmm: _addbmm}
+    from cbn_mmdet.ops import fused
+    ops = fused.ops()
+    if ops is not None:
+        mapping.update({ops.past_window: _past_window, ops.record_entry: _record_entry})
+    return FlopCounterMode(display=False, custom_mapping=mapping)
