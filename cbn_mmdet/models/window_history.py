@@ -381,10 +381,7 @@ class WindowHistory:
         return result
 
     def _fused_ops(self):
-        """The fused CPU ops where they apply to this ring (eager, CPU, gradients stored in the
-        statistics' precision), else None."""
-        if self._grads is not None and self._grads.dtype != self._stats.dtype:
-            return None
+        """The fused CPU ops where they apply to this ring (eager, CPU), else None."""
         return fused.applies(self._stats)
 
     def _past_fused(self, weights: Optional[ConvWeights], active_window: int,

@@ -76,6 +76,8 @@ SCENARIOS = {
     'large_input_groups_bias': (dict(size=(40, 36), groups=2, conv_bias=True), {}),
     'conv_1x1': (dict(kernel=1, channels=16, size=(12, 10)), {}),
     'subsampled': (dict(size=(40, 36), statistics_gradients='subsampled'), {}),
+    'bfloat16_history': (dict(history_dtype='bfloat16'), {}),
+    'bfloat16_history_large_input': (dict(size=(40, 36), history_dtype='bfloat16'), {}),
     'naive': (dict(compensate=False), {}),
     'conv_bias': (dict(conv_bias=True), {}),
     'groups': (dict(groups=2), {}),

@@ -10,7 +10,7 @@ Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--baseline DIR]
-        [--time-parts] [--device cpu|cuda] [--compile BACKEND] [--out FILE.json]
+        [--time-parts] [--python-path] [--device cpu|cuda] [--compile BACKEND] [--out FILE.json]
 
 On CUDA every step ends with a synchronisation (the step time is then launch-bound: what each
 operation costs the host), and ``--time-parts`` times the host's side of each part.
@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
 from cbn_mmdet.models import CrossIterationBatchNorm2d, cbn, conv_binding, window_history  # noqa: E402
-from cbn_mmdet.ops import window_norm  # noqa: E402
+from cbn_mmdet.ops import fused, window_norm  # noqa: E402
 import record  # noqa: E402
 
 VARIANTS = {
@@ -42,6 +42,11 @@ VARIANTS = {
     'naive': lambda c: CrossIterationBatchNorm2d(c, window=4, compensate=False),
     'cbn': lambda c: CrossIterationBatchNorm2d(c, window=4),
 }
+
+
+#: with ``--python-path``: the variants again with the fused CPU ops off (the path CUDA and
+#: torch.compile take)
+PYTHON_PATH = {'naive-python': VARIANTS['naive'], 'cbn-python': VARIANTS['cbn']}
 
 
 def build(norm, layers, channels):
@@ -84,6 +89,8 @@ class OpCounter(TorchDispatchMode):
 PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
           (window_history.WindowHistory, 'record', 'record (incl. statistic gradients)'),
           (cbn, 'conv_statistic_gradients', 'statistic gradients'),
+          (cbn.CrossIterationBatchNorm2d, '_window_statistics',
+           'window and running statistics (incl. the next three)'),
           (cbn, 'window_statistics', 'window moments'),
           (cbn.CrossIterationBatchNorm2d, '_update_running_stats', 'running statistics'),
           (cbn, 'finite_flag', 'finiteness of the batch moments'),
@@ -154,7 +161,10 @@ def time_parts(model, opt, x, steps: int, layers: int, parts) -> dict:
     return {label: 1e6 * seconds / (steps * layers) for label, seconds in totals.items()}
 
 
-def step(model, opt, x):
+def step(model, opt, x, python_path=False):
+    if python_path:
+        with fused.disabled():
+            return step(model, opt, x)
     model(x).square().mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -165,13 +175,14 @@ def step(model, opt, x):
 def run(args):
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
-    variants = dict(VARIANTS, **(baseline_variants(args.baseline) if args.baseline else {}))
+    variants = dict(VARIANTS, **(PYTHON_PATH if args.python_path else {}),
+                    **(baseline_variants(args.baseline) if args.baseline else {}))
     setups = {}
     for name, norm in variants.items():
         model = build(norm, args.layers, args.channels).to(args.device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         for _ in range(args.warmup):
-            step(model, opt, x)
+            step(model, opt, x, name in PYTHON_PATH)
         setups[name] = (model, opt)
     compile_s = {}
     for name in ('bn', 'cbn') if args.compile else ():
@@ -187,7 +198,7 @@ def run(args):
     for _ in range(args.steps):  # round-robin
         for name, (model, opt) in setups.items():
             start = time.perf_counter()
-            step(model, opt, x)
+            step(model, opt, x, name in PYTHON_PATH)
             times[name].append(time.perf_counter() - start)
     rows = {}
     for name, (model, opt) in setups.items():
@@ -197,7 +208,7 @@ def run(args):
             continue
         counter = OpCounter()
         with counter:
-            step(model, opt, x)
+            step(model, opt, x, name in PYTHON_PATH)
         rows[name].update(ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
     phases = Counter()
     model, opt = setups['cbn']
@@ -252,6 +263,9 @@ def parse_args(argv=None):
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--baseline', metavar='DIR',
                         help='root of another checkout whose CBN is timed in the same round-robin')
+    parser.add_argument('--python-path', action='store_true',
+                        help='also time Naive CBN and CBN with the fused CPU ops off (naive-python, '
+                        'cbn-python): the path CUDA and torch.compile take')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--time-parts', action='store_true',
                         help='also time the parts of the layers (BN: its forward)')

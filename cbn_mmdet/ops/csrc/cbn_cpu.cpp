@@ -14,6 +14,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -29,16 +30,16 @@ T* data_of(const Tensor& t) { return t.data_ptr<T>(); }
 
 // Σ_j a[j]·b[j] with sixteen partial sums (so that the compiler vectorises it, as BLAS would sum),
 // compiled for the CPU's widest vectors (chosen when the library loads)
-template <typename T>
-inline T dot_impl(const T* a, const T* b, int64_t n) {
+template <typename T, typename U>
+inline T dot_impl(const T* a, const U* b, int64_t n) {
   T acc[16] = {0};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * b[j + l];
+    for (int l = 0; l < 16; ++l) acc[l] += a[j + l] * static_cast<T>(b[j + l]);
   }
   T total = 0;
   for (int l = 0; l < 16; ++l) total += acc[l];
-  for (; j < n; ++j) total += a[j] * b[j];
+  for (; j < n; ++j) total += a[j] * static_cast<T>(b[j]);
   return total;
 }
 
@@ -51,6 +52,25 @@ inline T dot_impl(const T* a, const T* b, int64_t n) {
 CBN_VECTOR_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
 CBN_VECTOR_CLONES double dot(const double* a, const double* b, int64_t n) {
   return dot_impl(a, b, n);
+}
+// with a bfloat16 history (history_dtype='bfloat16'), widened as it is read
+CBN_VECTOR_CLONES float dot(const float* a, const c10::BFloat16* b, int64_t n) {
+  return dot_impl(a, b, n);
+}
+CBN_VECTOR_CLONES double dot(const double* a, const c10::BFloat16* b, int64_t n) {
+  return dot_impl(a, b, n);
+}
+
+// dispatch on the ring's gradient storage: the statistics' dtype or bfloat16
+template <typename scalar_t, typename F>
+void with_grad_type(const Tensor& grads, F&& body) {
+  if (grads.scalar_type() == at::kBFloat16) {
+    body(static_cast<c10::BFloat16*>(nullptr));
+  } else {
+    TORCH_CHECK(grads.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value,
+                "the ring's gradients must be in the statistics' dtype or bfloat16");
+    body(static_cast<scalar_t*>(nullptr));
+  }
 }
 
 // Eqs. 7, 8, 10 for the ring's entries at the current weights θ (C, C_in/G·K): per channel the
@@ -78,14 +98,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
     const scalar_t* present = s + (2 * c + 1) * slots;
     for (int64_t t = 0; t < slots; ++t) w[t] = in[t] * present[t];
     if (!compensate) return;
-    TORCH_CHECK(grads->scalar_type() == stats.scalar_type() && grads->is_contiguous() &&
-                patches->is_contiguous(), "the ring's gradients: contiguous, statistics' dtype");
+    TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "the ring must be contiguous");
     Tensor th_c = weight->to(stats.scalar_type()).contiguous();
     const int64_t d = th_c.numel() / c;  // C_in/G · kh · kw
     const int64_t per_group = c / groups, patch_size = patches->numel() / slots;
     const scalar_t* th = data_of<scalar_t>(th_c);
     const scalar_t* p = data_of<scalar_t>(*patches);   // (T, C_in·K)
-    const scalar_t* g = data_of<scalar_t>(*grads);     // (C, T, D)
     const scalar_t* mean = s;
     const scalar_t* var = s + c * slots;
     const scalar_t* compensable = s + (2 * c + 2) * slots;
@@ -96,6 +114,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
     const scalar_t* bv = b.defined() ? data_of<scalar_t>(b) : nullptr;
     scalar_t* m = data_of<scalar_t>(mean_out);
     scalar_t* v = data_of<scalar_t>(var_out);
+    with_grad_type<scalar_t>(*grads, [&](auto* type) {
+    using grad_t = std::remove_pointer_t<decltype(type)>;
+    const grad_t* g = static_cast<const grad_t*>(grads->data_ptr());  // (C, T, D)
     at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
       for (int64_t ch = begin; ch < end; ++ch) {
         const scalar_t* row = th + ch * d;
@@ -112,6 +133,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
           v[i] = vt;
         }
       }
+    });
     });
   });
   return {valid, recorded, mean_out, var_out};
@@ -237,8 +259,8 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
     Tensor g_c, p_c;
     const bool gradients = patch.has_value() && patch->defined();
     if (gradients) {
-      TORCH_CHECK(grads->scalar_type() == stats.scalar_type() && weight->scalar_type() ==
-                  stats.scalar_type(), "gradients and weight must be in the statistics' dtype");
+      TORCH_CHECK(weight->scalar_type() == stats.scalar_type(),
+                  "the weight must be in the statistics' dtype");
       p_c = patch->to(stats.scalar_type()).contiguous();
       g_c = var_grad->to(stats.scalar_type()).contiguous();
       Tensor w_c = weight->contiguous();
@@ -250,10 +272,8 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
       Tensor b = bias.has_value() ? bias->to(stats.scalar_type()).contiguous() : Tensor();
       const scalar_t* bp = b.defined() ? data_of<scalar_t>(b) : nullptr;
       refs.assign(2 * c, scalar_t(0));
-      TORCH_CHECK(grads.has_value() && grads->defined() && grads->scalar_type() ==
-                  stats.scalar_type() && grads->is_contiguous(),
-                  "the ring's gradients: contiguous, statistics' dtype");
-      scalar_t* gring = data_of<scalar_t>(*grads);
+      TORCH_CHECK(grads.has_value() && grads->defined() && grads->is_contiguous(),
+                  "the ring's gradients must be contiguous");
       // ∂var/∂θ = scale · product − 2 μ ⊗ patch, formed as it is written into the ring
       Tensor cm = centre_mean.has_value() && centre_mean->defined()
                       ? centre_mean->to(stats.scalar_type()).contiguous() : Tensor();
@@ -261,23 +281,28 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
       const scalar_t* cmp = cm.defined() ? data_of<scalar_t>(cm) : nullptr;
       const scalar_t* cpp = cm.defined() ? data_of<scalar_t>(cp) : nullptr;
       const scalar_t sc = static_cast<scalar_t>(scale);
+      with_grad_type<scalar_t>(*grads, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      grad_t* gring = static_cast<grad_t*>(grads->data_ptr());
       at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
           const scalar_t* row = th + ch * d;
           const scalar_t* gr = g + ch * d;
-          scalar_t* dst = gring + (ch * slots + slot) * d;  // (zeroed below if not usable)
+          // rounded to the ring's storage; the reference from the stored values
+          grad_t* dst = gring + (ch * slots + slot) * d;  // (zeroed below if not usable)
           if (cmp != nullptr) {
             const scalar_t twice_mean = scalar_t(2) * cmp[ch];
             const scalar_t* cq = cpp + (ch / per_group) * d;
-            for (int64_t j = 0; j < d; ++j) dst[j] = sc * gr[j] - twice_mean * cq[j];
+            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<grad_t>(sc * gr[j] - twice_mean * cq[j]);
           } else if (sc != scalar_t(1)) {
-            for (int64_t j = 0; j < d; ++j) dst[j] = sc * gr[j];
+            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<grad_t>(sc * gr[j]);
           } else {
-            std::copy(gr, gr + d, dst);
+            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<grad_t>(gr[j]);
           }
           refs[ch] = dot(row, p + (ch / per_group) * d, d) + (bp ? bp[ch] : scalar_t(0));
-          refs[c + ch] = dot(dst, row, d);
+          refs[c + ch] = dot(row, dst, d);
         }
+      });
       });
       // finite_flag of the whole entry: one sum
       scalar_t total = static_cast<scalar_t>(count) + scalar_t(2);
@@ -300,15 +325,8 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
       // the ring's gradients (C, T, D) and patches (T, C_in, kh, kw): zero where not usable (an
       // entry recorded without a conv, too: the compensation of an entry uses no mask)
       TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "ring must be contiguous");
-      const int64_t d = grads->size(2);
-      scalar_t* gring = data_of<scalar_t>(*grads);
       if (!usable) {  // (written above when usable)
-        at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
-          for (int64_t ch = begin; ch < end; ++ch) {
-            scalar_t* dst = gring + (ch * slots + slot) * d;
-            std::fill(dst, dst + d, scalar_t(0));
-          }
-        });
+        grads->select(1, slot).zero_();
       }
       const int64_t pn = patches->numel() / slots;
       scalar_t* pdst = data_of<scalar_t>(*patches) + slot * pn;
