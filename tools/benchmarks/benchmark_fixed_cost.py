@@ -90,10 +90,7 @@ PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
           (window_history.WindowHistory, 'record', 'record (incl. statistic gradients)'),
           (cbn, 'conv_statistic_gradients', 'statistic gradients'),
           (cbn.CrossIterationBatchNorm2d, '_window_statistics',
-           'window and running statistics (incl. the next three)'),
-          (cbn, 'window_statistics', 'window moments'),
-          (cbn.CrossIterationBatchNorm2d, '_update_running_stats', 'running statistics'),
-          (cbn, 'finite_flag', 'finiteness of the batch moments'),
+           'window and running statistics (incl. finiteness)'),
           (cbn, 'batch_moments', 'batch moments')]
 
 
@@ -161,15 +158,18 @@ def time_parts(model, opt, x, steps: int, layers: int, parts) -> dict:
     return {label: 1e6 * seconds / (steps * layers) for label, seconds in totals.items()}
 
 
-def step(model, opt, x, python_path=False):
-    if python_path:
-        with fused.disabled():
-            return step(model, opt, x)
+def step(model, opt, x):
     model(x).square().mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if x.is_cuda:
         torch.cuda.synchronize()
+
+
+def variant_step(name, model, opt, x):
+    """:func:`step`, with the fused CPU ops off for the ``--python-path`` variants."""
+    with fused.disabled() if name in PYTHON_PATH else contextlib.nullcontext():
+        step(model, opt, x)
 
 
 def run(args):
@@ -182,7 +182,7 @@ def run(args):
         model = build(norm, args.layers, args.channels).to(args.device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         for _ in range(args.warmup):
-            step(model, opt, x, name in PYTHON_PATH)
+            variant_step(name, model, opt, x)
         setups[name] = (model, opt)
     compile_s = {}
     for name in ('bn', 'cbn') if args.compile else ():
@@ -198,7 +198,7 @@ def run(args):
     for _ in range(args.steps):  # round-robin
         for name, (model, opt) in setups.items():
             start = time.perf_counter()
-            step(model, opt, x, name in PYTHON_PATH)
+            variant_step(name, model, opt, x)
             times[name].append(time.perf_counter() - start)
     rows = {}
     for name, (model, opt) in setups.items():
@@ -208,7 +208,7 @@ def run(args):
             continue
         counter = OpCounter()
         with counter:
-            step(model, opt, x, name in PYTHON_PATH)
+            variant_step(name, model, opt, x)
         rows[name].update(ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
     phases = Counter()
     model, opt = setups['cbn']
