@@ -45,7 +45,8 @@ def ops():
             from torch.utils.cpp_extension import load
             directory = _build_directory()
             os.makedirs(directory, exist_ok=True)
-            load(_NAME, [_SOURCE], extra_cflags=['-O3'], build_directory=directory,
+            load(_NAME, [_SOURCE], extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'],
+                 build_directory=directory,
                  is_python_module=False, verbose=False)
         _state['ops'] = torch.ops.cbn_mmdet
     except Exception as err:  # no compiler, no ninja, a failed build: the Python path
