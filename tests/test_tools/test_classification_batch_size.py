@@ -26,7 +26,7 @@ def test_window_rule(n, k):
     assert study().window(n) == k   # N·k ≥ 16, the smallest such k
 
 
-@pytest.mark.parametrize('norm', ['BN', 'CBN', 'GN'])
+@pytest.mark.parametrize('norm', ['BN', 'CBN', 'CBN-naive', 'GN'])
 def test_run_config(norm, tmp_path):
     mod = study()
     settings = dict(images=640, lr=0.05, gn_groups=8, data_root=str(tmp_path / 'data'),
@@ -39,13 +39,38 @@ def test_run_config(norm, tmp_path):
     assert cfg.randomness.seed == 3
     burn_in = [h for h in cfg.custom_hooks if h['type'] == 'CBNBurnInHook']
     assert burn_in == ([dict(type='CBNBurnInHook', burn_in=40, by_epoch=False)]
-                       if norm == 'CBN' else [])
+                       if norm.startswith('CBN') else [])
     for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         dataset = cfg[name].dataset
         assert dataset.data_root == str(tmp_path / 'data') + '/'
         assert dataset.generate == mod.QUICK_DATA
     crop = next(s for s in cfg.train_dataloader.dataset.pipeline if s['type'] == 'RandomResizedCrop')
     assert crop['scale'] == mod.QUICK_DATA['image_size']
+
+
+def test_densenet_config_builds_with_cbn_where_the_tool_says(tmp_path):
+    """--backbone densenet: mmpretrain's DenseNet with the study's arch, the head sized to its
+    output, CBN with fallback='naive' in every norm layer; one training step passes."""
+    import torch
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    import cbn_mmdet  # noqa: F401
+    from cbn_mmdet.models import CrossIterationBatchNorm2d
+    mod = study()
+    settings = dict(images=64, lr=0.05, gn_groups=8, data_root=str(tmp_path / 'data'),
+                    generation=dict(mod.QUICK_DATA), backbone='densenet')
+    cfg = mod.build_config('CBN-naive', 2, 0, settings, str(tmp_path / 'run'))
+    assert cfg.model.backbone.type == 'DenseNet'
+    init_default_scope('mmpretrain')
+    model = MODELS.build(cfg.model)
+    norms = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    # stem + 2 per dense layer + 3 transitions + the final norm
+    assert len(norms) == 1 + 2 * sum(mod.DENSENET['depths']) + 3 + 1
+    assert all(m.fallback == 'naive' and m.window == 8 for m in norms)
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.extract_feat(x)
+    assert feats[-1].shape == (2, mod.densenet_channels(mod.DENSENET))
 
 
 def test_quick(tmp_path):
