@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     seed_rows = [[LABELS[r['norm']], str(r['images_per_iter']), str(r['seed']), str(r['iters']),
                   '–' if r['top1'] is None else f"{r['top1']:.1f}", r['failure'] or '']
                  for r in sorted(runs, key=lambda r: (r['norm'], r['images_per_iter'], r['seed']))]
-    command = (f'.venv/bin/python tools/analysis/{name}.py' + (' --quick' if quick else '')
+    command = (f'.venv/bin/python tools/analysis/{NAME}.py' + (' --quick' if quick else '')
                + f' --norms {" ".join(args.norms)} --sizes {" ".join(map(str, args.sizes))}'
                f' --seeds {" ".join(map(str, args.seeds))} --images {args.images} --lr {args.lr:g}'
                f' --gn-groups {args.gn_groups}'
@@ -349,11 +349,13 @@ def main(argv=None) -> int:
           + f' from scratch) with the normalizer in every layer, trained with mmengine\'s '
           f'Runner. {args.images} training images per run at every N ({iters} iterations), '
           f'lr {args.lr:g} × N / 16, warm-up 1/12 of the run, cosine decay. CBN: k = ⌈16 / N⌉ '
-          f'after a burn-in of a quarter of the run at k = 1; where a CBN layer\'s input is not a '
-          f"conv's output it normalises with the current batch (fallback='bn', CBN) or with the "
-          f"uncompensated window (fallback='naive'). GN: {args.gn_groups} groups.\n\n"
-          f'Wall time: {report.seconds:.0f} s for {len(todo)} run(s), one at a time, '
-          f'{args.threads} thread(s) ({len(runs)} results in all, earlier ones included).\n\n'
+          f'after a burn-in of a quarter of the run at k = 1'
+          + ("; where a CBN layer's input is not a conv's output it normalises with the current "
+             "batch (fallback='bn', CBN) or with the uncompensated window (fallback='naive')"
+             if 'CBN-naive' in args.norms else '')
+          + (f'. GN: {args.gn_groups} groups' if 'GN' in args.norms else '') + '.\n\n'
+          f'Wall time: {sum(r.get("wall_seconds", 0) for r in runs):.0f} s summed over the '
+          f'{len(runs)} runs, one at a time, {args.threads} thread(s) each.\n\n'
           f'Top-1 (%) on the val split, mean ± std over seeds {args.seeds}:\n\n'
           + markdown_table(head, rows)
           + ('\n\nMissing (no result; rerun the command to continue): '
