@@ -8,7 +8,7 @@ paper's Table 3) after a burn-in of a quarter of the iterations at k = 1. Each r
 seed) is a subprocess with its own directory under ``--work-dir``; finished runs are kept, so the
 study resumes.
 
-    .venv/bin/python tools/analysis/classification_batch_size.py           # the study, ~30 min
+    .venv/bin/python tools/analysis/classification_batch_size.py           # the study, ~35 min
     .venv/bin/python tools/analysis/classification_batch_size.py --quick   # tiny data, 4 runs (tests)
 
 Prints the table; writes ``classification_batch_size.{md,json,png}`` to ``--out`` (``--quick``: the
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument('--norms', nargs='+', default=None, choices=NORMS,
                         help='default BN CBN (GN: 8 groups)')
     parser.add_argument('--sizes', type=int, nargs='+', default=None,
-                        help='images per iteration (default 2 4 16; --quick: 2 4)')
+                        help='images per iteration (default 2 4 8 16; --quick: 2 4)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help='default 0 1 2')
     parser.add_argument('--images', type=int, default=None,
                         help='training images seen per run, at every N (default 4800: 300 '
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     name = NAME + ('' if args.backbone == 'resnet18' else f'_{args.backbone}')
     quick = args.quick
     args.norms = args.norms or ['BN', 'CBN']
-    args.sizes = args.sizes or ([2, 4] if quick else [2, 4, 16])
+    args.sizes = args.sizes or ([2, 4] if quick else [2, 4, 8, 16])
     args.seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
     args.images = args.images or (64 if quick else 4800)
     args.work_dir = osp.abspath(args.work_dir or osp.join(
