@@ -2,7 +2,10 @@
 
 The classification counterpart of :mod:`cbn_mmdet_demo.shapes`: each image holds one filled shape
 (its class, one of :data:`~cbn_mmdet_demo.shapes.CLASSES`) of varied size, colour, rotation and
-position over a smooth, noisy background. The classes are
+position over a smooth, noisy background. The shape is always lighter than its background, in every
+channel: with the shape's and the background's colours both drawn at random, figure and ground are
+not told apart by any local patch (a square's corner seen from outside is a cross's inner corner),
+and a CNN that pools its features globally stays near chance. The classes are
 balanced (image ``i`` of a split shows class ``i % 5``) and each image is drawn from its own random
 stream derived from ``(seed, split, index)``, so the splits never share an image and the first ``n``
 images of a split do not depend on how many the split has. numpy and the standard library only.
@@ -31,33 +34,42 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .shapes import (CLASSES, SPLITS, _coverage, _object_colour, _smooth_noise, encode_png,
-                     generate_in_place)
+from .shapes import CLASSES, SPLITS, _coverage, _smooth_noise, encode_png, generate_in_place
 
 __all__ = ['CLASSES', 'generate_classification_split', 'make_classification_dataset',
            'normalize_classification_args', 'default_classification_args',
-           'read_classification_args', 'is_complete']
+           'read_classification_args', 'read_format_version', 'is_complete', 'FORMAT_VERSION']
 
-FORMAT_VERSION = 1
+# 2: the shape lighter than its background (version 1 drew both colours at random: not learnable
+# by a ResNet in minutes). Data of another version is refused, not reused.
+FORMAT_VERSION = 2
 # Different from the detection generator's split ids, so the two datasets share no image.
 _SPLIT_IDS = {'train': 10, 'val': 11}
+# Background: a base colour per channel in this range, plus blotches (cells, amplitude); at most
+# 87 + 20 + 11 = 118 before the pixel noise.
+_BACKGROUND_BASE = (8.0, 87.0)
+_BACKGROUND_BLOTCHES = ((2, 20.0), (6, 11.0))
+# Shape colour per channel, before its shading (×0.88 … ×1.12): at least 132, above any background.
+_SHAPE_COLOUR = (150.0, 255.0)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth RGB background (float32, 0..255): a base colour and low-frequency blotches. (The
-    detection demo's stripes, checkerboards and clutter lines are left out: with one small image
-    per label they drown the shape's outline, and a classifier trained for minutes learns nothing.)"""
+    """A smooth, dark RGB background (float32, at most 118 in every channel): a base colour and
+    low-frequency blotches. (The detection demo's stripes, checkerboards and clutter lines are left
+    out: with one small image per label they drown the shape's outline.)"""
     img = np.empty((size, size, 3), dtype=np.float32)
-    img[:] = rng.uniform(40, 215, size=3)
-    for cells, amp in ((2, 45.0), (6, 25.0)):
+    img[:] = rng.uniform(_BACKGROUND_BASE[0], _BACKGROUND_BASE[1], size=3)
+    for cells, amp in _BACKGROUND_BLOTCHES:
         for c in range(3):
             img[..., c] += amp * _smooth_noise(rng, size, size, cells)
     return img
 
 
 def _render(rng: np.random.Generator, label: int, size: int, min_size: float,
-            max_size: float) -> np.ndarray:
-    """One (size, size, 3) uint8 image of a shape of class ``label``."""
+            max_size: float) -> Tuple[np.ndarray, np.ndarray]:
+    """One (size, size, 3) uint8 image of a shape of class ``label``: a light shape (every channel
+    of its colour in 150..255, shaded by about ±12 % at most) on a dark background, plus pixel
+    noise; and the (size, size) fraction of each pixel the shape covers."""
     img = _background(rng, size)
     diameter = size * np.exp(rng.uniform(np.log(min_size), np.log(max_size)))
     radius = diameter / 2
@@ -65,14 +77,14 @@ def _render(rng: np.random.Generator, label: int, size: int, min_size: float,
     cx, cy = rng.uniform(radius * 0.8, size - radius * 0.8, size=2)
     cov = _coverage(CLASSES[label], cx, cy, radius, rng.uniform(0, 2 * np.pi), size, size)
     ys, xs = np.nonzero(cov)
-    colour = _object_colour(rng, img[ys, xs].mean(axis=0))
+    colour = rng.uniform(_SHAPE_COLOUR[0], _SHAPE_COLOUR[1], size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    g = rng.uniform(-1, 1, size=2) * rng.uniform(0, 0.6)
+    g = rng.uniform(-1, 1, size=2) * rng.uniform(0, 0.15)
     shade = 1.0 + g[0] * (xx - xs.mean()) / size + g[1] * (yy - ys.mean()) / size
     fill = colour[None, None, :] * shade[..., None] + rng.normal(0, 6, size=(size, size, 3))
     alpha = cov[..., None]
     img = img * (1 - alpha) + fill * alpha + rng.normal(0, 7, size=(size, size, 3))
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cov
 
 
 def generate_classification_split(split: str, num_images: int, image_size: int = 64, seed: int = 0,
@@ -86,7 +98,7 @@ def generate_classification_split(split: str, num_images: int, image_size: int =
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], index]))
         label = index % len(CLASSES)
         labels.append(label)
-        images.append(_render(rng, label, image_size, min_size, max_size))
+        images.append(_render(rng, label, image_size, min_size, max_size)[0])
     return labels, images
 
 
@@ -145,6 +157,15 @@ def _write(root: str, args: Dict) -> None:
 def is_complete(root: str) -> bool:
     """Whether ``root`` holds a generated dataset (its ``meta/generator.json`` exists)."""
     return osp.isfile(osp.join(root, 'meta', 'generator.json'))
+
+
+def read_format_version(root: str) -> Optional[int]:
+    """The :data:`FORMAT_VERSION` of the generator that wrote the dataset under ``root`` (None if
+    there is none)."""
+    if not is_complete(root):
+        return None
+    with open(osp.join(root, 'meta', 'generator.json')) as f:
+        return json.load(f).get('format_version')
 
 
 def read_classification_args(root: str) -> Optional[Dict]:

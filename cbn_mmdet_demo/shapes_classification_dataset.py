@@ -12,8 +12,9 @@ from typing import Union
 from mmpretrain.datasets import ImageNet
 from mmpretrain.registry import DATASETS
 
-from .shapes_classification import (CLASSES, make_classification_dataset,
-                                    normalize_classification_args, read_classification_args)
+from .shapes_classification import (CLASSES, FORMAT_VERSION, make_classification_dataset,
+                                    normalize_classification_args, read_classification_args,
+                                    read_format_version)
 
 
 @DATASETS.register_module()
@@ -22,8 +23,8 @@ class DemoShapesClassification(ImageNet):
 
     It behaves as :class:`mmpretrain.datasets.ImageNet` with the shape classes, and generates the
     data under ``data_root`` first if it is missing. Data already there that was generated with other
-    arguments than ``generate`` is refused rather than silently used: delete ``data_root`` or point
-    it elsewhere.
+    arguments than ``generate``, or by another version of the generator, is refused rather than
+    silently used: delete ``data_root`` or point it elsewhere.
 
     Args:
         generate (bool | dict): ``True`` (default) generates with the default arguments when the
@@ -66,6 +67,11 @@ class DemoShapesClassification(ImageNet):
         if recorded is None:
             make_classification_dataset(root, **generation_args)
             recorded = read_classification_args(root)
+        version = read_format_version(root)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f'the demo data in {root} was written by version {version} of the generator, this '
+                f'is version {FORMAT_VERSION} (other images); delete {root} to regenerate it')
         if recorded != generation_args:
             raise ValueError(
                 f'the demo data in {root} was generated with {recorded}, but this dataset asks for '

@@ -1,5 +1,5 @@
 # ResNet-18 (half width) with CBN in every layer, trained from scratch on the generated classification
-# demo shapes (32 x 32 pixels, five classes) at 16 images per iteration: the classification
+# demo shapes (64 x 64 pixels, five classes) at 16 images per iteration: the classification
 # counterpart of the detection demo. No pretrained weights are used anywhere.
 _base_ = [
     'mmpretrain::_base_/models/resnet18.py',
@@ -14,7 +14,7 @@ custom_imports = dict(imports=['cbn_mmdet', 'cbn_mmdet_demo.shapes_classificatio
 norm_cfg = dict(type='CBN', window=4, requires_grad=True)
 width = 32  # ResNet base width (64 in the standard ResNet-18)
 num_classes = 5
-max_iters = 600
+max_iters = 1200
 
 model = dict(
     backbone=dict(stem_channels=width, base_channels=width, norm_cfg=norm_cfg),

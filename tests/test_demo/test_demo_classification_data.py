@@ -1,5 +1,6 @@
 """The generated classification demo dataset: determinism, the ImageNet layout mmpretrain reads,
-balanced classes, and the mmpretrain dataset that generates it on first use."""
+balanced classes, figure and ground told apart by brightness, and the mmpretrain dataset that
+generates it on first use."""
 import hashlib
 import os
 import os.path as osp
@@ -14,6 +15,7 @@ from cbn_mmdet_demo.shapes_classification import (generate_classification_split,
                                                   read_classification_args)
 
 SMALL = dict(num_train=10, num_val=5, image_size=32, seed=0)
+VAL = shapes_classification._SPLIT_IDS['val']  # the val split's random streams
 
 
 def _tree_digest(root):
@@ -66,6 +68,22 @@ def test_classes_balanced_and_splits_disjoint():
     # the first images of a split do not depend on its length
     _, fewer = generate_classification_split('train', 5, image_size=32)
     assert all(np.array_equal(a, b) for a, b in zip(fewer, images))
+
+
+def test_shape_lighter_than_background_in_every_channel():
+    # With both colours drawn at random no local patch tells figure from ground (a square's corner
+    # seen from outside is a cross's inner corner) and the demo ResNet stayed at chance. Every
+    # channel of the shape is lighter than the background; pixel noise blurs only the extremes.
+    for index in range(50):
+        rng = np.random.default_rng(np.random.SeedSequence([0, VAL, index]))
+        img, cov = shapes_classification._render(rng, index % len(CLASSES), 64, 0.35, 0.8)
+        inside, outside = img[cov == 1], img[cov == 0]
+        assert len(inside) > 50 and len(outside) > 1000
+        assert (np.percentile(inside, 5, axis=0) > np.percentile(outside, 95, axis=0)).all()
+    # the same pixels as the split generator's
+    _, images = generate_classification_split('val', 1, image_size=64)
+    rng = np.random.default_rng(np.random.SeedSequence([0, VAL, 0]))
+    np.testing.assert_array_equal(shapes_classification._render(rng, 0, 64, 0.35, 0.8)[0], images[0])
 
 
 def test_png_files_hold_the_generated_pixels(small_root):
@@ -121,3 +139,23 @@ def test_registered_dataset_rejects_data_from_other_arguments(small_root):
         DATASETS.build(_val_cfg(small_root, dict(SMALL, seed=3)))
     # generate=False: a plain ImageNet-format loader, no check
     assert len(DATASETS.build(_val_cfg(small_root, False))) == SMALL['num_val']
+
+
+def test_registered_dataset_rejects_data_of_another_generator_version(small_root, tmp_path):
+    pytest.importorskip('mmpretrain')
+    import json
+    import shutil
+
+    import cbn_mmdet_demo.shapes_classification_dataset  # noqa: F401
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import DATASETS
+    init_default_scope('mmpretrain')
+    old = str(tmp_path / 'old')
+    shutil.copytree(small_root, old)
+    meta = osp.join(old, 'meta', 'generator.json')
+    with open(meta) as f:
+        recorded = json.load(f)
+    with open(meta, 'w') as f:
+        json.dump(dict(recorded, format_version=shapes_classification.FORMAT_VERSION - 1), f)
+    with pytest.raises(ValueError, match='version'):
+        DATASETS.build(_val_cfg(old, SMALL))

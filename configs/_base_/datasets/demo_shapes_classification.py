@@ -8,7 +8,7 @@ custom_imports = dict(imports=['cbn_mmdet_demo.shapes_classification_dataset'],
                       allow_failed_imports=False)
 dataset_type = 'DemoShapesClassification'
 data_root = 'data/demo_shapes_cls/'
-image_size = 32
+image_size = 64
 num_classes = 5
 # Arguments of cbn_mmdet_demo.shapes_classification.make_classification_dataset; the train and val
 # datasets must agree, and data already under data_root must have been generated with them (else

@@ -1,0 +1,100 @@
+"""tools/analysis/classification_batch_size.py (docs/evidence.md, Figure 1 at CPU scale): the run
+configs it builds, and its --quick mode through mmpretrain's runner."""
+import importlib
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+ANALYSIS = osp.join(REPO_ROOT, 'tools', 'analysis')
+pytest.importorskip('mmpretrain', reason='the study trains through mmpretrain (setup_env.sh)')
+pytest.importorskip('matplotlib', reason='the analysis scripts need matplotlib (setup_env.sh)')
+
+
+def study():
+    if ANALYSIS not in sys.path:
+        sys.path.insert(0, ANALYSIS)
+    return importlib.import_module('classification_batch_size')
+
+
+@pytest.mark.parametrize('n,k', [(1, 16), (2, 8), (3, 6), (4, 4), (8, 2), (16, 1), (32, 1)])
+def test_window_rule(n, k):
+    assert study().window(n) == k   # N·k ≥ 16, the smallest such k
+
+
+@pytest.mark.parametrize('norm', ['BN', 'CBN', 'CBN-naive', 'GN'])
+def test_run_config(norm, tmp_path):
+    mod = study()
+    settings = dict(images=640, lr=0.05, gn_groups=8, data_root=str(tmp_path / 'data'),
+                    generation=dict(mod.QUICK_DATA))
+    cfg = mod.build_config(norm, 4, 3, settings, str(tmp_path / 'run'))
+    assert cfg.model.backbone.norm_cfg == mod.norm_cfg(norm, 4, 8)
+    assert cfg.train_dataloader.batch_size == 4
+    assert cfg.train_cfg.max_iters == cfg.train_cfg.val_interval == 160   # 640 images / 4
+    assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.05 * 4 / 16)
+    assert cfg.randomness.seed == 3
+    burn_in = [h for h in cfg.custom_hooks if h['type'] == 'CBNBurnInHook']
+    assert burn_in == ([dict(type='CBNBurnInHook', burn_in=40, by_epoch=False)]
+                       if norm.startswith('CBN') else [])
+    for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        dataset = cfg[name].dataset
+        assert dataset.data_root == str(tmp_path / 'data') + '/'
+        assert dataset.generate == mod.QUICK_DATA
+    crop = next(s for s in cfg.train_dataloader.dataset.pipeline if s['type'] == 'RandomResizedCrop')
+    assert crop['scale'] == mod.QUICK_DATA['image_size']
+
+
+def test_densenet_config_builds_with_cbn_where_the_tool_says(tmp_path):
+    """--backbone densenet: mmpretrain's DenseNet with the study's arch, the head sized to its
+    output, CBN with fallback='naive' in every norm layer; one training step passes."""
+    import torch
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    import cbn_mmdet  # noqa: F401
+    from cbn_mmdet.models import CrossIterationBatchNorm2d
+    mod = study()
+    settings = dict(images=64, lr=0.05, gn_groups=8, data_root=str(tmp_path / 'data'),
+                    generation=dict(mod.QUICK_DATA), backbone='densenet')
+    cfg = mod.build_config('CBN-naive', 2, 0, settings, str(tmp_path / 'run'))
+    assert cfg.model.backbone.type == 'DenseNet'
+    init_default_scope('mmpretrain')
+    model = MODELS.build(cfg.model)
+    norms = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    # stem + 2 per dense layer + 3 transitions + the final norm
+    assert len(norms) == 1 + 2 * sum(mod.DENSENET['depths']) + 3 + 1
+    assert all(m.fallback == 'naive' and m.window == 8 for m in norms)
+    from cbn_mmdet.models.notices import CBNWarning
+    x = torch.randn(2, 3, 32, 32)
+    # the norms over a concatenation say once which fallback they take
+    with pytest.warns(CBNWarning, match=r"CatBackward0.*fallback='naive'"):
+        feats = model.extract_feat(x)
+    assert feats[-1].shape == (2, mod.densenet_channels(mod.DENSENET))
+
+
+def test_quick(tmp_path):
+    """--quick: BN and CBN at 2 and 4 images per iteration, one seed, each a subprocess through
+    mmengine's Runner; every run has a top-1 and the outputs are written."""
+    cmd = [sys.executable, osp.join(ANALYSIS, 'classification_batch_size.py'), '--quick',
+           '--work-dir', str(tmp_path / 'work'), '--out', str(tmp_path / 'out')]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    with open(tmp_path / 'out' / 'classification_batch_size.json') as f:
+        data = json.load(f)
+    runs = data['runs']
+    assert sorted((r['norm'], r['images_per_iter']) for r in runs) == \
+        [('BN', 2), ('BN', 4), ('CBN', 2), ('CBN', 4)]
+    for r in runs:
+        assert r['failure'] is None and 0 <= r['top1'] <= 100
+        assert r['iters'] == 64 // r['images_per_iter']
+        assert r['window'] == (study().window(r['images_per_iter']) if r['norm'] == 'CBN' else None)
+    md = (tmp_path / 'out' / 'classification_batch_size.md').read_text()
+    assert 'Top-1 (%) on the val split, mean ± std over seeds [0]:' in md
+    assert (tmp_path / 'out' / 'classification_batch_size.png').read_bytes()[:4] == b'\x89PNG'
+    # finished runs are kept: a second call trains nothing
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and '0 run(s) to do, 4 done before' in again.stdout
