@@ -35,12 +35,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-# no C++ build on a GPU machine's clock: the CPU reference runs the Python path, which is what the
-# fused CPU ops are tested against (CBN_FUSED=1 builds and uses them)
-os.environ.setdefault('CBN_FUSED', '0')
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN, convert_to_cbn  # noqa: E402
 from cbn_mmdet.models import iteration_clock  # noqa: E402
-from cbn_mmdet.ops import statistics as S  # noqa: E402
+from cbn_mmdet.ops import fused, statistics as S  # noqa: E402
 
 WINDOW = 3
 
@@ -436,8 +433,7 @@ def environment(device):
                    cudnn=torch.backends.cudnn.version(),
                    cudnn_tf32=torch.backends.cudnn.allow_tf32,
                    matmul_precision=torch.get_float32_matmul_precision())
-    # the fused CPU ops (a CPU run uses them; CUDA tensors take the Python path either way)
-    from cbn_mmdet.ops import fused
+    # whether the fused CPU ops ran (off in this check: see run)
     env['fused_cpu_ops'] = fused.ops() is not None
     try:
         import torchvision
@@ -514,6 +510,13 @@ def compiled_rows_backend(args):
 
 
 def run(args):
+    # no C++ build on a GPU machine's clock: the CPU reference runs the Python path, which is what
+    # the fused CPU ops are tested against (and CUDA tensors take it either way)
+    with fused.disabled():
+        return _run(args)
+
+
+def _run(args):
     device = args.device
     notes = []
     if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
