@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from common import (REPO_ROOT, EVIDENCE_DIR, Report, TrainingLosses, analysis_parser, ensure_dir,
+from common import (REPO_ROOT, EVIDENCE_DIR, Report, RunRecord, analysis_parser, ensure_dir,
                     format_mean_std, markdown_table, mean, mean_std, plt, save_figure)
 
 #: the demo config every run starts from
@@ -108,23 +108,6 @@ def build_config(norm: str, images_per_iter: int, seed: int, settings: dict, wor
     cfg.train_dataloader.batch_size = images_per_iter
     cfg.work_dir = work_dir
     return cfg
-
-
-class RunRecord(TrainingLosses):
-    """Training losses, training time and the final validation's metrics."""
-
-    def __init__(self):
-        super().__init__()
-        self.times, self.metrics = {}, None
-
-    def before_train(self, runner):
-        self.times['train_start'] = time.perf_counter()
-
-    def before_val(self, runner):
-        self.times['val_start'] = time.perf_counter()
-
-    def after_val_epoch(self, runner, metrics=None):
-        self.metrics = dict(metrics or {})
 
 
 def run_one(spec_path: str) -> int:

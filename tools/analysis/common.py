@@ -327,6 +327,24 @@ class TrainingLosses(Hook):
             self.losses.append(float(loss.detach() if hasattr(loss, 'detach') else loss))
 
 
+class RunRecord(TrainingLosses):
+    """Training losses, the start times of training and evaluation, and the evaluation's metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.times, self.metrics = {}, None
+
+    def before_train(self, runner):
+        self.times['train_start'] = time.perf_counter()
+
+    def before_val(self, runner):
+        self.times['val_start'] = time.perf_counter()
+
+    def after_val_epoch(self, runner, metrics=None):
+        self.metrics = dict(metrics or {})
+        self.times['val_end'] = time.perf_counter()
+
+
 #: the detector the detector studies train from scratch
 DEMO_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'faster-rcnn_r18_fpn_demo-shapes.py')
 #: the demo dataset (configs/_base_/datasets/demo_shapes_detection.py) and the tiny one of --quick

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from common import (REPO_ROOT, Report, TrainingLosses, demo_detector_config, detector_parser,
+from common import (REPO_ROOT, Report, RunRecord, demo_detector_config, detector_parser,
                     ensure_dir, format_mean_std, markdown_table, mean, mean_std, plt,
                     resolve_detector_args, save_figure)
 
@@ -117,24 +117,6 @@ def norm_census(model):
             counts[kind] = counts.get(kind, 0) + 1
         census[part] = counts
     return census
-
-
-class RunRecord(TrainingLosses):
-    """Training losses, the start times of training and evaluation, and the evaluation's metrics."""
-
-    def __init__(self):
-        super().__init__()
-        self.times, self.metrics = {}, None
-
-    def before_train(self, runner):
-        self.times['train_start'] = time.perf_counter()
-
-    def before_val(self, runner):
-        self.times['val_start'] = time.perf_counter()
-
-    def after_val_epoch(self, runner, metrics=None):
-        self.metrics = dict(metrics or {})
-        self.times['val_end'] = time.perf_counter()
 
 
 def run_one(spec_path):
