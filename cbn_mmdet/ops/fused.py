@@ -38,7 +38,11 @@ def ops():
     if _state['tried']:
         return _state['ops']
     _state['tried'] = True
-    if os.environ.get('CBN_FUSED', '1') == '0':
+    setting = os.environ.get('CBN_FUSED', '1')
+    if setting not in ('0', '1'):
+        raise ValueError(f"CBN_FUSED must be '0' (the Python path) or '1' (the fused CPU ops, the "
+                         f"default), got {setting!r}")
+    if setting == '0':
         return None
     try:
         if not hasattr(torch.ops.cbn_mmdet, 'window_step'):

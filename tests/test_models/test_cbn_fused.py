@@ -219,3 +219,11 @@ def test_entries_recorded_while_the_conv_was_frozen_stay_as_recorded(path):
     assert kept.sum() == 2
     torch.testing.assert_close(past['mean_compensated'][kept], past['mean'][kept], rtol=0, atol=0)
     torch.testing.assert_close(past['var_compensated'][kept], past['var'][kept], rtol=0, atol=0)
+
+
+def test_an_unknown_cbn_fused_setting_is_refused(monkeypatch):
+    monkeypatch.setenv('CBN_FUSED', 'no')
+    with fused.disabled():
+        fused._state['tried'] = False  # ask again, inside the block that restores the state
+        with pytest.raises(ValueError, match="CBN_FUSED must be '0'.*'1'.*got 'no'"):
+            fused.ops()
