@@ -14,6 +14,8 @@ NAME says where the numbers come from:
 * ``paper:TABLE`` (``table5``, ``table6``, ``table7``, ``figure3``, ``figure5``): the paper's table
   from ``configs/cbn_paper/paper_results.yml``, in ``tools/collect_table.py``'s layout with no runs
   collected (what the collector prints before the COCO runs; it fills "ours" from the runs after);
+  ``table8`` and any other of the file's ``reference_tables`` (no runs to collect): the paper's
+  table as it gives it, labelled as the paper's;
 * ``normalizers``: the README's short table, the words from ``docs/data/normalizers.yml`` and the
   paper's Table 5 AP from ``paper_results.yml``;
 * ``evidence:NAME``: columns of the result tables the analysis tools wrote to ``docs/evidence/``,
@@ -52,11 +54,22 @@ def markdown_table(head: List[str], rows: List[List]) -> List[str]:
 
 
 def paper_table(name: str) -> str:
-    """The paper's table as ``collect_table.py`` prints it before any run has been collected."""
+    """The paper's table as ``collect_table.py`` prints it before any run has been collected, or a
+    table of the paper that no run reproduces (``reference_tables``) as the paper gives it."""
+    if name in paper_results.REFERENCE_TABLES:
+        return reference_table(paper_results.REFERENCE_TABLES[name])
     table = paper_results.TABLES[name]
     seeds = range(5)  # the paper's five trials
     rows = collect_table.collect(table, osp.join(REPO, 'work_dirs', '.no-runs'), seeds)
     return collect_table.to_markdown(table, rows, len(seeds), list_missing=False)
+
+
+def reference_table(table) -> str:
+    lines = [f'**The paper\'s {table.title}** (Yao et al.; the paper\'s numbers, not measured here)', '']
+    lines += markdown_table(list(table.columns), [list(r) for r in table.rows])
+    if table.note:
+        lines += ['', table.note.strip()]
+    return '\n'.join(lines) + '\n'
 
 
 def normalizers_table() -> str:
@@ -133,16 +146,26 @@ def result_table(path: str, caption: str, nth: int = 0):
     return table[0], table[2:]
 
 
+def result_line(path: str, start: str) -> str:
+    """The one line of ``path`` that starts with ``start``, as written."""
+    lines = [line for line in open(path, encoding='utf-8').read().split('\n')
+             if line.startswith(start)]
+    if len(lines) != 1:
+        raise ValueError(f'{path}: {len(lines)} lines start with {start!r} (expected 1)')
+    return lines[0]
+
+
 def evidence_table(name: str) -> str:
     """A summary of result tables of ``docs/evidence/``, as ``evidence_tables.yml`` defines it: from
-    each of its ``parts`` (file, caption[, nth]) the chosen ``columns`` (all by default) of the rows
-    whose leading cells are one of ``rows`` (a first cell, or a list of leading cells; all rows by
-    default), each part's rows led by its ``label`` cells
-    under the ``label_columns``; ``note`` follows the table."""
+    each of its ``parts`` (file, caption[, nth][, rows]) the chosen ``columns`` (all by default) of
+    the rows whose leading cells are one of ``rows`` (a first cell, or a list of leading cells; all
+    rows by default; a part's own ``rows`` replace the summary's), each part's rows led by its
+    ``label`` cells under the ``label_columns``; then the lines of the result files that start with
+    one of ``quote`` (file, line), as written; ``note`` follows."""
     with open(EVIDENCE_TABLES, encoding='utf-8') as f:
         spec = yaml.safe_load(f)[name]
     head, body = None, []
-    for part in spec['parts']:
+    for part in spec.get('parts', []):
         path = osp.join(REPO, 'docs', 'evidence', part['file'])
         columns, rows = result_table(path, part['caption'], part.get('nth', 0))
         chosen = spec.get('columns', columns)
@@ -151,13 +174,16 @@ def evidence_table(name: str) -> str:
             raise ValueError(f'{path}: {name}: no column(s) {missing} in {columns}')
         keep = [columns.index(c) for c in chosen]
         wanted = [[w] if isinstance(w, str) else [str(c) for c in w]
-                  for w in spec.get('rows', [])]
+                  for w in part.get('rows', spec.get('rows', []))]
         picked = [r for r in rows if not wanted or any(r[:len(w)] == w for w in wanted)]
         if wanted and len(picked) != len(wanted):
             raise ValueError(f'{path}: {name}: {len(picked)} rows match {wanted}')
         head = spec.get('label_columns', []) + [spec.get('rename', {}).get(c, c) for c in chosen]
         body += [list(part.get('label', [])) + [r[i] for i in keep] for r in picked]
-    lines = markdown_table(head, body)
+    lines = markdown_table(head, body) if head else []
+    for quote in spec.get('quote', []):
+        path = osp.join(REPO, 'docs', 'evidence', quote['file'])
+        lines += ([''] if lines else []) + ['> ' + result_line(path, quote['line'])]
     if spec.get('note'):
         lines += ['', spec['note'].strip()]
     return '\n'.join(lines) + '\n'

@@ -7,6 +7,10 @@ order, its metrics (column name to (metric key in the val log, heading)), the fo
 relative to the repository, how its logs scale values and its training schedule. ``ALL_TABLES`` holds
 every table of both (their names are distinct); ``TABLES``, ``METRICS``, ``CONFIG_DIR`` and
 :func:`all_configs` are COCO's, as before ImageNet was added. The YAML files' comments say how the paper was read.
+
+``REFERENCE_TABLES``: the paper's tables that no config reproduces and no run collects (Table 8's
+memory and speed), from a file's optional ``reference_tables``; the documentation shows them as the
+paper's numbers (``tools/docs_tables.py``).
 """
 import os.path as osp
 from dataclasses import dataclass, field
@@ -14,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-__all__ = ['METRICS', 'PaperRow', 'PaperTable', 'Benchmark', 'BENCHMARKS', 'TABLES', 'ALL_TABLES',
-           'CONFIG_DIR',
+__all__ = ['METRICS', 'PaperRow', 'PaperTable', 'ReferenceTable', 'Benchmark', 'BENCHMARKS', 'TABLES',
+           'ALL_TABLES', 'REFERENCE_TABLES', 'CONFIG_DIR',
            'all_configs', 'read', 'benchmark_of']
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -51,6 +55,16 @@ class PaperTable:
 
 
 @dataclass(frozen=True)
+class ReferenceTable:
+    """A table of the paper shown as it is: its columns and rows of cells, no configs, no runs."""
+    name: str
+    title: str
+    columns: Tuple[str, ...]
+    rows: Tuple[Tuple, ...]
+    note: str = ''
+
+
+@dataclass(frozen=True)
 class Benchmark:
     """One results file: its tables and how to read and schedule their runs."""
     name: str
@@ -61,6 +75,7 @@ class Benchmark:
     train_images: int
     final_epoch: int
     images_per_gpu: Optional[int]   # None: each config's, read from its name (4xb<N>)
+    reference_tables: Dict[str, ReferenceTable] = field(default_factory=dict)
 
     def all_configs(self) -> List[str]:
         """Every config name the tables use, each once, in table order."""
@@ -82,7 +97,7 @@ def read_benchmark(name: str, path: str, config_dir: str) -> Benchmark:
     """A :class:`Benchmark` from a paper results file; a misspelt or missing key raises."""
     with open(path) as f:
         data = yaml.safe_load(f)
-    _check_keys(path, data, {'metrics', 'tables'}, {'log_unit', 'schedule'})
+    _check_keys(path, data, {'metrics', 'tables'}, {'log_unit', 'schedule', 'reference_tables'})
     metrics = {m: tuple(key_heading) for m, key_heading in data['metrics'].items()}
     unit = data.get('log_unit', 'fraction')
     if unit not in _PERCENT_PER_UNIT:
@@ -99,9 +114,19 @@ def read_benchmark(name: str, path: str, config_dir: str) -> Benchmark:
                                  tuple(row['metrics']) if 'metrics' in row else None))
         tables[table_name] = PaperTable(table_name, table['title'], tuple(table['metrics']),
                                         tuple(rows), table.get('note', ''), name)
+    references = {}
+    for table_name, table in (data.get('reference_tables') or {}).items():
+        _check_keys(f'{path}: {table_name}', table, {'title', 'columns', 'rows'}, {'note'})
+        for row in table['rows']:
+            if len(row) != len(table['columns']):
+                raise ValueError(f'{path}: {table_name}: row {row} has {len(row)} cells for '
+                                 f'{len(table["columns"])} columns')
+        references[table_name] = ReferenceTable(table_name, table['title'], tuple(table['columns']),
+                                                tuple(tuple(r) for r in table['rows']),
+                                                table.get('note', ''))
     return Benchmark(name, config_dir, metrics, tables, _PERCENT_PER_UNIT[unit],
                      int(schedule['train_images']), int(schedule['final_epoch']),
-                     schedule.get('images_per_gpu'))
+                     schedule.get('images_per_gpu'), references)
 
 
 def read(path: str = RESULTS_FILE) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, PaperTable]]:
@@ -115,8 +140,13 @@ BENCHMARKS = {name: read_benchmark(name, osp.join(REPO, d, 'paper_results.yml'),
 METRICS = BENCHMARKS['coco'].metrics
 TABLES = BENCHMARKS['coco'].tables
 ALL_TABLES = {name: table for bench in BENCHMARKS.values() for name, table in bench.tables.items()}
+REFERENCE_TABLES = {name: table for bench in BENCHMARKS.values()
+                    for name, table in bench.reference_tables.items()}
 assert len(ALL_TABLES) == sum(len(b.tables) for b in BENCHMARKS.values()), \
     'table names must be distinct across the results files'
+assert not set(ALL_TABLES) & set(REFERENCE_TABLES) and len(REFERENCE_TABLES) == sum(
+    len(b.reference_tables) for b in BENCHMARKS.values()), \
+    'reference table names must be distinct from each other and from the tables'
 
 
 def benchmark_of(table: PaperTable) -> Benchmark:
