@@ -20,6 +20,7 @@ from cbn_mmdet.engine import hooks
 
 from conftest import REPO_ROOT as REPO  # noqa: E402
 import docs_tables  # noqa: E402
+import paper_results  # noqa: E402
 
 
 def read(path: str) -> str:
@@ -138,8 +139,13 @@ def test_generated_tables_equal_their_sources():
 
 def _tables(path):
     """The Markdown tables of a page, each as its list of lines."""
+    return _tables_of(open(path, encoding='utf-8').read())
+
+
+def _tables_of(text):
+    """The Markdown tables of a text, each as its list of lines."""
     tables, current = [], []
-    for line in open(path, encoding='utf-8').read().split('\n') + ['']:
+    for line in text.split('\n') + ['']:
         if line.startswith('|'):
             current.append(line)
         elif current:
@@ -148,19 +154,78 @@ def _tables(path):
     return tables
 
 
-def test_evidence_page_includes_the_result_tables_instead_of_copying_them():
-    """A table the analysis tools wrote (docs/evidence/*.md) is included into the evidence page by
-    the build (MyST ``include``), so a rerun of a tool cannot leave an old copy behind."""
-    written = [row for path in glob.glob(osp.join(REPO, 'docs', 'evidence', '*.md'))
+def _numbers(row):
+    """The cells of a Markdown table row that are numbers (``12.0 ± 1.5``, ``1.04×``, ``0.003``)."""
+    cells = [c.strip().strip('*') for c in row.strip().strip('|').split('|')]
+    return [c for c in cells if re.fullmatch(r'[-−+]?\d[\d.,]*(e[-+]?\d+)?( ± [\d.]+)?[×%]?', c)]
+
+
+def _in_order(numbers, source):
+    """Whether ``numbers`` appear in ``source`` in the same order (other cells may lie between)."""
+    remaining = iter(source)
+    return all(n in remaining for n in numbers)
+
+
+def test_pages_include_or_generate_source_tables_instead_of_copying_them():
+    """A table row the analysis tools wrote (docs/evidence/*.md) or a generated block holds (paper
+    tables, benchmarks, evidence summaries) appears in a page only inside a generated block or through
+    a MyST ``include`` of the result file, never typed, not even some of its columns (three numbers or
+    more of a source row, in order): a rerun or a changed source cannot leave an old copy behind."""
+    sources = [row for path in glob.glob(osp.join(REPO, 'docs', 'evidence', '**', '*.md'),
+                                         recursive=True)
                for table in _tables(path) for row in table[2:]]
-    copied = [row for table in _tables(osp.join(REPO, 'docs', 'evidence.md')) for row in table[2:]
-              if row in written]
-    assert copied == []
+    pages = [p for p in docs_tables.documents()
+             if not p.startswith(osp.join(REPO, 'docs', 'evidence') + osp.sep)]
+    for path in pages:
+        with open(path, encoding='utf-8') as f:
+            for block in docs_tables.BLOCK.finditer(f.read()):
+                sources += [row for table in _tables_of(block.group('body')) for row in table[2:]]
+    sources = {tuple(_numbers(row)) for row in sources}
+    copied = {}
+    for path in pages:
+        with open(path, encoding='utf-8') as f:
+            typed = docs_tables.BLOCK.sub('', f.read())
+        rows = [row for table in _tables_of(typed) for row in table[2:]
+                if len(_numbers(row)) >= 3
+                and any(_in_order(_numbers(row), source) for source in sources)]
+        if rows:
+            copied[osp.relpath(path, REPO)] = rows
+    assert copied == {}, 'rows typed by hand that a source holds (generate or include them instead)'
     page = open(osp.join(REPO, 'docs', 'evidence.md'), encoding='utf-8').read()
     includes = re.findall(r'```\{include\} (\S+)\n:start-after: (.+)\n', page)
     assert len(includes) >= 5
     for source, marker in includes:
         assert open(osp.join(REPO, 'docs', source), encoding='utf-8').read().count(marker) == 1
+
+
+def test_every_paper_reference_table_is_shown():
+    """Each of the paper's tables that no run collects (``reference_tables`` of the paper results
+    files, Table 8) is generated into a page, as the paper's."""
+    shown = set()
+    for path in docs_tables.documents():
+        with open(path, encoding='utf-8') as f:
+            shown |= {m.group('name').split(':', 1)[1] for m in docs_tables.BLOCK.finditer(f.read())
+                      if m.group('name').startswith('paper:')}
+    assert set(paper_results.REFERENCE_TABLES) <= shown
+    for name in paper_results.REFERENCE_TABLES:
+        assert "the paper's numbers, not measured here" in docs_tables.render(f'paper:{name}')
+
+
+def test_a_number_changed_in_a_generated_block_is_caught():
+    """Every generated block of every page is rendered from its source: a digit edited by hand in any
+    of them makes the page differ from what tools/docs_tables.py writes."""
+    checked = 0
+    for path in docs_tables.documents():
+        with open(path, encoding='utf-8') as f:
+            blocks = list(docs_tables.BLOCK.finditer(f.read()))
+        for block in blocks:
+            body = block.group('body')
+            digit = re.search(r'\d', body)
+            assert digit, f'{osp.relpath(path, REPO)}: {block.group("name")} holds no number'
+            edited = body[:digit.start()] + str((int(digit.group()) + 1) % 10) + body[digit.end():]
+            assert docs_tables.render(block.group('name')) == body != edited
+            checked += 1
+    assert checked >= 40
 
 
 def test_every_benchmark_measurement_is_shown_once():
@@ -204,14 +269,45 @@ def test_evidence_summary_refuses_a_column_or_row_its_source_lacks(tmp_path, mon
                               columns=['method', 'bs=3']),
             'no-row': dict(parts=[dict(file='batch_size_table.md', caption='Test accuracy')],
                            rows=['BN', 'LayerNorm']),
-            'no-caption': dict(parts=[dict(file='batch_size_table.md', caption='No such table')])}
+            'no-caption': dict(parts=[dict(file='batch_size_table.md', caption='No such table')]),
+            'no-line': dict(quote=[dict(file='batch_size_table.md', line='No such line')]),
+            'part-rows': dict(parts=[dict(file='batch_size_table.md', caption='Test accuracy',
+                                          rows=['LayerNorm'])], rows=['BN'])}
     path = tmp_path / 'evidence_tables.yml'
     path.write_text(yaml.safe_dump(spec))
     monkeypatch.setattr(docs_tables, 'EVIDENCE_TABLES', str(path))
     for name, error in (('no-column', 'no column'), ('no-row', '1 rows match'),
-                        ('no-caption', 'no table after')):
+                        ('no-caption', 'no table after'), ('no-line', '0 lines start with'),
+                        ('part-rows', '0 rows match')):  # a part's rows replace the summary's
         with pytest.raises(ValueError, match=error):
             docs_tables.render(f'evidence:{name}')
+
+
+def test_evidence_summary_quotes_result_lines_and_takes_rows_per_part(tmp_path, monkeypatch):
+    spec = {'two-parts': dict(parts=[dict(file='batch_size_table.md', caption='Test accuracy',
+                                          rows=['BN'], label=['a']),
+                                     dict(file='batch_size_table.md', caption='Test accuracy',
+                                          rows=['GN'], label=['b'])],
+                              label_columns=['part'], columns=['method', 'bs=16'],
+                              quote=[dict(file='batch_size_table.md', line='Wall time')])}
+    path = tmp_path / 'evidence_tables.yml'
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(docs_tables, 'EVIDENCE_TABLES', str(path))
+    lines = docs_tables.render('evidence:two-parts').split('\n')
+    source = read('docs/evidence/batch_size_table.md').split('\n')
+    assert lines[0] == '| part | method | bs=16 |'
+    assert [line.split(' | ')[:2] for line in lines[2:4]] == [['| a', 'BN'], ['| b', 'GN']]
+    assert lines[5] == '> ' + next(line for line in source if line.startswith('Wall time'))
+
+
+def test_paper_reference_table_refuses_a_row_of_the_wrong_length_or_an_unknown_key(tmp_path):
+    base = {'metrics': {'AP': ['coco/bbox_mAP', 'AP']}, 'tables': {}}
+    for table, error in ((dict(title='t', columns=['a', 'b'], rows=[[1]]), '1 cells for 2 columns'),
+                         (dict(title='t', columns=['a'], rows=[[1]], caption='x'), 'unknown keys')):
+        path = tmp_path / 'paper_results.yml'
+        path.write_text(yaml.safe_dump(dict(base, reference_tables={'table8': table})))
+        with pytest.raises(ValueError, match=error):
+            paper_results.read_benchmark('coco', str(path), 'configs/cbn_paper')
 
 
 def test_generated_block_of_an_unknown_source_is_an_error():
