@@ -167,10 +167,11 @@ def _in_order(numbers, source):
 
 
 def test_pages_include_or_generate_source_tables_instead_of_copying_them():
-    """A table row the analysis tools wrote (docs/evidence/*.md) or a generated block holds (paper
-    tables, benchmarks, evidence summaries) appears in a page only inside a generated block or through
-    a MyST ``include`` of the result file, never typed, not even some of its columns (three numbers or
-    more of a source row, in order): a rerun or a changed source cannot leave an old copy behind."""
+    """A table row the analysis tools wrote (docs/evidence/*.md) or a generated block holds
+    (paper tables, benchmarks, evidence summaries) appears in a page only inside a generated block
+    or through a MyST ``include`` of the result file, never typed, not even some of its columns
+    (three numbers or more of a source row, in order): a rerun or a changed source cannot leave an
+    old copy behind."""
     sources = [row for path in glob.glob(osp.join(REPO, 'docs', 'evidence', '**', '*.md'),
                                          recursive=True)
                for table in _tables(path) for row in table[2:]]
@@ -212,8 +213,8 @@ def test_every_paper_reference_table_is_shown():
 
 
 def test_a_number_changed_in_a_generated_block_is_caught():
-    """Every generated block of every page is rendered from its source: a digit edited by hand in any
-    of them makes the page differ from what tools/docs_tables.py writes."""
+    """Every generated block of every page is rendered from its source: a digit edited by hand in
+    any of them makes the page differ from what tools/docs_tables.py writes."""
     checked = 0
     for path in docs_tables.documents():
         with open(path, encoding='utf-8') as f:

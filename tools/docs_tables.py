@@ -65,7 +65,8 @@ def paper_table(name: str) -> str:
 
 
 def reference_table(table) -> str:
-    lines = [f'**The paper\'s {table.title}** (Yao et al.; the paper\'s numbers, not measured here)', '']
+    lines = [f"**The paper's {table.title}** (Yao et al.; the paper's numbers, not measured here)",
+             '']
     lines += markdown_table(list(table.columns), [list(r) for r in table.rows])
     if table.note:
         lines += ['', table.note.strip()]

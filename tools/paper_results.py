@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-__all__ = ['METRICS', 'PaperRow', 'PaperTable', 'ReferenceTable', 'Benchmark', 'BENCHMARKS', 'TABLES',
-           'ALL_TABLES', 'REFERENCE_TABLES', 'CONFIG_DIR',
+__all__ = ['METRICS', 'PaperRow', 'PaperTable', 'ReferenceTable', 'Benchmark', 'BENCHMARKS',
+           'TABLES', 'ALL_TABLES', 'REFERENCE_TABLES', 'CONFIG_DIR',
            'all_configs', 'read', 'benchmark_of']
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -97,7 +97,8 @@ def read_benchmark(name: str, path: str, config_dir: str) -> Benchmark:
     """A :class:`Benchmark` from a paper results file; a misspelt or missing key raises."""
     with open(path) as f:
         data = yaml.safe_load(f)
-    _check_keys(path, data, {'metrics', 'tables'}, {'log_unit', 'schedule', 'reference_tables'})
+    _check_keys(path, data, {'metrics', 'tables'},
+                {'log_unit', 'schedule', 'reference_tables'})
     metrics = {m: tuple(key_heading) for m, key_heading in data['metrics'].items()}
     unit = data.get('log_unit', 'fraction')
     if unit not in _PERCENT_PER_UNIT:
@@ -121,9 +122,9 @@ def read_benchmark(name: str, path: str, config_dir: str) -> Benchmark:
             if len(row) != len(table['columns']):
                 raise ValueError(f'{path}: {table_name}: row {row} has {len(row)} cells for '
                                  f'{len(table["columns"])} columns')
-        references[table_name] = ReferenceTable(table_name, table['title'], tuple(table['columns']),
-                                                tuple(tuple(r) for r in table['rows']),
-                                                table.get('note', ''))
+        references[table_name] = ReferenceTable(
+            table_name, table['title'], tuple(table['columns']),
+            tuple(tuple(r) for r in table['rows']), table.get('note', ''))
     return Benchmark(name, config_dir, metrics, tables, _PERCENT_PER_UNIT[unit],
                      int(schedule['train_images']), int(schedule['final_epoch']),
                      schedule.get('images_per_gpu'), references)
