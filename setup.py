@@ -39,7 +39,8 @@ setup(
     packages=find_packages(include=['cbn_mmdet', 'cbn_mmdet.*', 'cbn_mmdet_demo']),
     # ops/csrc: the fused CPU ops' source, built on first use (cbn_mmdet/ops/fused.py)
     package_data={'cbn_mmdet': ['.mim/configs/**/*.py', '.mim/configs/**/*.md',
-                                '.mim/configs/**/*.yml', 'ops/csrc/*.cpp']},
+                                '.mim/configs/**/*.yml', 'ops/csrc/*.cpp',
+                                'ops/csrc/*.h']},
     python_requires='>=3.9',
     # the layers need torch only; the OpenMMLab stack is an extra, so installing into an existing
     # mmdet environment never replaces the user's torch, mmcv or mmdet

@@ -54,5 +54,6 @@ def test_built_wheel_carries_both_packages_and_the_configs(tmp_path):
     for module in ('cbn_mmdet/__init__.py', 'cbn_mmdet_demo/__init__.py', 'cbn_mmdet_demo/shapes.py',
                    'cbn_mmdet_demo/shapes_dataset.py', 'cbn_mmdet_demo/shapes_classification.py',
                    'cbn_mmdet_demo/shapes_classification_dataset.py',
-                   'cbn_mmdet/ops/csrc/cbn_cpu.cpp'):
+                   'cbn_mmdet/ops/csrc/cbn_cpu.cpp', 'cbn_mmdet/ops/csrc/cbn_cpu.h',
+                   'cbn_mmdet/ops/csrc/train_step.cpp'):
         assert module in names, module

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops import fused
+from ..ops import fused, statistics
 from ..ops.statistics import (batch_moments, conv_statistic_gradients, finite_flag,
                               running_factor, update_running_, window_statistics)
 from ..ops.window_norm import WindowBatchNormFunction
@@ -16,7 +16,7 @@ from ..options import (bn_bias_kwargs, is_int, is_real, reject_unknown, require,
                        require_choice)
 from . import iteration_clock
 from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
-                           is_compiling, preceding_conv)
+                           is_compiling, preceding_conv, saved_tensor_hooks_accessor)
 from .input_checks import check_4d, check_channels, check_like_module
 from .notices import CBNWarning
 from .torchscript import refuse_torchscript
@@ -29,6 +29,10 @@ _CHOICES = dict(fallback=('bn', 'naive'), running_stats=('window', 'batch'),
                 statistics_gradients=('closed_form', 'subsampled', 'autograd'))
 # history_dtype, var_grad_dtype -> torch dtype (None: the statistics' precision)
 _DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
+
+# the binding statuses the one-call training step handles (the codes of csrc/train_step.cpp)
+_ONE_CALL_STATUS = {BindStatus.CONV: 0, BindStatus.FROZEN_CONV: 1, BindStatus.NOT_CONV: 2}
+_saved_tensor_hooks = saved_tensor_hooks_accessor()
 
 #: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
 HISTORY_STATE_KEYS = HISTORY_KEYS
@@ -239,6 +243,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
+        if self.training:
+            output = self._one_call_step(input)
+            if output is not None:
+                return output
         self._check_input_dim(input)
         if not self.training:
             if self.per_call > 1 and self.running_mean is not None:
@@ -297,6 +305,40 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                              binding if compensating else None)
         return WindowBatchNormFunction.apply(input, self.weight, self.bias, mean, var, inv_k, self.eps,
                                              group, pooled_count, invstd)
+
+    def _one_call_step(self, input: Tensor) -> Optional[Tensor]:
+        """The steady state of an eager CPU training forward as one C++ call (``csrc/train_step.cpp``:
+        the same steps as below with the fused ops, and an autograd node of its own), or None where
+        the rest of :meth:`forward` runs: the first forward of the layer, another binding than the
+        last forward's, a second forward in an iteration, activation checkpointing, per_call, SyncCBN,
+        monitor, the approximate statistic gradients, other dtypes and devices."""
+        history = self.history
+        status = _ONE_CALL_STATUS.get(self.last_bind_status)
+        if (status is None or not history._stepped or history._stats is None or self.per_call > 1
+                or self.monitor or self.statistics_gradients != 'closed_form'
+                or self.var_grad_dtype != 'float32' or status == 2 and self.fallback == 'bn'
+                or _saved_tensor_hooks is None):
+            return None
+        ops = fused.one_call_ops()
+        if (ops is None or is_compiling() or torch._C._get_tracing_state() is not None
+                or not torch.is_grad_enabled() or _saved_tensor_hooks(False) is not None
+                or self._statistics_group() is not None):
+            return None
+        tracks = self.track_running_stats and self.running_mean is not None
+        geometry = history.geometry
+        y, valid, recorded, mean, var, weight_state = ops.train_step(
+            input, self.weight, self.bias, history._stats, history._patches, history._grads,
+            history._cursor, self.running_mean if tracks else None,
+            self.running_var if tracks else None, self.num_batches_tracked if tracks else None,
+            self._active_window, status, self.compensate,
+            () if geometry is None or geometry[5] is None else geometry[:5] + (int(geometry[5]), ),
+            -1.0 if self.momentum is None else self.momentum, self.running_stats == 'window',
+            self.eps, statistics.UNFOLD_MAX_ELEMENTS, statistics.UNFOLD_MAX_POSITIONS)
+        if y is None:
+            return None
+        history.recorded_in_one_call(self._active_window, weight_state,
+                                     status == 0 and self.compensate, valid, recorded, mean, var)
+        return y
 
     def _window_statistics(self, group, past: 'PastWindow', batch_mean: Tensor, batch_var: Tensor,
                            count: float, call: int, recording: bool):

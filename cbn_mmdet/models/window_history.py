@@ -343,6 +343,8 @@ class WindowHistory:
         key = (active_window, clamp)
         if self._cache is not None and self._cache[0] == key:
             cached_state = self._cache[1]
+            if torch.is_tensor(cached_state):  # (as the one-call step gives it)
+                cached_state = tuple(cached_state.tolist())
             if weight_state is None or cached_state is None or cached_state == weight_state:
                 return self._cache[2]
             self._warn('midstep', 'its conv weights changed between two calls of one iteration: '
@@ -379,6 +381,18 @@ class WindowHistory:
             result = PastWindow(mean, var, valid, recorded, compensated)
         self._cache = (key, weight_state, result)
         return result
+
+    def recorded_in_one_call(self, active_window: int, weight_state: Optional[Tensor],
+                             compensated: bool, valid: Tensor, recorded: Tensor, mean: Tensor,
+                             var: Tensor) -> None:
+        """The layer's one-call training step (``csrc/train_step.cpp``) did :meth:`advance`,
+        :meth:`past` and :meth:`record` of the first forward of an iteration: the same state
+        after it (the cursor moved in its tensor; the integers are read back when asked)."""
+        self._stepped = False
+        self.open = True
+        self._host_stale = True
+        self._cache = ((active_window, True), weight_state,
+                       PastWindow(mean, var, valid, recorded, compensated))
 
     def _fused_ops(self):
         """The fused CPU ops where they apply to this ring (eager, CPU), else None."""

@@ -17,11 +17,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ['ops', 'applies', 'disabled']
+__all__ = ['ops', 'applies', 'disabled', 'one_call_ops', 'without_one_call']
 
 _NAME = 'cbn_mmdet_cpu'
-_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'cbn_cpu.cpp')
-_state = {'ops': None, 'tried': False}
+_SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
+            for name in ('cbn_cpu.cpp', 'train_step.cpp')]
+_state = {'ops': None, 'tried': False, 'one_call': True}
 _is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling
 
 
@@ -45,11 +46,11 @@ def ops():
     if setting == '0':
         return None
     try:
-        if not hasattr(torch.ops.cbn_mmdet, 'window_step'):
+        if not hasattr(torch.ops.cbn_mmdet, 'train_step'):
             from torch.utils.cpp_extension import load
             directory = _build_directory()
             os.makedirs(directory, exist_ok=True)
-            load(_NAME, [_SOURCE], extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'],
+            load(_NAME, _SOURCES, extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'],
                  build_directory=directory,
                  is_python_module=False, verbose=False)
         _state['ops'] = torch.ops.cbn_mmdet
@@ -80,3 +81,19 @@ def disabled():
         yield
     finally:
         _state.update(saved)
+
+
+def one_call_ops() -> Optional[object]:
+    """The ops for a layer's one-call training step (``train_step``), None where they are off."""
+    return ops() if _state['one_call'] else None
+
+
+@contextlib.contextmanager
+def without_one_call():
+    """The fused ops without the one-call training step inside the block (tests compare the two)."""
+    saved = _state['one_call']
+    _state['one_call'] = False
+    try:
+        yield
+    finally:
+        _state['one_call'] = saved

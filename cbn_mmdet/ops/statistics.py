@@ -244,8 +244,8 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     kh, kw = weight.shape[2:]
     if (method == 'closed_form' and operand_dtype is None and not x.is_cuda and kh * kw > 1
             and (conv_input.shape[0] * conv_input.shape[1] * kh * kw * x.shape[2] * x.shape[3]
-                 <= _UNFOLD_MAX_ELEMENTS or x.shape[0] * x.shape[2] * x.shape[3]
-                 <= _UNFOLD_MAX_POSITIONS)):
+                 <= UNFOLD_MAX_ELEMENTS or x.shape[0] * x.shape[2] * x.shape[3]
+                 <= UNFOLD_MAX_POSITIONS)):
         return _statistic_gradients_by_unfold(conv_input, x, batch_mean, weight, stride, padding,
                                               dilation, groups)
     patch = patch_mean(conv_input, (kh, kw), x.shape[2:], stride, padding, dilation)
@@ -263,11 +263,11 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
 #: Input patches (N·C_in·K·positions) up to which the CPU takes both gradients from one unfolded
 #: copy of the input: for such small layers the weight-gradient kernel's fixed cost dominates
 #: (measured: 2.5× faster at 18k, even at 64k, slower above).
-_UNFOLD_MAX_ELEMENTS = 1 << 16
+UNFOLD_MAX_ELEMENTS = 1 << 16
 #: Output positions (N·H·W) up to which the CPU takes that way whatever the channels: the
 #: weight-gradient kernel is slow when the sum over positions is short (measured with one thread,
 #: 2 × 512 → 512 3×3 at 5×5: 20 ms against 4.8 ms unfolded; at 10×10 the two are even).
-_UNFOLD_MAX_POSITIONS = 64
+UNFOLD_MAX_POSITIONS = 64
 
 
 def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Tensor,

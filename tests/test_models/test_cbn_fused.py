@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
+from cbn_mmdet.models import iteration_clock
+from cbn_mmdet.models.window_history import WindowHistory
 from cbn_mmdet.ops import fused
 
 pytestmark = pytest.mark.skipif(fused.ops() is None, reason='the fused CPU ops did not build')
@@ -92,6 +94,9 @@ SCENARIOS = {
                          2: lambda m: setattr(m[1], 'active_window', 2),
                          4: lambda m: setattr(m[1], 'active_window', 4)}),
     'window_change': (dict(), {4: lambda m: m[1].set_window(3)}),
+    # a full ring of which the window uses fewer entries
+    'shorter_active_window': (dict(), {4: lambda m: setattr(m[1], 'active_window', 2),
+                                       6: lambda m: setattr(m[1], 'active_window', 3)}),
 }
 
 
@@ -108,15 +113,59 @@ def _compare(a, b):
                                    equal_nan=True, msg=lambda m: f'{key}: {m}')
 
 
+class _OneCallSteps:
+    """Counts the training forwards taken by the one-call step (train_step)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = WindowHistory.recorded_in_one_call
+
+        def counted(history, *args):
+            self.count += 1
+            return original(history, *args)
+        monkeypatch.setattr(WindowHistory, 'recorded_in_one_call', counted)
+
+
+# the scenarios whose steady state the one-call step declines (the rest of forward runs)
+_NOT_ONE_CALL = {'subsampled'}
+
+
 @pytest.mark.parametrize('name', sorted(SCENARIOS))
 @pytest.mark.filterwarnings('ignore:CBN.4.. its conv has frozen weights')
-def test_fused_ops_equal_the_python_path(name):
+def test_fused_ops_equal_the_python_path(name, monkeypatch):
     options, events = SCENARIOS[name]
     xs = _batches(8, size=options.get('size') or (6, 5))
+    steps = _OneCallSteps(monkeypatch)
     fused_run = _train(_model(**options), xs, events=events)
+    assert (steps.count == 0) == (name in _NOT_ONE_CALL), steps.count
     with fused.disabled():
         python_run = _train(_model(**options), xs, events=events)
+    assert steps.count == 0 or name not in _NOT_ONE_CALL
     _compare(fused_run, python_run)
+
+
+def test_one_call_step_equals_the_python_path_in_double_backward():
+    """A gradient penalty (create_graph=True) through the one-call step's C++ autograd node: the
+    same second-order gradients as the Python path's differentiable backward."""
+    def run():
+        model = _model(conv_bias=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        out = []
+        for x in _batches(5):
+            x = x.clone().requires_grad_(True)
+            y = model(x)
+            (grad_x, ) = torch.autograd.grad(y.square().mean() + y.mean(), x, create_graph=True)
+            (y.mean() + grad_x.square().sum()).backward()
+            out.append([grad_x.detach()] + [p.grad.clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad()
+        return out
+    one_call = run()
+    with fused.disabled():
+        python = run()
+    for a, b in zip(one_call, python):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_ops_equal_the_python_path_per_call_and_pooled_calls():
@@ -158,14 +207,27 @@ class _nothing:
         return False
 
 
+def _profiled_names(model, x):
+    with torch.profiler.profile() as prof:
+        model(x).sum().backward()
+    return {e.name for e in prof.events()}
+
+
 def test_fused_ops_run_on_cpu_and_not_when_disabled():
-    """The ops are what a CPU training step dispatches (the comparison above compares two paths)."""
+    """The ops are what a CPU training step runs (the comparisons above compare two paths): from
+    the second forward on, one call (train_step) and its C++ autograd node; without it the four
+    ops; with the fused ops off, none."""
     model = _model()
     xs = _batches(4)
     _train(model, xs[:3])
+    one_call = _profiled_names(model, xs[3])
+    assert 'cbn_mmdet::train_step' in one_call
+    assert 'torch::autograd::CppNode<cbn_mmdet::WindowNormFunction>' in one_call
+    assert not {'cbn_mmdet::past_window', 'cbn_mmdet::window_step'} & one_call
     for disabled in (False, True):
+        iteration_clock.next_iteration()  # (each forward the first of its iteration)
         counter = _Ops()
-        with (fused.disabled() if disabled else _nothing()), counter:
+        with (fused.disabled() if disabled else fused.without_one_call()), counter:
             model(xs[3]).sum().backward()
         used = {n for n in counter.names if n.startswith('cbn_mmdet.')}
         assert used == (set() if disabled else {'cbn_mmdet.past_window', 'cbn_mmdet.window_step',

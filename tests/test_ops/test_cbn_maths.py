@@ -326,11 +326,11 @@ def test_small_conv_gradients_by_unfold_equal_the_weight_gradient_path(variant, 
     mean, _ = batch_moments(x)
     args = (y, x, mean, w, b, s, p, d, g)
     small = S.conv_statistic_gradients(*args)
-    monkeypatch.setattr(S, '_UNFOLD_MAX_ELEMENTS', 0)  # every conv takes the large-conv path
+    monkeypatch.setattr(S, 'UNFOLD_MAX_ELEMENTS', 0)  # every conv takes the large-conv path
     large = S.conv_statistic_gradients(*args)
     torch.testing.assert_close(small[0], large[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(small[1], large[1], rtol=1e-10, atol=1e-10)
     if w.shape[2:] != (1, 1):  # the unfold path is taken (1x1 convs have their own)
         monkeypatch.setattr(S, 'patch_mean', None)
-        monkeypatch.setattr(S, '_UNFOLD_MAX_ELEMENTS', 1 << 16)
+        monkeypatch.setattr(S, 'UNFOLD_MAX_ELEMENTS', 1 << 16)
         S.conv_statistic_gradients(*args)

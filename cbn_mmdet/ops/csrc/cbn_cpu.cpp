@@ -6,6 +6,8 @@
 // reference: tests compare the two in float64. Layouts are those of window_history.py: the ring's
 // statistics block is channel-major, (4C + 3, T): mean, var (C rows each), count, present,
 // compensable, then mean_ref, var_ref (C rows each).
+#include "cbn_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -72,6 +74,10 @@ void with_grad_type(const Tensor& grads, F&& body) {
     body(static_cast<scalar_t*>(nullptr));
   }
 }
+
+}  // namespace
+
+namespace cbn_mmdet {
 
 // Eqs. 7, 8, 10 for the ring's entries at the current weights θ (C, C_in/G·K): per channel the
 // inner products of its row of θ with every entry's ∂μ/∂θ patch and ∂var/∂θ row (one pass over θ
@@ -354,7 +360,7 @@ std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
   return result;
 }
 
-}  // namespace
+}  // namespace cbn_mmdet
 
 TORCH_LIBRARY(cbn_mmdet, m) {
   m.def("past_window(Tensor stats, Tensor in_window, Tensor? weight, Tensor? patches, "
@@ -370,11 +376,17 @@ TORCH_LIBRARY(cbn_mmdet, m) {
         "int filled) -> ()");
   m.def("window_norm_backward(Tensor grad_y, Tensor x, Tensor? gamma, Tensor mean, "
         "Tensor invstd, Tensor inv_k, float eps) -> (Tensor, Tensor, Tensor)");
+  // train_step.cpp (its own autograd node)
+  m.def("train_step(Tensor x, Tensor? gamma, Tensor? beta, Tensor(a!) stats, Tensor(b!)? patches, "
+        "Tensor(c!)? grads, Tensor(d!) cursor, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
+        "Tensor(g!)? num_batches, int active_window, int status, bool compensate, int[] geometry, "
+        "float momentum, bool window_running, float eps, int unfold_max_elements, "
+        "int unfold_max_positions) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
-  m.impl("past_window", &past_window);
-  m.impl("window_step", &window_step);
-  m.impl("record_entry", &record_entry);
-  m.impl("window_norm_backward", &window_norm_backward);
+  m.impl("past_window", &cbn_mmdet::past_window);
+  m.impl("window_step", &cbn_mmdet::window_step);
+  m.impl("record_entry", &cbn_mmdet::record_entry);
+  m.impl("window_norm_backward", &cbn_mmdet::window_norm_backward);
 }

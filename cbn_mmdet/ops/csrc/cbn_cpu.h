@@ -1,0 +1,36 @@
+// The fused CPU ops of cbn_cpu.cpp, for the training step of train_step.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace cbn_mmdet {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
+    const at::Tensor& stats, const at::Tensor& in_window, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
+    const std::optional<at::Tensor>& bias, int64_t groups, bool clamp);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_step(
+    const at::Tensor& batch_mean, const at::Tensor& batch_var, double count,
+    const at::Tensor& past_mean, const at::Tensor& past_var, const at::Tensor& valid,
+    const at::Tensor& recorded, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches,
+    bool count_batch, double momentum, bool window_running, double eps);
+
+void record_entry(const at::Tensor& stats, int64_t slot, const at::Tensor& batch_mean,
+                  const at::Tensor& batch_var, double count, const at::Tensor& finite,
+                  const std::optional<at::Tensor>& patch, const std::optional<at::Tensor>& var_grad,
+                  double scale, const std::optional<at::Tensor>& centre_mean,
+                  const std::optional<at::Tensor>& centre_patch,
+                  const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  int64_t groups, const at::Tensor& cursor, int64_t filled);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& gamma,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& inv_k, double eps);
+
+}  // namespace cbn_mmdet

@@ -1,0 +1,392 @@
+// A CBN layer's whole eager training forward on CPU in one call: the conv found from the autograd
+// graph, the compensated past, the batch moments, Eqs. 9-11 with the running statistics, the
+// record of the new entry (with its statistic gradients) and the normalisation, whose autograd
+// node (backward and double backward) is C++ too.
+//
+// It is the steady state of CrossIterationBatchNorm2d.forward (cbn_mmdet/models/cbn.py) and
+// computes what that forward computes with the fused ops, in the same order. It handles only the
+// case the caller has seen before (the same binding status, a ring already laid out for the conv)
+// and returns an undefined output otherwise, before changing any state: the Python forward then
+// runs, with its checks, warnings and every other mode.
+#include "cbn_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/generated/Functions.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// How the input was produced; the codes of cbn.py's _LANE_STATUS.
+enum Status : int64_t { kConv = 0, kFrozen = 1, kNotConv = 2, kOther = 3 };
+
+struct Binding {
+  Status status = kOther;
+  Tensor input, weight, bias;  // the conv's input and its weight and bias parameters (detached)
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups = 1;
+};
+
+std::vector<int64_t> ints(const std::vector<c10::SymInt>& values) {
+  std::vector<int64_t> out;
+  for (const auto& v : values) out.push_back(v.expect_int());
+  return out;
+}
+
+// The leaf behind a parameter edge: undefined when the edge carries something computed.
+Tensor leaf_of(const torch::autograd::Edge& edge) {
+  auto* accumulate = dynamic_cast<torch::autograd::AccumulateGrad*>(edge.function.get());
+  return accumulate == nullptr ? Tensor() : accumulate->variable;
+}
+
+// conv_binding.find_conv_producer, for the case of a conv whose weight (and bias) are parameters
+// in the input's dtype; anything else is kOther (the Python forward decides).
+Binding bind(const Tensor& x) {
+  Binding b;
+  const auto& fn = x.grad_fn();
+  if (!fn) {
+    b.status = kFrozen;  // nothing upstream requires grad
+    return b;
+  }
+  auto* conv = dynamic_cast<torch::autograd::generated::ConvolutionBackward0*>(fn.get());
+  if (conv == nullptr) {
+    b.status = fn->name().rfind("CompiledFunction", 0) == 0 ? kOther : kNotConv;
+    return b;
+  }
+  if (conv->transposed || conv->stride.size() != 2) {
+    b.status = kNotConv;
+    return b;
+  }
+  if (!conv->next_edge(1).function) {
+    b.status = kFrozen;
+    return b;
+  }
+  Tensor weight = leaf_of(conv->next_edge(1));
+  if (!weight.defined()) return b;  // computed (weight standardisation) or cast (AMP)
+  if (conv->num_outputs() > 2 && conv->next_edge(2).function) {
+    b.bias = leaf_of(conv->next_edge(2));
+    if (!b.bias.defined()) {
+      // a computed bias cannot be compensated; a cast one (AMP) is left to the Python forward
+      b.status = conv->next_edge(2).function->name() == "ToCopyBackward0" ? kOther : kNotConv;
+      return b;
+    }
+    b.bias = b.bias.detach();
+  }
+  b.input = conv->input_.unpack();
+  if (!b.input.defined() || weight.sizes() != conv->weight_.unpack().sizes()) return b;
+  b.weight = weight.detach();
+  b.stride = ints(conv->stride);
+  b.padding = ints(conv->padding);
+  b.dilation = ints(conv->dilation);
+  b.groups = conv->groups.expect_int();
+  b.status = kConv;
+  return b;
+}
+
+// statistics.patch_mean: the mean input patch (C_in, kh, kw) over the output positions.
+Tensor patch_mean(const Tensor& input, int64_t kh, int64_t kw, int64_t out_h, int64_t out_w,
+                  const Binding& b) {
+  const double count = static_cast<double>(input.size(0) * out_h * out_w);
+  Tensor summed = input.sum(0).contiguous();  // (C_in, H, W)
+  const int64_t c_in = summed.size(0), h = summed.size(1), w = summed.size(2);
+  Tensor patch = at::empty({c_in, kh, kw}, summed.options());
+  AT_DISPATCH_FLOATING_TYPES(summed.scalar_type(), "patch_mean", [&] {
+    const scalar_t* s = summed.data_ptr<scalar_t>();
+    scalar_t* p = patch.data_ptr<scalar_t>();
+    at::parallel_for(0, c_in, 4, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> rows(kh * w);
+      for (int64_t ci = begin; ci < end; ++ci) {
+        const scalar_t* plane = s + ci * h * w;
+        for (int64_t a = 0; a < kh; ++a) {  // the rows a·d + i·s of the padded plane, summed
+          scalar_t* row = rows.data() + a * w;
+          std::fill(row, row + w, scalar_t(0));
+          for (int64_t i = 0; i < out_h; ++i) {
+            const int64_t r = a * b.dilation[0] + i * b.stride[0] - b.padding[0];
+            if (r < 0 || r >= h) continue;
+            for (int64_t col = 0; col < w; ++col) row[col] += plane[r * w + col];
+          }
+          for (int64_t bb = 0; bb < kw; ++bb) {  // then its columns b·d + j·s
+            scalar_t total = 0;
+            for (int64_t j = 0; j < out_w; ++j) {
+              const int64_t col = bb * b.dilation[1] + j * b.stride[1] - b.padding[1];
+              if (col >= 0 && col < w) total += row[col];
+            }
+            p[(ci * kh + a) * kw + bb] = total / static_cast<scalar_t>(count);
+          }
+        }
+      }
+    });
+  });
+  return patch;
+}
+
+// What the record needs of the statistic gradients (cf. DeferredCentring): ∂μ/∂θ as a patch and
+// ∂var/∂θ = scale · product − 2 μ ⊗ centre_patch (no centring when centre_patch is undefined).
+struct Gradients {
+  Tensor patch, product, centre_patch;
+  double scale = 1.0;
+};
+
+// How conv_statistic_gradients (closed form, float32 product) takes the gradients of this conv
+enum class GradientPath { kUnfold, kCovariance, kWeightGradient };
+
+GradientPath gradient_path(const Tensor& x, const Binding& b, int64_t kh, int64_t kw,
+                           int64_t max_elements, int64_t max_positions) {
+  const int64_t n = x.size(0), positions = n * x.size(2) * x.size(3);
+  const int64_t c_in = b.input.size(1), c_out = b.weight.size(0);
+  if (kh * kw > 1 && (n * c_in * kh * kw * x.size(2) * x.size(3) <= max_elements ||
+                      positions <= max_positions)) {
+    return GradientPath::kUnfold;
+  }
+  const bool padded = b.padding[0] != 0 || b.padding[1] != 0;
+  if (kh == 1 && kw == 1 && !padded && b.groups == 1 &&
+      static_cast<double>(b.input.size(1)) * static_cast<double>(positions + c_out) <
+          0.7 * static_cast<double>(c_out) * static_cast<double>(positions)) {
+    return GradientPath::kCovariance;
+  }
+  return GradientPath::kWeightGradient;
+}
+
+Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const Binding& b,
+                              GradientPath path) {
+  const int64_t kh = b.weight.size(2), kw = b.weight.size(3);
+  const int64_t n = x.size(0), c_out = x.size(1);
+  Gradients g;
+  if (path == GradientPath::kUnfold) {  // statistics._statistic_gradients_by_unfold
+    Tensor cols = at::im2col(b.input, {kh, kw}, b.dilation, b.padding, b.stride);
+    const double count = static_cast<double>(n * cols.size(2));
+    Tensor mean_column = cols.mean({0, 2}, true);
+    g.patch = mean_column.view({-1, kh, kw});
+    if (b.groups == 1) {
+      Tensor centred = cols - mean_column;
+      Tensor var_grad = at::empty({c_out, cols.size(1)}, x.options());
+      at::addbmm_out(var_grad, var_grad, x.reshape({n, c_out, -1}), centred.transpose(1, 2), 0,
+                     2.0 / count);
+      g.product = var_grad;
+    } else {
+      Tensor centred = x.reshape({n, b.groups, c_out / b.groups, -1}) -
+                       batch_mean.view({1, b.groups, -1, 1});
+      Tensor grouped = cols.reshape({n, b.groups, cols.size(1) / b.groups, -1});
+      g.product = at::matmul(centred, grouped.transpose(2, 3)).sum(0).mul_(2.0 / count);
+    }
+    return g;
+  }
+  g.patch = patch_mean(b.input, kh, kw, x.size(2), x.size(3), b);
+  if (path == GradientPath::kCovariance) {  // statistics._variance_weight_gradient_1x1
+    Tensor y = b.input;
+    if (b.stride[0] != 1 || b.stride[1] != 1) {
+      y = y.slice(2, 0, (x.size(2) - 1) * b.stride[0] + 1, b.stride[0])
+              .slice(3, 0, (x.size(3) - 1) * b.stride[1] + 1, b.stride[1]);
+    }
+    const int64_t c_in = y.size(1);
+    Tensor flat = y.reshape({n, c_in, -1});
+    const double positions = static_cast<double>(n * flat.size(2));
+    Tensor mean = g.patch.reshape({c_in, 1});
+    Tensor cov = at::bmm(flat, flat.transpose(1, 2)).sum(0).div_(positions).sub_(at::mm(mean, mean.t()));
+    g.product = at::mm(b.weight.reshape({c_out, c_in}), cov).mul_(2.0);
+    return g;
+  }
+  // statistics.variance_weight_gradient: the weight-gradient convolution of the output itself,
+  // centred by the record as it writes it
+  const double count = static_cast<double>(n * x.size(2) * x.size(3));
+  g.product = std::get<1>(at::convolution_backward(
+      x, b.input, b.weight, std::nullopt, b.stride, b.padding, b.dilation, false, {0, 0}, b.groups,
+      {false, true, false}));
+  g.scale = 2.0 / count;
+  g.centre_patch = g.patch;
+  return g;
+}
+
+at::MemoryFormat memory_format_of(const Tensor& x) {
+  return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()
+             ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace
+
+namespace cbn_mmdet {
+
+// window_norm.WindowBatchNormFunction for one process's batch at full precision (named so in
+// autograd's graph and the profiler).
+struct WindowNormFunction : public torch::autograd::Function<WindowNormFunction> {
+  // (γ, β absent: no affine transform, or no β)
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& gamma,
+                        const std::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
+                        const Tensor& invstd, const Tensor& inv_k, double eps) {
+    const Tensor g = gamma.value_or(Tensor());
+    ctx->save_for_backward({x, g, mean, invstd, inv_k});
+    ctx->saved_data["eps"] = eps;
+    // needs_input_grad counts the tensors given, an absent one is not
+    ctx->saved_data["beta_index"] = static_cast<int64_t>(g.defined() ? 2 : 1);
+    ctx->saved_data["has_beta"] = beta.has_value() && beta->defined();
+    return std::get<0>(at::native_batch_norm(x, g, beta, mean, var, false, 0.0, eps));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &gamma = saved[1], &mean = saved[2], &invstd = saved[3],
+                 &inv_k = saved[4];
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = gamma.defined() && ctx->needs_input_grad(1);
+    const bool need_b = gamma.defined() && ctx->saved_data["has_beta"].toBool() &&
+                        ctx->needs_input_grad(ctx->saved_data["beta_index"].toInt());
+    Tensor grad_y = grad_outputs[0].contiguous(memory_format_of(x));
+    Tensor grad_x, grad_w, grad_b;
+    if (at::GradMode::is_enabled()) {
+      std::tie(grad_x, grad_w, grad_b) = differentiable_backward(grad_y, x, gamma, mean, invstd,
+                                                                 inv_k, need_x, need_w, need_b);
+    } else {
+      std::tie(grad_x, grad_w, grad_b) = cbn_mmdet::window_norm_backward(
+          grad_y, x, gamma.defined() ? std::optional<Tensor>(gamma) : std::nullopt, mean, invstd,
+          inv_k, ctx->saved_data["eps"].toDouble());
+    }
+    return {need_x ? grad_x : Tensor(), need_w ? grad_w : Tensor(), need_b ? grad_b : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+
+  // window_norm._differentiable_backward without a process group (create_graph=True): the
+  // backward's formula in differentiable operations, with the window's statistics as functions
+  // of x through the current batch only.
+  static std::tuple<Tensor, Tensor, Tensor> differentiable_backward(
+      const Tensor& grad_y, const Tensor& x, const Tensor& gamma, const Tensor& mean,
+      const Tensor& invstd, const Tensor& inv_k, bool need_x, bool need_w, bool need_b) {
+    const std::vector<int64_t> shape = {1, -1, 1, 1}, dims = {0, 2, 3};
+    const double count = static_cast<double>(x.size(0) * x.size(2) * x.size(3));
+    Tensor u = x - mean.view(shape);
+    Tensor sum_u = u.sum(dims), sum_uu = u.square().sum(dims);
+    Tensor sum_dy = grad_y.sum(dims), sum_dy_u = (grad_y * u).sum(dims);
+    Tensor d_mean = sum_u / count;
+    d_mean = d_mean - d_mean.detach();
+    Tensor d_second = sum_uu / count;
+    d_second = d_second - d_second.detach();
+    Tensor shift = d_mean * inv_k;
+    Tensor d_var = (d_second - d_mean * shift) * inv_k;
+    Tensor r = invstd * at::rsqrt(1.0 + d_var * invstd.square());
+    Tensor xhat = (u - shift.view(shape)) * r.view(shape);
+    Tensor sum_dy_xhat = r * (sum_dy_u - shift * sum_dy);
+    Tensor grad_x;
+    if (need_x) {
+      Tensor a = gamma.defined() ? gamma * r : r;
+      Tensor scale = inv_k / count;
+      Tensor inner = grad_y - scale * (sum_dy.view(shape) + xhat * sum_dy_xhat.view(shape));
+      grad_x = (a.view(shape) * inner).contiguous(memory_format_of(x));
+    }
+    return {grad_x, need_w ? sum_dy_xhat : Tensor(), need_b ? sum_dy : Tensor()};
+  }
+};
+
+}  // namespace cbn_mmdet
+
+namespace {
+
+std::optional<Tensor> some(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+bool same_type(const std::optional<Tensor>& t, const Tensor& like) {
+  return !t.has_value() || !t->defined() ||
+         (t->scalar_type() == like.scalar_type() && t->device() == like.device());
+}
+
+// (y, valid, recorded, mean, var, weight state): the normalised output, the past window as
+// WindowHistory.past would cache it, and the conv weight's [data pointer, version] when the past
+// was compensated; all undefined when this call is not the case handled here (nothing changed).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
+    const Tensor& x, const std::optional<Tensor>& gamma, const std::optional<Tensor>& beta,
+    const Tensor& stats, const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
+    const Tensor& cursor, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches,
+    int64_t active_window, int64_t status, bool compensate, at::IntArrayRef geometry,
+    double momentum, bool window_running, double eps, int64_t unfold_max_elements,
+    int64_t unfold_max_positions) {
+  const std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> declined;
+  // -- the case handled: everything the Python forward would check or convert, checked first
+  const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
+  if (!x.device().is_cpu() || x.dim() != 4 || x.size(1) != c || x.numel() == 0 ||
+      x.scalar_type() != stats.scalar_type() || !at::GradMode::is_enabled() ||
+      at::autocast::is_autocast_enabled(at::kCPU) || !same_type(gamma, x) ||
+      !same_type(beta, x) || !same_type(running_mean, x) || !same_type(running_var, x)) {
+    return declined;
+  }
+  const int64_t count_values = x.size(0) * x.size(2) * x.size(3);
+  const int64_t* cur = cursor.data_ptr<int64_t>();
+  const int64_t head = cur[0], filled = cur[1];
+  if (count_values <= 1 || filled < 1 || active_window < 2) return declined;
+  Binding b = bind(x);
+  if (b.status != status) return declined;
+  const bool compensating = compensate && b.status == kConv;
+  GradientPath path = GradientPath::kUnfold;
+  if (compensating) {
+    const int64_t kh = b.weight.size(2), kw = b.weight.size(3);
+    const int64_t bias_flag = b.bias.defined() ? 1 : 0;
+    const std::vector<int64_t> want = {b.weight.size(0), b.weight.size(1) * b.groups, kh, kw,
+                                       b.groups, bias_flag};
+    if (geometry.vec() != want || !grads.has_value() || !grads->defined() ||
+        (grads->scalar_type() != x.scalar_type() && grads->scalar_type() != at::kBFloat16) || b.weight.scalar_type() != x.scalar_type() ||
+        b.input.scalar_type() != x.scalar_type() ||
+        (b.bias.defined() && b.bias.scalar_type() != x.scalar_type())) {
+      return declined;
+    }
+    path = gradient_path(x, b, kh, kw, unfold_max_elements, unfold_max_positions);
+  }
+  at::NoGradGuard no_grad;
+  Tensor xd = x.detach();
+  // -- the past window (WindowHistory.past): the slots in the window, compensated to θ now
+  std::vector<double> window(slots);
+  const int64_t last = std::min(filled, active_window - 1);  // the open entry is not this one's
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const int64_t age = ((head - slot) % slots + slots) % slots;
+    window[slot] = age < last ? 1.0 : 0.0;
+  }
+  Tensor in_window = at::tensor(window, stats.options());
+  Tensor valid, recorded, past_mean, past_var;
+  std::tie(valid, recorded, past_mean, past_var) = cbn_mmdet::past_window(
+      stats, in_window, compensating ? some(b.weight) : std::nullopt,
+      compensating ? patches : std::nullopt, compensating ? grads : std::nullopt,
+      compensating ? some(b.bias) : std::nullopt, b.groups, true);
+  // -- the batch, Eqs. 9-11, the running statistics
+  Tensor batch_mean, batch_var;
+  std::tie(batch_mean, batch_var) = at::batch_norm_update_stats(xd, {}, {}, 0.0);
+  const double count = static_cast<double>(count_values);
+  Tensor mean, var, invstd, inv_k, finite;
+  std::tie(mean, var, invstd, inv_k, finite) = cbn_mmdet::window_step(
+      batch_mean, batch_var, count, past_mean, past_var, valid, recorded, running_mean,
+      running_var, num_batches, true, momentum, window_running, eps);
+  // -- the record (WindowHistory._record_fused) over the oldest slot
+  Gradients g;
+  if (compensating) g = statistic_gradients(xd, batch_mean, b, path);
+  const int64_t slot = (head + 1) % slots;
+  cbn_mmdet::record_entry(
+      stats, slot, batch_mean, batch_var, count, finite, some(g.patch), some(g.product), g.scale,
+      g.centre_patch.defined() ? std::optional<Tensor>(batch_mean) : std::nullopt,
+      some(g.centre_patch), patches, grads, compensating ? some(b.weight) : std::nullopt,
+      compensating ? some(b.bias) : std::nullopt, b.groups, cursor, std::min(filled + 1, slots));
+  Tensor weight_state;
+  if (compensating) {
+    weight_state = at::tensor({reinterpret_cast<int64_t>(b.weight.data_ptr()),
+                               static_cast<int64_t>(b.weight._version())},
+                              at::TensorOptions().dtype(at::kLong));
+  }
+  // -- Eq. 12, differentiable in x, γ, β through the current batch only
+  at::AutoGradMode grad_on(true);
+  Tensor y = cbn_mmdet::WindowNormFunction::apply(x, gamma, beta, mean, var, invstd, inv_k, eps);
+  return {y, valid, recorded, past_mean, past_var, weight_state};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cbn_mmdet, CompositeImplicitAutograd, m) {
+  m.impl("train_step", &train_step);
+}
