@@ -22,7 +22,7 @@ __all__ = ['ops', 'applies', 'disabled', 'one_call_ops', 'without_one_call']
 _NAME = 'cbn_mmdet_cpu'
 _SOURCES = [osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', name)
             for name in ('cbn_cpu.cpp', 'train_step.cpp')]
-_state = {'ops': None, 'tried': False, 'one_call': True}
+_state = {'ops': None, 'module': None, 'tried': False, 'one_call': True}
 _is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling
 
 
@@ -46,13 +46,13 @@ def ops():
     if setting == '0':
         return None
     try:
-        if not hasattr(torch.ops.cbn_mmdet, 'train_step'):
-            from torch.utils.cpp_extension import load
-            directory = _build_directory()
-            os.makedirs(directory, exist_ok=True)
-            load(_NAME, _SOURCES, extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'],
-                 build_directory=directory,
-                 is_python_module=False, verbose=False)
+        from torch.utils.cpp_extension import load
+        directory = _build_directory()
+        os.makedirs(directory, exist_ok=True)
+        # a Python module (train_step) that also registers the torch ops
+        _state['module'] = load(_NAME, _SOURCES, extra_cflags=['-O3', '-fopenmp'],
+                                extra_ldflags=['-fopenmp'], build_directory=directory,
+                                is_python_module=True, verbose=False)
         _state['ops'] = torch.ops.cbn_mmdet
     except Exception as err:  # no compiler, no ninja, a failed build: the Python path
         from ..models.notices import CBNWarning
@@ -76,7 +76,7 @@ def applies(t: torch.Tensor) -> Optional[object]:
 def disabled():
     """The Python path inside the block (tests compare the two paths)."""
     saved = dict(_state)
-    _state.update(ops=None, tried=True)
+    _state.update(ops=None, module=None, tried=True)
     try:
         yield
     finally:
@@ -84,8 +84,8 @@ def disabled():
 
 
 def one_call_ops() -> Optional[object]:
-    """The ops for a layer's one-call training step (``train_step``), None where they are off."""
-    return ops() if _state['one_call'] else None
+    """The module with a layer's one-call training step (``train_step``), None where it is off."""
+    return _state['module'] if _state['one_call'] and ops() is not None else None
 
 
 @contextlib.contextmanager

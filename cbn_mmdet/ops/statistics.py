@@ -274,8 +274,8 @@ def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Te
                                    weight: Tensor, stride: Sequence[int], padding: Sequence[int],
                                    dilation: Sequence[int], groups: int) -> Tuple[Tensor, Tensor]:
     """:func:`conv_statistic_gradients` of a small conv from its unfolded input ``cols``: the patch
-    mean is the mean column, ``∂var/∂θ = 2/m Σ (x − μ) colsᵀ`` per group, evaluated centred as
-    ``2/m Σ x (cols − p̄)ᵀ`` (the same sum: Σ over positions of ``x − μ`` and of ``cols − p̄`` is 0)."""
+    mean is the mean column, ``∂var/∂θ = 2/m Σ (x − μ) colsᵀ`` per group (the output centred: it is
+    ``kh·kw·C_in/C_out`` times smaller than ``cols``)."""
     dtype = _acc_dtype(x)
     n, c_out = x.shape[:2]
     kh, kw = weight.shape[2:]
@@ -285,13 +285,13 @@ def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Te
     count = n * cols.shape[2]
     mean_column = cols.mean(dim=(0, 2), keepdim=True)  # (1, C_in·K, 1)
     patch = mean_column.view(-1, kh, kw)
-    if groups == 1:  # the sum over the batch inside one product; Σ (x − μ) colsᵀ = Σ x (cols − p̄)ᵀ
-        centred = cols - mean_column
-        var_grad = torch.empty((c_out, cols.shape[1]), dtype=dtype, device=x.device)
-        torch.addbmm(var_grad, (x if x.dtype == dtype else x.to(dtype)).reshape(n, c_out, -1),
-                     centred.transpose(1, 2), beta=0, alpha=2.0 / count, out=var_grad)
-        return patch, var_grad.view(weight.shape)
     mean = batch_mean if batch_mean.dtype == dtype else batch_mean.to(dtype)
+    if groups == 1:  # the sum over the batch inside one product
+        centred = x.to(dtype).reshape(n, c_out, -1) - mean.view(1, -1, 1)
+        var_grad = torch.empty((c_out, cols.shape[1]), dtype=dtype, device=x.device)
+        torch.addbmm(var_grad, centred, cols.transpose(1, 2), beta=0, alpha=2.0 / count,
+                     out=var_grad)
+        return patch, var_grad.view(weight.shape)
     centred = x.to(dtype).reshape(n, groups, c_out // groups, -1) - mean.view(1, groups, -1, 1)
     cols = cols.reshape(n, groups, cols.shape[1] // groups, -1)
     var_grad = torch.matmul(centred, cols.transpose(2, 3)).sum(0).mul_(2.0 / count)

@@ -100,16 +100,16 @@ SCENARIOS = {
 }
 
 
-def _compare(a, b):
+def _compare(a, b, tol=1e-12):
     (rec_a, state_a), (rec_b, state_b) = a, b
     assert len(rec_a) == len(rec_b)
     for step_a, step_b in zip(rec_a, rec_b):
         assert len(step_a) == len(step_b)
         for x, y in zip(step_a, step_b):
-            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12, equal_nan=True)
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol, equal_nan=True)
     assert state_a.keys() == state_b.keys()
     for key in state_a:
-        torch.testing.assert_close(state_a[key], state_b[key], rtol=1e-12, atol=1e-12,
+        torch.testing.assert_close(state_a[key], state_b[key], rtol=tol, atol=tol,
                                    equal_nan=True, msg=lambda m: f'{key}: {m}')
 
 
@@ -142,6 +142,48 @@ def test_fused_ops_equal_the_python_path(name, monkeypatch):
         python_run = _train(_model(**options), xs, events=events)
     assert steps.count == 0 or name not in _NOT_ONE_CALL
     _compare(fused_run, python_run)
+
+
+@pytest.mark.parametrize('name', ['compensated', 'large_input', 'large_input_groups_bias',
+                                  'conv_1x1', 'naive', 'bfloat16_history'])
+def test_one_call_step_gives_the_bits_of_the_fused_forward(name, monkeypatch):
+    """float32, no tolerance: the one-call step and the Python forward with the fused ops compute
+    the same operations, so a run that switches between them (a resumed run's first step, a
+    changed binding) continues exactly as one that does not."""
+    options, events = SCENARIOS[name]
+    xs = [x.float() for x in _batches(6, size=options.get('size') or (6, 5))]
+    steps = _OneCallSteps(monkeypatch)
+    one_call = _train(_model(**options).float(), xs, events=events)
+    assert steps.count == 5
+    with fused.without_one_call():
+        fused_forward = _train(_model(**options).float(), xs, events=events)
+    assert steps.count == 5
+    _compare(one_call, fused_forward, tol=0)
+
+
+@pytest.mark.filterwarnings('ignore:CBN.4.. its conv has frozen weights')
+def test_one_call_step_with_nothing_trainable_before_the_layer(monkeypatch):
+    """Only γ and β get gradients (the input has no autograd graph): the same bits as the fused
+    forward, the same values as the Python path."""
+    def run():
+        model = _model().float()
+        model[0].requires_grad_(False)
+        opt = torch.optim.SGD(model[1].parameters(), lr=0.2, momentum=0.5)
+        out = []
+        for x in _batches(6):
+            y = model(x.float())
+            (y.square().mean() + y.mean()).backward()
+            out.append([y.detach(), model[1].weight.grad.clone(), model[1].bias.grad.clone()])
+            opt.step()
+            opt.zero_grad()
+        return out, {k: v.clone() for k, v in model.state_dict().items()}
+    steps = _OneCallSteps(monkeypatch)
+    one_call = run()
+    assert steps.count == 5
+    with fused.without_one_call():
+        _compare(one_call, run(), tol=0)
+    with fused.disabled():
+        _compare(one_call, run(), tol=1e-5)
 
 
 def test_one_call_step_equals_the_python_path_in_double_backward():
@@ -178,9 +220,10 @@ def test_fused_ops_equal_the_python_path_per_call_and_pooled_calls():
 
 
 @pytest.mark.parametrize('where', ['input', 'gradients'])
-def test_fused_ops_equal_the_python_path_with_non_finite_values(where):
+def test_fused_ops_equal_the_python_path_with_non_finite_values(where, monkeypatch):
     """A batch with a NaN (nothing of it kept) and a batch whose ∂var/∂θ overflows (kept,
-    uncompensated: its reference terms are not finite)."""
+    uncompensated: its reference terms are not finite), in the one-call step."""
+    steps = _OneCallSteps(monkeypatch)
     xs = _batches(7)
     if where == 'input':
         xs[3] = xs[3].clone()
@@ -194,6 +237,7 @@ def test_fused_ops_equal_the_python_path_with_non_finite_values(where):
             record, state = _train(model, xs)
             runs.append((record, state))
     _compare(*runs)
+    assert steps.count == 6  # every forward after the first
     state = runs[0][1]
     assert torch.isfinite(state['1.running_mean']).all()
     assert torch.isfinite(state['1.history_var_grad']).all()

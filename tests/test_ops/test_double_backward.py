@@ -1,5 +1,6 @@
 """Double backward (``create_graph=True``, e.g. a gradient penalty) through CBN's normalisation, BRN
 and SyncCBN, against compositions of plain autograd operations."""
+import contextlib
 import copy
 import os
 import socket
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from cbn_mmdet.models import BatchRenorm2d, CrossIterationBatchNorm2d as CBN
-from cbn_mmdet.ops import window_norm
+from cbn_mmdet.ops import fused, window_norm
 from cbn_mmdet.ops.window_norm import WindowBatchNormFunction
 
 import cuda_batch_norm_kernels as cuda_standins  # noqa: E402
@@ -256,31 +257,20 @@ def test_cbn_with_a_full_window_equals_the_composite_naive():
     _assert_grads_close(got, (g_ref, _named_like(model, grads_ref)))
 
 
-def test_cbn_with_a_full_window_equals_the_composite_compensated(monkeypatch):
+@pytest.mark.parametrize('path', ['one_call', 'python'])
+def test_cbn_with_a_full_window_equals_the_composite_compensated(path):
     """The same with the compensated past (Eqs. 7-8, constants for the gradients): the reference gets
-    two past entries with the sums of the window the layer used (all that the window depends on)."""
-    model = _conv_norm(CBN(4, window=3))
-    _train_two_steps(model)
-    seen = []
-    apply = WindowBatchNormFunction.apply
-
-    def spy(x, weight, bias, mean, var, inv_k, *rest):
-        seen.append((x.detach().clone(), mean.clone(), var.clone(), inv_k.clone()))
-        return apply(x, weight, bias, mean, var, inv_k, *rest)
-
-    x, v = _batch(3)
-    monkeypatch.setattr(WindowBatchNormFunction, 'apply', spy)
-    got = _penalty_grads(model, x, v)
-    monkeypatch.undo()
-    (conv_out, mean, var, inv_k), = seen
-    k = round(1.0 / inv_k.item())
-    assert k == 3
-    mean_x, var_x = conv_out.mean(DIMS), conv_out.var(DIMS, correction=0)
-    past_sum = k * mean - mean_x                                     # Σ past μ
-    past_second = k * (var + mean.square()) - (var_x + mean_x.square())  # Σ (past var + past μ²)
-    past_mean = (past_sum / 2).expand(2, -1)
-    past_var = (past_second / 2 - (past_sum / 2).square()).expand(2, -1)
-    ref = _Reference(model, past_mean, past_var)
+    the two compensated past entries the layer's window used (``past_window()``), through the
+    one-call step's C++ autograd node on CPU and through the Python path."""
+    with (fused.disabled() if path == 'python' else contextlib.nullcontext()):
+        model = _conv_norm(CBN(4, window=3))
+        _train_two_steps(model)
+        x, v = _batch(3)
+        got = _penalty_grads(model, x, v)
+    past = model[1].past_window()
+    used = past['valid'] > 0
+    assert int(used.sum()) == 2
+    ref = _Reference(model, past['mean_compensated'][used], past['var_compensated'][used])
     g_ref, grads_ref = _penalty_grads(ref, x, v)
     _assert_grads_close(got, (g_ref, _named_like(model, grads_ref)))
 

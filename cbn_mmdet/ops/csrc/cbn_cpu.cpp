@@ -253,7 +253,8 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
   check_cpu(stats, "stats");
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
   TORCH_CHECK(slot >= 0 && slot < slots, "slot out of range");
-  const bool batch_finite = finite.item<bool>();
+  TORCH_CHECK(finite.scalar_type() == at::kBool && finite.numel() == 1, "finite must be one bool");
+  const bool batch_finite = *finite.data_ptr<bool>();  // (on the CPU: no dispatched read)
   Tensor bm_c = batch_mean.to(stats.scalar_type()).contiguous();
   Tensor bv_c = batch_var.to(stats.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "record_entry", [&] {
@@ -345,19 +346,72 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
   cur[1] = filled;
 }
 
-// The normalisation's backward on CPU at full precision (window_norm.py): (1/k)·BN's backward at
-// the window statistics plus (1 − 1/k)·γ r g.
+// The normalisation's backward on CPU at full precision (window_norm.py): BN's backward at the
+// window statistics with the batch terms divided by k,
+//   ∂L/∂x = γ r [g − (1/k)(1/m)(Σg + x̂ Σ g x̂)],  ∂L/∂γ = Σ g x̂,  ∂L/∂β = Σ g,
+// in two passes per channel over an NCHW batch (sums in double); channels-last through BN's
+// kernel: (1/k)·BN's backward plus (1 − 1/k)·γ r g.
 std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& gamma, const Tensor& mean,
     const Tensor& invstd, const Tensor& inv_k, double eps) {
-  Tensor scale = gamma.has_value() && gamma->defined() ? *gamma * inv_k
-                                                       : inv_k.expand(mean.sizes()).contiguous();
-  auto result = at::native_batch_norm_backward(grad_y, x, scale, {}, {}, mean, invstd, true, eps,
-                                               {true, true, true});
-  Tensor scaled = gamma.has_value() && gamma->defined() ? *gamma * invstd : invstd;
-  Tensor rest = at::addcmul(scaled, scaled, inv_k, -1.0);  // (1 − 1/k)·γ r
-  std::get<0>(result).addcmul_(grad_y, rest.view({1, -1, 1, 1}));
-  return result;
+  const bool affine = gamma.has_value() && gamma->defined();
+  if (!x.is_contiguous() || !grad_y.is_contiguous()) {
+    Tensor scale = affine ? *gamma * inv_k : inv_k.expand(mean.sizes()).contiguous();
+    auto result = at::native_batch_norm_backward(grad_y, x, scale, {}, {}, mean, invstd, true, eps,
+                                                 {true, true, true});
+    Tensor scaled = affine ? *gamma * invstd : invstd;
+    Tensor rest = at::addcmul(scaled, scaled, inv_k, -1.0);  // (1 − 1/k)·γ r
+    std::get<0>(result).addcmul_(grad_y, rest.view({1, -1, 1, 1}));
+    return result;
+  }
+  const int64_t n = x.size(0), c = x.size(1), hw = x.numel() / std::max<int64_t>(n * c, 1);
+  Tensor grad_x = at::empty_like(x), grad_w = at::empty({c}, mean.options());
+  Tensor grad_b = at::empty({c}, mean.options());
+  Tensor g_c = affine ? gamma->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "window_norm_backward", [&] {
+    const scalar_t* xp = data_of<scalar_t>(x);
+    const scalar_t* gy = data_of<scalar_t>(grad_y);
+    const scalar_t* mu = data_of<scalar_t>(mean);
+    const scalar_t* r = data_of<scalar_t>(invstd);
+    const scalar_t* gm = affine ? data_of<scalar_t>(g_c) : nullptr;
+    const double k_inv = static_cast<double>(*data_of<scalar_t>(inv_k));
+    const double m = static_cast<double>(n * hw);
+    scalar_t* gx = data_of<scalar_t>(grad_x);
+    scalar_t* gw = data_of<scalar_t>(grad_w);
+    scalar_t* gb = data_of<scalar_t>(grad_b);
+    at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        const double centre = static_cast<double>(mu[ch]);
+        double sum_dy = 0, sum_dy_xmu = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* xs = xp + (i * c + ch) * hw;
+          const scalar_t* gs = gy + (i * c + ch) * hw;
+          for (int64_t j = 0; j < hw; ++j) {
+            sum_dy += gs[j];
+            sum_dy_xmu += gs[j] * (static_cast<double>(xs[j]) - centre);
+          }
+        }
+        const double rc = static_cast<double>(r[ch]);
+        const double scale = (gm != nullptr ? static_cast<double>(gm[ch]) : 1.0) * rc;
+        const double sum_dy_xhat = sum_dy_xmu * rc;
+        gw[ch] = static_cast<scalar_t>(sum_dy_xhat);
+        gb[ch] = static_cast<scalar_t>(sum_dy);
+        // ∂L/∂x = a·g + b·(x − μ̄) + d
+        const double a = scale;
+        const double b = -scale * k_inv / m * rc * sum_dy_xhat;
+        const double d = -scale * k_inv / m * sum_dy;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* xs = xp + (i * c + ch) * hw;
+          const scalar_t* gs = gy + (i * c + ch) * hw;
+          scalar_t* out = gx + (i * c + ch) * hw;
+          for (int64_t j = 0; j < hw; ++j) {
+            out[j] = static_cast<scalar_t>(a * gs[j] + b * (static_cast<double>(xs[j]) - centre) + d);
+          }
+        }
+      }
+    });
+  });
+  return {grad_x, grad_w, grad_b};
 }
 
 }  // namespace cbn_mmdet
@@ -376,12 +430,6 @@ TORCH_LIBRARY(cbn_mmdet, m) {
         "int filled) -> ()");
   m.def("window_norm_backward(Tensor grad_y, Tensor x, Tensor? gamma, Tensor mean, "
         "Tensor invstd, Tensor inv_k, float eps) -> (Tensor, Tensor, Tensor)");
-  // train_step.cpp (its own autograd node)
-  m.def("train_step(Tensor x, Tensor? gamma, Tensor? beta, Tensor(a!) stats, Tensor(b!)? patches, "
-        "Tensor(c!)? grads, Tensor(d!) cursor, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
-        "Tensor(g!)? num_batches, int active_window, int status, bool compensate, int[] geometry, "
-        "float momentum, bool window_running, float eps, int unfold_max_elements, "
-        "int unfold_max_positions) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
