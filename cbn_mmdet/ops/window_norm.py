@@ -76,7 +76,14 @@ class WindowBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 var: Tensor, inv_k: Tensor, eps: float, group=None,
                 count: Optional[float] = None, invstd: Optional[Tensor] = None) -> Tensor:
-        y = _normalize(x, weight, bias, mean, var, eps) if x.numel() else torch.empty_like(x)
+        if not x.numel():
+            y = torch.empty_like(x)
+        elif (invstd is not None and x.dtype == mean.dtype and fused.applies(mean) is not None
+              and all(p is None or p.dtype == x.dtype for p in (weight, bias))):
+            # the fused ops' step (CPU, full precision), as the one-call step normalises
+            y = fused.ops().window_norm_forward(x, weight, bias, mean, invstd)
+        else:
+            y = _normalize(x, weight, bias, mean, var, eps)
         if invstd is None:
             invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, invstd, inv_k)

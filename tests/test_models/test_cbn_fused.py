@@ -260,7 +260,7 @@ def _profiled_names(model, x):
 def test_fused_ops_run_on_cpu_and_not_when_disabled():
     """The ops are what a CPU training step runs (the comparisons above compare two paths): from
     the second forward on, one call (train_step) and its C++ autograd node; without it the four
-    ops; with the fused ops off, none."""
+    ops and the normalisation's two; with the fused ops off, none."""
     model = _model()
     xs = _batches(4)
     _train(model, xs[:3])
@@ -276,6 +276,7 @@ def test_fused_ops_run_on_cpu_and_not_when_disabled():
         used = {n for n in counter.names if n.startswith('cbn_mmdet.')}
         assert used == (set() if disabled else {'cbn_mmdet.past_window', 'cbn_mmdet.window_step',
                                                 'cbn_mmdet.record_entry',
+                                                'cbn_mmdet.window_norm_forward',
                                                 'cbn_mmdet.window_norm_backward'})
 
 

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -88,21 +89,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
     const Tensor& stats, const Tensor& in_window, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
     const std::optional<Tensor>& bias, int64_t groups, bool clamp) {
+  Tensor window = in_window.to(at::kDouble).contiguous();
+  const double* in = window.data_ptr<double>();
+  return past_window(stats, std::vector<double>(in, in + window.numel()), weight, patches, grads,
+                     bias, groups, clamp);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
+    const Tensor& stats, const std::vector<double>& in_window,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& patches,
+    const std::optional<Tensor>& grads, const std::optional<Tensor>& bias, int64_t groups,
+    bool clamp) {
   check_cpu(stats, "stats");
   TORCH_CHECK(stats.is_contiguous() && stats.dim() == 2, "stats must be a contiguous (4C + 3, T)");
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
+  TORCH_CHECK(static_cast<int64_t>(in_window.size()) == slots, "one window weight per slot");
   Tensor valid = at::empty({slots}, stats.options());
-  Tensor recorded = stats.narrow(0, 0, 2 * c + 1).clone();
-  Tensor window = in_window.to(stats.scalar_type()).contiguous();
+  // the recorded rows, copied (the ring's oldest slot may be overwritten next)
+  Tensor recorded = at::empty({2 * c + 1, slots}, stats.options());
+  std::memcpy(recorded.data_ptr(), stats.data_ptr(), recorded.nbytes());
   const bool compensate = weight.has_value() && weight->defined();
   Tensor mean_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, 0, c);
   Tensor var_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, c, c);
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "past_window", [&] {
     const scalar_t* s = data_of<scalar_t>(stats);
-    const scalar_t* in = data_of<scalar_t>(window);
     scalar_t* w = data_of<scalar_t>(valid);
     const scalar_t* present = s + (2 * c + 1) * slots;
-    for (int64_t t = 0; t < slots; ++t) w[t] = in[t] * present[t];
+    for (int64_t t = 0; t < slots; ++t) w[t] = static_cast<scalar_t>(in_window[t]) * present[t];
     if (!compensate) return;
     TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "the ring must be contiguous");
     Tensor th_c = weight->to(stats.scalar_type()).contiguous();
@@ -346,6 +359,50 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
   cur[1] = filled;
 }
 
+// Eq. 12 at the window statistics: y = x·a + b per channel, a = γ r, b = β − μ̄ a (the form of
+// BN's CPU kernel), for NCHW and channels-last batches.
+Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
+                           const std::optional<Tensor>& beta, const Tensor& mean,
+                           const Tensor& invstd) {
+  check_cpu(x, "x");
+  const bool channels_last = !x.is_contiguous() &&
+                             x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor in = channels_last ? x : x.contiguous();
+  Tensor y = at::empty_like(in);
+  const int64_t n = in.size(0), c = in.size(1), hw = in.numel() / std::max<int64_t>(n * c, 1);
+  const Tensor g = gamma.has_value() && gamma->defined() ? gamma->contiguous() : Tensor();
+  const Tensor b = beta.has_value() && beta->defined() ? beta->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "window_norm_forward", [&] {
+    std::vector<scalar_t> scale(c), shift(c);
+    const scalar_t* mu = data_of<scalar_t>(mean);
+    const scalar_t* r = data_of<scalar_t>(invstd);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      scale[ch] = g.defined() ? r[ch] * data_of<scalar_t>(g)[ch] : r[ch];
+      shift[ch] = (b.defined() ? data_of<scalar_t>(b)[ch] : scalar_t(0)) - mu[ch] * scale[ch];
+    }
+    const scalar_t* src = data_of<scalar_t>(in);
+    scalar_t* dst = data_of<scalar_t>(y);
+    if (channels_last) {
+      at::parallel_for(0, n * hw, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          for (int64_t ch = 0; ch < c; ++ch) {
+            dst[p * c + ch] = src[p * c + ch] * scale[ch] + shift[ch];
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t ch = plane % c;
+          const scalar_t a = scale[ch], sh = shift[ch];
+          for (int64_t j = 0; j < hw; ++j) dst[plane * hw + j] = src[plane * hw + j] * a + sh;
+        }
+      });
+    }
+  });
+  return y;
+}
+
 // The normalisation's backward on CPU at full precision (window_norm.py): BN's backward at the
 // window statistics with the batch terms divided by k,
 //   ∂L/∂x = γ r [g − (1/k)(1/m)(Σg + x̂ Σ g x̂)],  ∂L/∂γ = Σ g x̂,  ∂L/∂β = Σ g,
@@ -430,11 +487,18 @@ TORCH_LIBRARY(cbn_mmdet, m) {
         "int filled) -> ()");
   m.def("window_norm_backward(Tensor grad_y, Tensor x, Tensor? gamma, Tensor mean, "
         "Tensor invstd, Tensor inv_k, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("window_norm_forward(Tensor x, Tensor? gamma, Tensor? beta, Tensor mean, Tensor invstd) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
-  m.impl("past_window", &cbn_mmdet::past_window);
+  m.impl("past_window",
+         static_cast<std::tuple<Tensor, Tensor, Tensor, Tensor> (*)(
+             const Tensor&, const Tensor&, const std::optional<Tensor>&,
+             const std::optional<Tensor>&, const std::optional<Tensor>&,
+             const std::optional<Tensor>&, int64_t, bool)>(&cbn_mmdet::past_window));
   m.impl("window_step", &cbn_mmdet::window_step);
   m.impl("record_entry", &cbn_mmdet::record_entry);
   m.impl("window_norm_backward", &cbn_mmdet::window_norm_backward);
+  m.impl("window_norm_forward", &cbn_mmdet::window_norm_forward);
 }

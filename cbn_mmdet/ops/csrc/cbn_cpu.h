@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace cbn_mmdet {
 
@@ -12,6 +13,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
     const at::Tensor& stats, const at::Tensor& in_window, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
     const std::optional<at::Tensor>& bias, int64_t groups, bool clamp);
+
+// (the window's weights by slot as numbers)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
+    const at::Tensor& stats, const std::vector<double>& in_window,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& patches,
+    const std::optional<at::Tensor>& grads, const std::optional<at::Tensor>& bias, int64_t groups,
+    bool clamp);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_step(
     const at::Tensor& batch_mean, const at::Tensor& batch_var, double count,
@@ -28,6 +36,10 @@ void record_entry(const at::Tensor& stats, int64_t slot, const at::Tensor& batch
                   const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                   int64_t groups, const at::Tensor& cursor, int64_t filled);
+
+at::Tensor window_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& gamma,
+                               const std::optional<at::Tensor>& beta, const at::Tensor& mean,
+                               const at::Tensor& invstd);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_norm_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& gamma,

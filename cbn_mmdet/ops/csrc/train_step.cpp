@@ -52,9 +52,10 @@ Tensor leaf_of(const torch::autograd::Edge& edge) {
   return accumulate == nullptr ? Tensor() : accumulate->variable;
 }
 
-// conv_binding.find_conv_producer, for the case of a conv whose weight (and bias) are parameters
-// in the input's dtype; anything else is kOther (the Python forward decides).
-Binding bind(const Tensor& x) {
+// conv_binding.find_conv_producer, for the case of a conv whose weight (and bias) are parameters;
+// anything else is kOther (the Python forward decides). `read_conv`: also the conv's input and
+// geometry (for compensation), else the status alone.
+Binding bind(const Tensor& x, bool read_conv) {
   Binding b;
   const auto& fn = x.grad_fn();
   if (!fn) {
@@ -85,14 +86,19 @@ Binding bind(const Tensor& x) {
     }
     b.bias = b.bias.detach();
   }
+  // (the weight edge is the parameter's accumulator: the conv applied the parameter itself)
+  b.status = kConv;
+  if (!read_conv) return b;
   b.input = conv->input_.unpack();
-  if (!b.input.defined() || weight.sizes() != conv->weight_.unpack().sizes()) return b;
+  if (!b.input.defined()) {
+    b.status = kOther;
+    return b;
+  }
   b.weight = weight.detach();
   b.stride = ints(conv->stride);
   b.padding = ints(conv->padding);
   b.dilation = ints(conv->dilation);
   b.groups = conv->groups.expect_int();
-  b.status = kConv;
   return b;
 }
 
@@ -254,7 +260,7 @@ struct WindowNormFunction : public torch::autograd::Function<WindowNormFunction>
     // needs_input_grad counts the tensors given, an absent one is not
     ctx->saved_data["beta_index"] = static_cast<int64_t>(g.defined() ? 2 : 1);
     ctx->saved_data["has_beta"] = beta.has_value() && beta->defined();
-    return std::get<0>(at::native_batch_norm(x, g, beta, mean, var, false, 0.0, eps));
+    return window_norm_forward(x, gamma, beta, mean, invstd);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -361,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
   Binding b;
   {
     PART("bind");
-    b = bind(x);
+    b = bind(x, compensate);
   }
   if (b.status != status) return declined;
   const bool compensating = compensate && b.status == kConv;
@@ -391,9 +397,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
   Tensor valid, recorded, past_mean, past_var;
   {
     PART("past");
-    Tensor in_window = at::tensor(window, stats.options());
     std::tie(valid, recorded, past_mean, past_var) = cbn_mmdet::past_window(
-        stats, in_window, compensating ? some(b.weight) : std::nullopt,
+        stats, window, compensating ? some(b.weight) : std::nullopt,
         compensating ? patches : std::nullopt, compensating ? grads : std::nullopt,
         compensating ? some(b.bias) : std::nullopt, b.groups, true);
   }
@@ -424,9 +429,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
   }
   Tensor weight_state;
   if (compensating) {
-    weight_state = at::tensor({reinterpret_cast<int64_t>(b.weight.data_ptr()),
-                               static_cast<int64_t>(b.weight._version())},
-                              at::TensorOptions().dtype(at::kLong));
+    weight_state = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+    int64_t* state = weight_state.data_ptr<int64_t>();
+    state[0] = reinterpret_cast<int64_t>(b.weight.data_ptr());
+    state[1] = static_cast<int64_t>(b.weight._version());
   }
   // -- Eq. 12, differentiable in x, γ, β through the current batch only
   PART("normalisation");
