@@ -32,7 +32,8 @@ _DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
 
 # the binding statuses the one-call training step handles (the codes of csrc/train_step.cpp)
 _ONE_CALL_STATUS = {BindStatus.CONV: 0, BindStatus.FROZEN_CONV: 1, BindStatus.NOT_CONV: 2}
-_saved_tensor_hooks = saved_tensor_hooks_accessor()
+# whether this torch tells a checkpoint's first pass by a cheap query (else by stack frames)
+_PASS_READABLE = saved_tensor_hooks_accessor() is not None
 
 #: the state-dict key suffixes of a CBN layer beyond BN's (its history), e.g. for tools that drop it
 HISTORY_STATE_KEYS = HISTORY_KEYS
@@ -307,38 +308,48 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                              group, pooled_count, invstd)
 
     def _one_call_step(self, input: Tensor) -> Optional[Tensor]:
-        """The steady state of an eager CPU training forward as one C++ call (``csrc/train_step.cpp``:
+        """The steady state of an eager CPU training forward in two C++ calls (``csrc/train_step.cpp``:
         the same steps as below with the fused ops, and an autograd node of its own), or None where
         the rest of :meth:`forward` runs: the first forward of the layer, another binding than the
-        last forward's, a second forward in an iteration, activation checkpointing, per_call, SyncCBN,
-        monitor, the approximate statistic gradients, other dtypes and devices."""
+        last forward's, a second forward in an iteration, the first pass of an activation
+        checkpoint (its recomputation is taken here), per_call, SyncCBN, monitor, the approximate
+        statistic gradients, other dtypes and devices."""
         history = self.history
         status = _ONE_CALL_STATUS.get(self.last_bind_status)
-        if (status is None or not history._stepped or history._stats is None or self.per_call > 1
-                or self.monitor or self.statistics_gradients != 'closed_form'
+        if (status is None or history.open and not history._stepped or history._stats is None
+                or self.per_call > 1 or self.monitor or self.statistics_gradients != 'closed_form'
                 or self.var_grad_dtype != 'float32' or status == 2 and self.fallback == 'bn'
-                or _saved_tensor_hooks is None):
+                or not _PASS_READABLE):
             return None
         ops = fused.one_call_ops()
         if (ops is None or is_compiling() or torch._C._get_tracing_state() is not None
-                or not torch.is_grad_enabled() or _saved_tensor_hooks(False) is not None
-                or self._statistics_group() is not None):
+                or autograd_pass() != AutogradPass.RECORD or self._statistics_group() is not None):
             return None
-        tracks = self.track_running_stats and self.running_mean is not None
+        # (from the dicts: nn.Module's attribute lookup of each would cost more than the checks)
+        params, buffers = self._parameters, self._buffers
+        if 'weight' not in params or 'bias' not in params:  # e.g. a parametrized γ
+            return None
+        running_mean = buffers['running_mean'] if self.track_running_stats else None
+        tracks = running_mean is not None
         geometry = history.geometry
-        y, valid, recorded, mean, var, weight_state = ops.train_step(
-            input, self.weight, self.bias, history._stats, history._patches, history._grads,
-            history._cursor, self.running_mean if tracks else None,
-            self.running_var if tracks else None, self.num_batches_tracked if tracks else None,
+        weight, bias = params['weight'], params['bias']
+        step = ops.train_step(
+            input, weight, bias, history._stats, history._patches,
+            history._grads, history._cursor, running_mean,
+            buffers['running_var'] if tracks else None,
+            buffers['num_batches_tracked'] if tracks else None,
             self._active_window, status, self.compensate,
             () if geometry is None or geometry[5] is None else geometry[:5] + (int(geometry[5]), ),
             -1.0 if self.momentum is None else self.momentum, self.running_stats == 'window',
             self.eps, statistics.UNFOLD_MAX_ELEMENTS, statistics.UNFOLD_MAX_POSITIONS)
-        if y is None:
+        if step is None:
             return None
+        mean, var, invstd, inv_k, valid, recorded, past_mean, past_var, weight_state = step
         history.recorded_in_one_call(self._active_window, weight_state,
-                                     status == 0 and self.compensate, valid, recorded, mean, var)
-        return y
+                                     status == 0 and self.compensate, valid, recorded, past_mean,
+                                     past_var)
+        # (a call of its own: its saved tensors may end a checkpoint's recomputation, see above)
+        return ops.normalise(input, weight, bias, mean, var, invstd, inv_k, self.eps)
 
     def _window_statistics(self, group, past: 'PastWindow', batch_mean: Tensor, batch_var: Tensor,
                            count: float, call: int, recording: bool):

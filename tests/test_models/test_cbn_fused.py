@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
@@ -184,6 +185,26 @@ def test_one_call_step_with_nothing_trainable_before_the_layer(monkeypatch):
         _compare(one_call, run(), tol=0)
     with fused.disabled():
         _compare(one_call, run(), tol=1e-5)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2.0 * weight
+
+
+def test_one_call_step_leaves_a_parametrized_scale_to_the_python_forward(monkeypatch):
+    """γ computed by a parametrization (not a parameter of the layer): the Python forward, which
+    reads it through the module, takes every step."""
+    def model():
+        m = _model()
+        torch.nn.utils.parametrize.register_parametrization(m[1], 'weight', _Doubled())
+        return m
+    steps = _OneCallSteps(monkeypatch)
+    xs = _batches(5)
+    run = _train(model(), xs)
+    assert steps.count == 0
+    with fused.disabled():
+        _compare(run, _train(model(), xs))
 
 
 def test_one_call_step_equals_the_python_path_in_double_backward():

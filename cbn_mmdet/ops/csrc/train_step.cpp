@@ -340,10 +340,15 @@ bool same_type(const std::optional<Tensor>& t, const Tensor& like) {
          (t->scalar_type() == like.scalar_type() && t->device() == like.device());
 }
 
-// (y, valid, recorded, mean, var, weight state): the normalised output, the past window as
-// WindowHistory.past would cache it, and the conv weight's [data pointer, version] when the past
-// was compensated; all undefined when this call is not the case handled here (nothing changed).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
+// Everything of the step before the normalisation: (μ̄, σ̄², r, 1/k) for normalise(), the past
+// window as WindowHistory.past would cache it (valid, recorded, mean, var), and the conv weight's
+// [data pointer, version] when the past was compensated. Nothing (and no state changed) when this
+// call is not the case handled here. The normalisation is a call of its own, made after the
+// caller has taken note of the record: its saved tensors can end a checkpoint's recomputation
+// (an exception from the saved-tensor hook), which must find the history's record complete.
+using Step = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+std::optional<Step> train_step(
     const Tensor& x, const std::optional<Tensor>& gamma, const std::optional<Tensor>& beta,
     const Tensor& stats, const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
     const Tensor& cursor, const std::optional<Tensor>& running_mean,
@@ -351,7 +356,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
     int64_t active_window, int64_t status, bool compensate, at::IntArrayRef geometry,
     double momentum, bool window_running, double eps, int64_t unfold_max_elements,
     int64_t unfold_max_positions) {
-  const std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> declined;
+  const std::optional<Step> declined;
   // -- the case handled: everything the Python forward would check or convert, checked first
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
   if (!x.device().is_cpu() || x.dim() != 4 || x.size(1) != c || x.numel() == 0 ||
@@ -435,10 +440,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> train_step(
     state[1] = static_cast<int64_t>(b.weight._version());
   }
   // -- Eq. 12, differentiable in x, γ, β through the current batch only
-  PART("normalisation");
-  at::AutoGradMode grad_on(true);
-  Tensor y = cbn_mmdet::WindowNormFunction::apply(x, gamma, beta, mean, var, invstd, inv_k, eps);
-  return {y, valid, recorded, past_mean, past_var, weight_state};
+  return Step{mean, var, invstd, inv_k, valid, recorded, past_mean, past_var, weight_state};
+}
+
+// Eq. 12, differentiable in x, γ, β through the current batch only.
+Tensor normalise(const Tensor& x, const std::optional<Tensor>& gamma,
+                 const std::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
+                 const Tensor& invstd, const Tensor& inv_k, double eps) {
+  RECORD_FUNCTION("cbn_mmdet::normalise", c10::ArrayRef<const c10::IValue>{});
+  return cbn_mmdet::WindowNormFunction::apply(x, gamma, beta, mean, var, invstd, inv_k, eps);
 }
 
 }  // namespace
@@ -461,4 +471,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       num_batches, active_window, status, compensate, geometry, momentum,
                       window_running, eps, unfold_max_elements, unfold_max_positions);
   });
+  m.def("normalise", &normalise);
 }
