@@ -204,8 +204,9 @@ class SeparateNorms(nn.Module):
         return torch.cat([norm(p) for norm, p in zip(self.norms, pieces)], 1)
 
 
-@pytest.mark.parametrize('window', [2, 4])
-def test_outputs_gradients_and_running_stats_equal_one_cbn_per_slice(window):
+@pytest.mark.parametrize('window,calls', [(2, 1), (4, 1), (3, 2)])
+def test_outputs_gradients_and_running_stats_equal_one_cbn_per_slice(window, calls):
+    """``calls=2``: two forwards per iteration (gradient accumulation), pooled into one entry."""
     torch.manual_seed(0)
     model = Slices().double()
     norm = CBN(C, window=window).double()
@@ -214,7 +215,7 @@ def test_outputs_gradients_and_running_stats_equal_one_cbn_per_slice(window):
     opt_ref = torch.optim.SGD(separate.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(5)
     with _quiet():
-        for x, big in _inputs(6, seed=2):
+        for i, (x, big) in enumerate(_inputs(6 * calls, seed=2)):
             x_ref, big_ref = x.clone().requires_grad_(), big.clone().requires_grad_()
             x, big = x.requires_grad_(), big.requires_grad_()
             y, y_ref = norm(model(x, big)), separate(x_ref, big_ref)
@@ -233,6 +234,8 @@ def test_outputs_gradients_and_running_stats_equal_one_cbn_per_slice(window):
                                        torch.cat([n.running_mean for n in separate.norms]))
             torch.testing.assert_close(norm.running_var,
                                        torch.cat([n.running_var for n in separate.norms]))
+            if (i + 1) % calls:
+                continue
             for o in (opt, opt_ref):
                 o.step()
                 o.zero_grad()
