@@ -497,3 +497,28 @@ def test_non_reentrant_checkpoint_normalises_like_the_plain_forward():
     assert norm.last_bind_status == BindStatus.CONCAT
     for key, value in norm_ref.state_dict().items():
         torch.testing.assert_close(norm.state_dict()[key], value, rtol=1e-9, atol=1e-10, msg=key)
+
+
+def test_float32_equals_one_cbn_per_slice():
+    """The float32 path (the fused CPU ops where they are built) per slice, as the single conv's."""
+    torch.manual_seed(0)
+    model = Slices().float()
+    norm = CBN(C, window=4)
+    separate = SeparateNorms(model, norm).float()
+    opt = torch.optim.SGD(list(model.parameters()) + list(norm.parameters()), lr=0.05)
+    opt_ref = torch.optim.SGD(separate.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    with _quiet():
+        for x, big in _inputs(6, seed=2):
+            x, big = x.float(), big.float()
+            y, y_ref = norm(model(x, big)), separate(x, big)
+            torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(norm.running_var,
+                                       torch.cat([n.running_var for n in separate.norms]))
+            g = torch.randn(y.shape, generator=gen)
+            (y * g).sum().backward()
+            (y_ref * g).sum().backward()
+            for o in (opt, opt_ref):
+                o.step()
+                o.zero_grad()
+    assert norm.last_bind_status == BindStatus.CONCAT
