@@ -71,13 +71,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     * conv weights frozen, or nothing upstream trainable: the weights cannot change, so the window
       statistics are used without compensation (Naive CBN), which is then exact;
-    * a channel concatenation (DenseNet's pre-activation norms) with ``concat='compensate'``
-      (default): the statistics are per channel, so each slice produced by a trainable conv (or by an
+    * a channel concatenation (DenseNet's pre-activation norms) with ``concat='compensate'``: the
+      statistics are per channel, so each slice produced by a trainable conv (or by an
       average pool of a 1×1 conv, DenseNet's transitions) is compensated with that conv's weights
       exactly as above; the channels of other slices (a max-pooled stem) are used as recorded
       (Naive CBN for those channels; exact for frozen producers). See
       :mod:`cbn_mmdet.models.slice_history`. A concatenation without such a slice, or with
-      ``concat='fallback'``, takes ``fallback``;
+      ``concat='fallback'`` (default), takes ``fallback`` as a whole;
     * input from something else (an add, an activation, a norm-first block): ``fallback='bn'`` (default)
       normalises with the current batch like BN and leaves the history untouched; ``fallback='naive'``
       uses the window without compensation;
@@ -107,10 +107,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             Default: 4.
         compensate: Taylor compensation (Eqs. 7-8); ``False`` gives Naive CBN. Default: True.
         fallback: ``'bn'`` or ``'naive'``: what to do when the input does not come from a conv.
-        concat: ``'compensate'`` (default) or ``'fallback'``: an input concatenated from several
-            convs' outputs is compensated slice by slice with the conv that produced each, or takes
-            ``fallback`` as a whole. Per step it costs one statistic-gradient product per
-            (layer, compensated slice) and keeps a weight-sized ``∂var/∂θ`` per slice and entry.
+        concat: ``'fallback'`` (default) or ``'compensate'``: an input concatenated from several
+            convs' outputs takes ``fallback`` as a whole, or is compensated slice by slice with the
+            conv that produced each. Per step the latter costs one statistic-gradient product per
+            (layer, compensated slice) and keeps a weight-sized ``∂var/∂θ`` per slice and entry;
+            on a small DenseNet it trained worse than the fallback (docs/imagenet.md), hence the
+            default.
         running_stats: ``'window'`` or ``'batch'`` (see above).
         statistics_gradients: ``'closed_form'`` (Appendix B, exact), ``'subsampled'`` (approximate:
             ``∂var/∂θ`` from every ``subsample``-th output row and column, ``subsample²`` times fewer
@@ -153,7 +155,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  window: int = 4, compensate: bool = True, fallback: str = 'bn',
                  running_stats: str = 'window', statistics_gradients: str = 'closed_form',
                  subsample: int = 2, history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
-                 per_call: int = 0, monitor: bool = False, concat: str = 'compensate', *,
+                 per_call: int = 0, monitor: bool = False, concat: str = 'fallback', *,
                  bias: bool = True, **unknown):
         owner = self._option_owner
         reject_unknown(owner, unknown, CrossIterationBatchNorm2d.__init__,
@@ -249,7 +251,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             extra += f', var_grad_dtype={self.var_grad_dtype!r}'
         if self.per_call:
             extra += f', per_call={self.per_call}'
-        if self.concat != 'compensate':
+        if self.concat != 'fallback':
             extra += f', concat={self.concat!r}'
         return (f'{super().extra_repr()}, window={self.window}, compensate={self.compensate}, '
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')

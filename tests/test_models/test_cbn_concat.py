@@ -111,7 +111,7 @@ def test_window_statistics_equal_per_slice_oracles(lr):
     exact recomputation with the current weights; the other channels are used as recorded."""
     torch.manual_seed(0)
     model = Slices().double()
-    norm = CBN(C, window=4).double()
+    norm = CBN(C, concat='compensate', window=4).double()
     batches = _inputs(6, seed=1)
     weights = []
     with pytest.warns(CBNWarning, match=AS_RECORDED):
@@ -156,7 +156,7 @@ def test_window_statistics_equal_per_slice_oracles(lr):
 def _variance_error(lr):
     torch.manual_seed(0)
     model = Slices().double()
-    norm = CBN(C, window=4).double()
+    norm = CBN(C, concat='compensate', window=4).double()
     batches = _inputs(6, seed=1)
     weights = []
     with _quiet():
@@ -209,7 +209,7 @@ def test_outputs_gradients_and_running_stats_equal_one_cbn_per_slice(window, cal
     """``calls=2``: two forwards per iteration (gradient accumulation), pooled into one entry."""
     torch.manual_seed(0)
     model = Slices().double()
-    norm = CBN(C, window=window).double()
+    norm = CBN(C, concat='compensate', window=window).double()
     separate = SeparateNorms(model, norm)
     opt = torch.optim.SGD(list(model.parameters()) + list(norm.parameters()), lr=0.05)
     opt_ref = torch.optim.SGD(separate.parameters(), lr=0.05)
@@ -254,7 +254,7 @@ def test_equals_one_conv_split_in_two():
         for part, rows in ((top, slice(0, 2)), (bottom, slice(2, 6))):
             part.weight.copy_(whole.weight[rows])
             part.bias.copy_(whole.bias[rows])
-    norm, norm_ref = CBN(6, window=3).double(), CBN(6, window=3).double()
+    norm, norm_ref = CBN(6, window=3, concat='compensate').double(), CBN(6, window=3).double()
     opt = torch.optim.SGD([*top.parameters(), *bottom.parameters(), *norm.parameters()], lr=0.1)
     opt_ref = torch.optim.SGD([*whole.parameters(), *norm_ref.parameters()], lr=0.1)
     for x, _ in _inputs(5, seed=4):
@@ -302,7 +302,7 @@ class DenseBlock(nn.Module):
 
 def test_dense_block_trains_with_compensated_slices():
     torch.manual_seed(0)
-    net = DenseBlock(window=3)
+    net = DenseBlock(window=3, concat='compensate')
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 8, 8, generator=gen)
     target = torch.randint(3, (4, ), generator=gen)
@@ -341,14 +341,15 @@ def test_dense_block_trains_with_compensated_slices():
 def test_concat_fallback_option_and_validation():
     with pytest.raises(ValueError, match=r"concat must be one of \('compensate', 'fallback'\)"):
         CBN(4, concat='slices')
-    assert "concat='fallback'" in repr(CBN(4, concat='fallback'))
+    assert "concat='compensate'" in repr(CBN(4, concat='compensate'))
+    assert 'concat' not in repr(CBN(4))   # the default, 'fallback'
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    norm = CBN(7, concat='fallback')
+    norm = CBN(7)
     with pytest.warns(CBNWarning, match=r"\(CatBackward0\); normalising with the current batch"):
         norm(torch.cat([conv(torch.randn(2, 3, 5, 5)), torch.randn(2, 3, 5, 5)], 1))
     assert norm.last_bind_status == BindStatus.NOT_CONV
     # compensate: the constant slice is exact as recorded, no warning
-    norm = CBN(7)
+    norm = CBN(7, concat='compensate')
     norm(torch.cat([conv(torch.randn(2, 3, 5, 5)), torch.randn(2, 3, 5, 5)], 1))
     assert norm.last_bind_status == BindStatus.CONCAT
     assert [s.kind for s in norm._concat_producer.last.slices] == ['conv', 'fixed']
@@ -362,7 +363,7 @@ def _run(model, norm, batches, lr=0.05):
 
 def test_state_dict_round_trip_continues_exactly():
     torch.manual_seed(0)
-    model, norm = Slices().double(), CBN(C, window=4).double()
+    model, norm = Slices().double(), CBN(C, concat='compensate', window=4).double()
     batches = _inputs(6, seed=7)
     _run(model, norm, batches[:4])
     state = norm.state_dict()
@@ -374,7 +375,7 @@ def test_state_dict_round_trip_continues_exactly():
     torch.save({'model': model.state_dict(), 'norm': state}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
-    model2, norm2 = Slices().double(), CBN(C, window=4).double()
+    model2, norm2 = Slices().double(), CBN(C, concat='compensate', window=4).double()
     model2.load_state_dict(saved['model'])
     assert not norm2.load_state_dict(saved['norm'], strict=True).unexpected_keys
     _run(model, norm, batches[4:])
@@ -389,13 +390,13 @@ def test_checkpoint_without_slice_histories():
     per-slice histories (e.g. saved with fallback='naive' before they existed) uses the ring's entries
     as recorded for one window, then compensates again."""
     torch.manual_seed(0)
-    model, norm = Slices().double(), CBN(C, window=3).double()
+    model, norm = Slices().double(), CBN(C, concat='compensate', window=3).double()
     bn = nn.BatchNorm2d(C).double()
     assert not norm.load_state_dict(bn.state_dict(), strict=True).missing_keys
     batches = _inputs(6, seed=8)
     _run(model, norm, batches[:3])
     ring_only = {k: v for k, v in norm.state_dict().items() if 'slice' not in k}
-    fresh = CBN(C, window=3).double()
+    fresh = CBN(C, concat='compensate', window=3).double()
     fresh.load_state_dict(ring_only, strict=True)
     assert fresh.slice_histories[0].layout is None and fresh.history_length == 2
     _run(model, fresh, batches[3:4])
@@ -409,7 +410,7 @@ def test_checkpoint_without_slice_histories():
 def test_changed_slices_warn_once_and_discard_past_gradients():
     torch.manual_seed(0)
     conv_a, conv_b, conv_c = (nn.Conv2d(3, 4, 3, padding=1).double() for _ in range(3))
-    norm = CBN(8, window=3).double()
+    norm = CBN(8, window=3, concat='compensate').double()
     opt = torch.optim.SGD([*conv_a.parameters(), *conv_b.parameters(), *conv_c.parameters()],
                           lr=0.1)
 
@@ -441,7 +442,7 @@ def test_other_binding_in_between_rebuilds_the_slices_from_the_ring():
     torch.manual_seed(0)
     top, bottom = nn.Conv2d(3, 2, 3, padding=1).double(), nn.Conv2d(3, 4, 3, padding=1).double()
     whole = nn.Conv2d(3, 6, 3, padding=1).double()
-    norm = CBN(6, window=3).double()
+    norm = CBN(6, window=3, concat='compensate').double()
     opt = torch.optim.SGD([*top.parameters(), *bottom.parameters(), *whole.parameters()], lr=0.1)
     with _quiet():
         for i, (x, _) in enumerate(_inputs(6, seed=10)):
@@ -464,7 +465,7 @@ def test_other_binding_in_between_rebuilds_the_slices_from_the_ring():
 
 def test_to_moves_the_slice_histories():
     torch.manual_seed(0)
-    model, norm = Slices().double(), CBN(C, window=3).double()
+    model, norm = Slices().double(), CBN(C, concat='compensate', window=3).double()
     _run(model, norm, _inputs(3, seed=11))
     norm.float()
     sub = norm.slice_histories[0].subs[(3, 4)]
@@ -479,7 +480,7 @@ def test_to_moves_the_slice_histories():
 def test_non_reentrant_checkpoint_normalises_like_the_plain_forward():
     torch.manual_seed(0)
     model = Slices().double()
-    norm = CBN(C, window=3).double()
+    norm = CBN(C, concat='compensate', window=3).double()
     model_ref, norm_ref = copy.deepcopy(model), copy.deepcopy(norm)
     opt = torch.optim.SGD([*model.parameters(), *norm.parameters()], lr=0.05)
     opt_ref = torch.optim.SGD([*model_ref.parameters(), *norm_ref.parameters()], lr=0.05)
@@ -503,7 +504,7 @@ def test_float32_equals_one_cbn_per_slice():
     """The float32 path (the fused CPU ops where they are built) per slice, as the single conv's."""
     torch.manual_seed(0)
     model = Slices().float()
-    norm = CBN(C, window=4)
+    norm = CBN(C, concat='compensate', window=4)
     separate = SeparateNorms(model, norm).float()
     opt = torch.optim.SGD(list(model.parameters()) + list(norm.parameters()), lr=0.05)
     opt_ref = torch.optim.SGD(separate.parameters(), lr=0.05)

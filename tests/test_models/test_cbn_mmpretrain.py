@@ -128,20 +128,25 @@ def test_bn_checkpoint_loads_into_cbn_resnet18_strictly(tmp_path):
 # side never met (``last_bind_status`` after training steps; docs/imagenet.md explains each):
 # - MobileNet-v2's depthwise convs (groups = channels): compensated like any conv;
 # - DenseNet's pre-activation norm1 normalises a concatenation of several layers' outputs (and the
-#   transitions' and the final norm a block's concatenation): each slice from a layer's conv2, or
-#   from a transition (an average pool of its 1x1 conv), is compensated with that conv
-#   (``concat``); the max-pooled stem's channels in block 1 are used as recorded, and block 1's
-#   first norm1, which sees only them, takes the BN fallback; each norm2 is compensated;
+#   transitions' and the final norm a block's concatenation): by default (``concat='fallback'``)
+#   not a conv's output, so the BN fallback (current batch only); with ``concat='compensate'``
+#   each slice from a layer's conv2, or from a transition (an average pool of its 1x1 conv), is
+#   compensated with that conv, the max-pooled stem's channels in block 1 are used as recorded,
+#   and block 1's first norm1, which sees only them, takes the BN fallback; each norm2 is
+#   compensated;
 # - Inception-v3's branches: every BasicConv2d is conv -> BN, all compensated once NormSwitchHook's
 #   switch made them CBN (the conv taps find the conv of a layer swapped in after construction).
 PATHS = {
     'mobilenet-v2': (dict(type='MobileNetV2', norm_cfg=dict(type='CBN', window=4)), 32,
                      {BindStatus.CONV: 52}),
     'densenet121': (dict(type='DenseNet', arch='121', norm_cfg=dict(type='CBN', window=4)), 32,
-                    # 58 dense layers' norm2 + the stem; 57 norm1 + 3 transitions + the final
-                    # norm; block 1's first norm1 (the max-pooled stem alone)
-                    {BindStatus.CONV: 1 + 58, BindStatus.CONCAT: 57 + 3 + 1,
-                     BindStatus.NOT_CONV: 1}),
+                    # 58 dense layers' norm2 + the stem; 58 norm1 + 3 transitions + the final norm
+                    {BindStatus.CONV: 1 + 58, BindStatus.NOT_CONV: 58 + 3 + 1}),
+    'densenet121-slices': (dict(type='DenseNet', arch='121',
+                                norm_cfg=dict(type='CBN', window=4, concat='compensate')), 32,
+                           # 57 norm1 + 3 transitions + the final norm; block 1's first norm1
+                           {BindStatus.CONV: 1 + 58, BindStatus.CONCAT: 57 + 3 + 1,
+                            BindStatus.NOT_CONV: 1}),
     'inception-v3': (dict(type='InceptionV3', num_classes=10, aux_logits=False), 80,
                      {BindStatus.CONV: 94}),
 }
@@ -179,16 +184,22 @@ def test_which_path_cbn_takes(arch):
     if caught is not None:
         said = Counter(str(w.message).split(':')[1].split('(')[0].strip() for w in caught
                        if issubclass(w.category, CBNWarning))
-        # block 1's first norm1 falls back; its other norm1s and transition use the stem's
-        # 64 channels as recorded
-        assert said == {'input is not the output of a trainable conv': 1,
-                        'input is a concatenation': 5 + 1}
+        # densenet121: the 62 concatenation norms fall back to BN; with concat='compensate' block
+        # 1's first norm1 does, and its other norm1s and transition use the stem's 64 channels as
+        # recorded
+        assert said == ({'input is not the output of a trainable conv': 62} if arch == 'densenet121'
+                        else {'input is not the output of a trainable conv': 1,
+                              'input is a concatenation': 5 + 1})
     if arch == 'mobilenet-v2':
         depthwise = [m for m in net.modules()
                      if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
         assert len(depthwise) == 17
     if arch == 'densenet121':
         layer = net.stages[1].block[3]   # norm1 over the concatenation of 4 + 1 inputs
+        assert layer.norm1.last_bind_status == BindStatus.NOT_CONV
+        assert layer.norm2.last_bind_status == BindStatus.CONV
+    if arch == 'densenet121-slices':
+        layer = net.stages[1].block[3]
         assert layer.norm1.last_bind_status == BindStatus.CONCAT
         assert layer.norm2.last_bind_status == BindStatus.CONV
         # the transition's 128 channels (its pooled 1x1 conv) and three conv2s, all compensated
@@ -203,7 +214,7 @@ def test_densenet_checkpoint_round_trip_keeps_the_slice_histories():
     from mmpretrain.registry import MODELS
     init_default_scope('mmpretrain')
     cfg = dict(type='DenseNet', arch=dict(growth_rate=4, depths=(2, 2), init_channels=8),
-               norm_cfg=dict(type='CBN', window=3))
+               norm_cfg=dict(type='CBN', window=3, concat='compensate'))
     torch.manual_seed(0)
     net = MODELS.build(cfg)
     net.train()
