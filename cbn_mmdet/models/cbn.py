@@ -15,17 +15,20 @@ from ..ops.window_norm import WindowBatchNormFunction
 from ..options import (bn_bias_kwargs, is_int, is_real, reject_unknown, require, require_bool,
                        require_choice)
 from . import iteration_clock
+from .concat_binding import ConcatProducer
 from .conv_binding import (AutogradPass, BindStatus, ConvProducer, ConvTap, autograd_pass,
                            is_compiling, preceding_conv, saved_tensor_hooks_accessor)
 from .input_checks import check_4d, check_channels, check_like_module
 from .notices import CBNWarning
+from .slice_history import ConcatHistories, SliceHistory
 from .torchscript import refuse_torchscript
 from .window_history import HISTORY_KEYS, HISTORY_VERSION, CallHistories, WindowHistory
 
 __all__ = ['CrossIterationBatchNorm2d', 'HISTORY_STATE_KEYS', 'is_history_state_key',
            'install_conv_taps']
 
-_CHOICES = dict(fallback=('bn', 'naive'), running_stats=('window', 'batch'),
+_CHOICES = dict(fallback=('bn', 'naive'), concat=('compensate', 'fallback'),
+                running_stats=('window', 'batch'),
                 statistics_gradients=('closed_form', 'subsampled', 'autograd'))
 # history_dtype, var_grad_dtype -> torch dtype (None: the statistics' precision)
 _DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
@@ -69,6 +72,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     * conv weights frozen, or nothing upstream trainable: the weights cannot change, so the window
       statistics are used without compensation (Naive CBN), which is then exact;
+    * a channel concatenation (DenseNet's pre-activation norms) with ``concat='compensate'``: the
+      statistics are per channel, so each slice produced by a trainable conv (or by an
+      average pool of a 1×1 conv, DenseNet's transitions) is compensated with that conv's weights
+      exactly as above; the channels of other slices (a max-pooled stem) are used as recorded
+      (Naive CBN for those channels; exact for frozen producers). See
+      :mod:`cbn_mmdet.models.slice_history`. A concatenation without such a slice, or with
+      ``concat='fallback'`` (default), takes ``fallback`` as a whole;
     * input from something else (an add, an activation, a norm-first block): ``fallback='bn'`` (default)
       normalises with the current batch like BN and leaves the history untouched; ``fallback='naive'``
       uses the window without compensation;
@@ -98,6 +108,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             Default: 4.
         compensate: Taylor compensation (Eqs. 7-8); ``False`` gives Naive CBN. Default: True.
         fallback: ``'bn'`` or ``'naive'``: what to do when the input does not come from a conv.
+        concat: ``'fallback'`` (default) or ``'compensate'``: an input concatenated from several
+            convs' outputs takes ``fallback`` as a whole, or is compensated slice by slice with the
+            conv that produced each. Per step the latter costs one statistic-gradient product per
+            (layer, compensated slice) and keeps a weight-sized ``∂var/∂θ`` per slice and entry;
+            on a small DenseNet it trained worse than the fallback (docs/imagenet.md), hence the
+            default.
         running_stats: ``'window'`` or ``'batch'`` (see above).
         statistics_gradients: ``'closed_form'`` (Appendix B, exact), ``'subsampled'`` (approximate:
             ``∂var/∂θ`` from every ``subsample``-th output row and column, ``subsample²`` times fewer
@@ -140,7 +156,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  window: int = 4, compensate: bool = True, fallback: str = 'bn',
                  running_stats: str = 'window', statistics_gradients: str = 'closed_form',
                  subsample: int = 2, history_dtype: str = 'float32', var_grad_dtype: str = 'float32',
-                 per_call: int = 0, monitor: bool = False, *, bias: bool = True, **unknown):
+                 per_call: int = 0, monitor: bool = False, concat: str = 'fallback', *,
+                 bias: bool = True, **unknown):
         owner = self._option_owner
         reject_unknown(owner, unknown, CrossIterationBatchNorm2d.__init__,
                        self._extra_options + ' (and requires_grad in norm_cfg)')
@@ -148,7 +165,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         require(is_real(eps) and eps > 0, owner, 'eps', 'a positive number', eps)
         require(momentum is None or is_real(momentum) and 0.0 <= momentum <= 1.0, owner, 'momentum',
                 'None or a number in [0, 1]', momentum)
-        for name, value in (('fallback', fallback), ('running_stats', running_stats),
+        for name, value in (('fallback', fallback), ('concat', concat),
+                            ('running_stats', running_stats),
                             ('statistics_gradients', statistics_gradients)):
             require_choice(owner, name, value, _CHOICES[name])
         require_choice(owner, 'history_dtype', history_dtype, _DTYPES)
@@ -165,6 +183,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window = window
         self.compensate = compensate
         self.fallback = fallback
+        self.concat = concat
         self.running_stats = running_stats
         self.statistics_gradients = statistics_gradients
         self.subsample = subsample
@@ -185,6 +204,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._eval_calls = 0  # calls since the last train()/eval(), for per_call in evaluation
         self.history = self.call_histories[0]  # the (first call's) past iterations
         self._producer = ConvProducer()
+        # a concatenated input: the slices' producers and the per-slice histories of each call's ring
+        self._concat_producer = ConcatProducer()
+        self.slice_histories = ConcatHistories(per_call, lambda: SliceHistory(
+            _DTYPES[history_dtype], self._warn_once))
         # the conv registered just before the layer, for traced forwards (see install_conv_taps)
         self._conv_tap: Optional[ConvTap] = None
         #: how the last training forward bound its input (a :class:`BindStatus` value), for reporting
@@ -217,8 +240,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         following = self._active_window == self.window
         self.window = window
         self._active_window = window if following else min(self._active_window, window)
-        for history in self.call_histories:
+        for history, slices in zip(self.call_histories, self.slice_histories):
             history.resize(self._slots, self._home_device())
+            slices.resize(self._slots, self._home_device(), history)
 
     def extra_repr(self) -> str:
         extra = '' if self.history_dtype == 'float32' else f', history_dtype={self.history_dtype!r}'
@@ -228,6 +252,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             extra += f', var_grad_dtype={self.var_grad_dtype!r}'
         if self.per_call:
             extra += f', per_call={self.per_call}'
+        if self.concat != 'fallback':
+            extra += f', concat={self.concat!r}'
         return (f'{super().extra_repr()}, window={self.window}, compensate={self.compensate}, '
                 f'fallback={self.fallback!r}, running_stats={self.running_stats!r}{extra}')
 
@@ -282,9 +308,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             binding, status, detail = self._traced_binding(input)
         else:
             binding, status, detail = self._producer.bind(input, kind)
+            if status in (BindStatus.NOT_CONV, BindStatus.NO_GRAPH) and self.concat == 'compensate':
+                binding, status, detail = self._concat_producer.bind(input, kind, binding, status,
+                                                                     detail)
         self.last_bind_status = status
         history = self._call_history(kind)
         call = self._call_index()
+        if status == BindStatus.CONCAT or self.slice_histories[call].layout is not None:
+            history = self.slice_histories.view(history, call, status, binding, recording,
+                                                self._slice_gradients)
         if self._explain_binding(kind, status, binding, detail):  # fallback='bn'
             return self._batch_norm(input, group, update=recording, call=call)
         compensating = self.compensate and binding is not None
@@ -395,6 +427,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         elif not history.open:  # an empty batch of SyncCBN: an empty entry keeps the ring in step
             history.record(input, batch_mean, batch_var, 0.0, finite, None, None)
 
+    def _slice_gradients(self, binding, x: Tensor, batch_mean: Tensor, defer_centring: bool = False):
+        """The statistic gradients of one compensated slice ``x`` of a concatenated input, with
+        the conv that produced it (as :meth:`_record` for a single conv)."""
+        return conv_statistic_gradients(
+            binding.input, x, batch_mean, binding.weight, binding.bias, binding.stride,
+            binding.padding, binding.dilation, binding.groups, self.statistics_gradients,
+            self.subsample, _DTYPES[self.var_grad_dtype], defer_centring)
+
     def _tracks(self) -> bool:
         return self.track_running_stats and self.running_mean is not None
 
@@ -497,6 +537,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._warn_once(status, 'a training forward without autograd before any forward with it '
                             '(e.g. reentrant checkpointing right after loading a checkpoint): this '
                             'iteration uses the past statistics without compensation')
+        if status == BindStatus.CONCAT and binding.as_recorded and self.compensate:
+            self._warn_once(status, f'input is a concatenation ({detail}); the slices from trainable '
+                            'convs are compensated with them, the channels as recorded use the '
+                            "window without compensation (concat='fallback' normalises all of "
+                            'them as fallback says)')
         return False
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -548,7 +593,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def reset_history(self) -> None:
         """Forget all past iterations (the next forward is BN on its batch)."""
         self.call_histories.reset()
+        self.slice_histories.reset()
         self._producer = ConvProducer()
+        self._concat_producer = ConcatProducer()
 
     def past_window(self, call: int = 0) -> Optional[Dict[str, Tensor]]:
         """The past iterations of the current iteration's window (for analysis and tests).
@@ -559,7 +606,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         (``history.slots_newest_first()``). ``None`` when the current iteration used no past entry.
         ``call``: with ``per_call``, which call's history.
         """
-        past = self.call_histories[call].last_window()
+        past = self.slice_histories[call].last_window(self.call_histories[call])
         if past is None:
             return None
         return {'mean': past.recorded_mean, 'var': past.recorded_var, 'mean_compensated': past.mean,
@@ -568,18 +615,23 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ state dict, device moves
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        for history in self.call_histories:
+        for history, slices in zip(self.call_histories, self.slice_histories):
             history.apply(fn)
+            slices.apply(fn, history)
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for key, t in self.call_histories.state().items():
             destination[prefix + key] = t if keep_vars else t.detach()
+        for key, t in self.slice_histories.state().items():
+            destination[prefix + key] = t if keep_vars else t.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         keys = {prefix + key for key in self.call_histories.keys()}
+        keys.update(key for key in state_dict
+                    if key.startswith(prefix) and self.slice_histories.owns(key[len(prefix):]))
         loaded = {key[len(prefix):]: state_dict[key] for key in keys if key in state_dict}
         self.reset_history()  # a checkpoint without history (e.g. BN's) starts an empty window
         # torch's loader sees neither our history keys nor our (now empty) history buffers
@@ -592,8 +644,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         try:
-            self.call_histories.load(loaded, local_metadata.get('version') or self._version,
-                                     self._home_device())
+            version = local_metadata.get('version') or self._version
+            self.call_histories.load(loaded, version, self._home_device())
+            self.slice_histories.load(loaded, version, self._home_device(), self.call_histories)
         except ValueError as err:
             error_msgs.append(f'{prefix[:-1] or "CBN"}: {err}')
             self.reset_history()

@@ -30,6 +30,8 @@ class BindStatus:
     NOT_CONV = 'not_conv'        # input produced by something else (add, activation, pooling, ...)
     NO_GRAPH = 'no_graph'        # no autograd graph (no_grad, or nothing upstream requires grad)
     COMPILED = 'compiled'        # produced inside a torch.compile graph: the conv is not visible
+    CONCAT = 'concat'            # a channel concatenation with at least one slice a trainable conv's
+                                 # output: those slices compensated each with its conv (concat_binding)
 
 
 @dataclass(frozen=True)

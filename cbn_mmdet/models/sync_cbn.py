@@ -202,7 +202,8 @@ def convert_to_sync_cbn(module: nn.Module, process_group=None) -> nn.Module:
             compensate=old.compensate, fallback=old.fallback, running_stats=old.running_stats,
             statistics_gradients=old.statistics_gradients, subsample=old.subsample,
             history_dtype=old.history_dtype, var_grad_dtype=old.var_grad_dtype,
-            per_call=old.per_call, monitor=old.monitor, process_group=process_group)
+            per_call=old.per_call, monitor=old.monitor, concat=old.concat,
+            process_group=process_group)
         new.active_window = old.active_window
         for name, buffer in old.named_buffers(recurse=False):  # the other calls' running stats
             if name.startswith('call'):
@@ -210,6 +211,7 @@ def convert_to_sync_cbn(module: nn.Module, process_group=None) -> nn.Module:
         # this process's history is what a SyncCBN process keeps
         new.call_histories, new.history, new._producer = (old.call_histories, old.history,
                                                           old._producer)
+        new.slice_histories, new._concat_producer = old.slice_histories, old._concat_producer
         return new
 
     replace_norm_layers(module, make, (CrossIterationBatchNorm2d, ))

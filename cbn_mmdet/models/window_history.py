@@ -26,7 +26,7 @@ from .conv_binding import ConvWeights, is_compiling
 
 __all__ = ['WindowHistory', 'CallHistories', 'PastWindow', 'HistoryEntry', 'HISTORY_STATS',
            'HISTORY_GRADS', 'HISTORY_TENSORS', 'HISTORY_INDEX', 'HISTORY_KEYS', 'HISTORY_PAST',
-           'PROCESSES_KEY', 'RANK_KEY', 'rank_key']
+           'PROCESSES_KEY', 'RANK_KEY', 'SLICES_KEY', 'rank_key']
 
 HISTORY_STATS = ('history_mean', 'history_var', 'history_count', 'history_mean_ref',
                  'history_var_ref', 'history_compensable')
@@ -44,6 +44,10 @@ HISTORY_PAST = ('history_past_mean', 'history_past_var', 'history_past_valid',
 #: SyncCBN's state-dict keys: long ``[processes, rank, gathered]`` of the run that saved the history
 #: (``gathered``: every process's history is saved, call i's key ``k`` of rank r as ``rank<r>_k``)
 PROCESSES_KEY = 'history_processes'
+#: The per-slice histories of a layer whose input is a concatenation (slice_history.py): long
+#: ``[[start, width], ...]`` of its compensated slices, whose histories are ``slice<i>_<key>``
+SLICES_KEY = 'history_slices'
+_SLICE_PREFIX = re.compile(r'slice\d+_(.+)')
 RANK_KEY = re.compile(r'rank(\d+)_(.+)')
 #: the layer's state-dict version of this layout. 3: a ring of ``window`` slots; 4: ``window - 1``
 #: slots, the newest entry possibly the open current iteration; 5: ``history_index`` also says
@@ -860,7 +864,11 @@ class CallHistories:
             name = rank.group(2)
         if re.fullmatch(r'call\d+_.+', name):
             name = name.split('_', 1)[1]
-        return name in HISTORY_KEYS or name in HISTORY_PAST or name == PROCESSES_KEY
+        piece = _SLICE_PREFIX.fullmatch(name)
+        if piece:
+            name = piece.group(1)
+        return (name in HISTORY_KEYS or name in HISTORY_PAST or name == PROCESSES_KEY
+                or name == SLICES_KEY)
 
     def keys(self) -> List[str]:
         """Every state-dict key (suffix) the histories may use."""

@@ -4,6 +4,7 @@
 to, so ``norm_cfg=dict(type='CBN', ...)`` in an ``mmpretrain::`` config needs nothing else.
 """
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -127,8 +128,12 @@ def test_bn_checkpoint_loads_into_cbn_resnet18_strictly(tmp_path):
 # side never met (``last_bind_status`` after training steps; docs/imagenet.md explains each):
 # - MobileNet-v2's depthwise convs (groups = channels): compensated like any conv;
 # - DenseNet's pre-activation norm1 normalises a concatenation of several layers' outputs (and the
-#   transitions' and the final norm a block's concatenation): not a conv's output, so the BN
-#   fallback (current batch only); each layer's norm2, after its 1x1 conv, is compensated;
+#   transitions' and the final norm a block's concatenation): by default (``concat='fallback'``)
+#   not a conv's output, so the BN fallback (current batch only); with ``concat='compensate'``
+#   each slice from a layer's conv2, or from a transition (an average pool of its 1x1 conv), is
+#   compensated with that conv, the max-pooled stem's channels in block 1 are used as recorded,
+#   and block 1's first norm1, which sees only them, takes the BN fallback; each norm2 is
+#   compensated;
 # - Inception-v3's branches: every BasicConv2d is conv -> BN, all compensated once NormSwitchHook's
 #   switch made them CBN (the conv taps find the conv of a layer swapped in after construction).
 PATHS = {
@@ -137,6 +142,11 @@ PATHS = {
     'densenet121': (dict(type='DenseNet', arch='121', norm_cfg=dict(type='CBN', window=4)), 32,
                     # 58 dense layers' norm2 + the stem; 58 norm1 + 3 transitions + the final norm
                     {BindStatus.CONV: 1 + 58, BindStatus.NOT_CONV: 58 + 3 + 1}),
+    'densenet121-slices': (dict(type='DenseNet', arch='121',
+                                norm_cfg=dict(type='CBN', window=4, concat='compensate')), 32,
+                           # 57 norm1 + 3 transitions + the final norm; block 1's first norm1
+                           {BindStatus.CONV: 1 + 58, BindStatus.CONCAT: 57 + 3 + 1,
+                            BindStatus.NOT_CONV: 1}),
     'inception-v3': (dict(type='InceptionV3', num_classes=10, aux_logits=False), 80,
                      {BindStatus.CONV: 94}),
 }
@@ -158,11 +168,12 @@ def test_which_path_cbn_takes(arch):
         assert switch_norm_layers(net, dict(type='CBN', window=4), [torch.nn.BatchNorm2d]) == 94
     net.train()
     optim = torch.optim.SGD(net.parameters(), lr=0.01)
-    # a layer that falls back says so, once
-    fallback = (pytest.warns(CBNWarning, match=r"\(CatBackward0\); normalising with the current "
-                             r"batch like BN \(fallback='bn'\)")
-                if BindStatus.NOT_CONV in expected else contextlib.nullcontext())
-    with fallback:
+    # a layer that falls back says so, once; so does one with channels used as recorded
+    fallback = (warnings.catch_warnings(record=True) if BindStatus.NOT_CONV in expected
+                else contextlib.nullcontext())
+    with fallback as caught:
+        if caught is not None:
+            warnings.simplefilter('always', CBNWarning)
         for _ in range(2):   # the second step runs with a history
             out = net(torch.randn(2, 3, size, size))[-1]
             out.square().mean().backward()
@@ -170,6 +181,15 @@ def test_which_path_cbn_takes(arch):
             optim.zero_grad()
     norms = [m for m in net.modules() if isinstance(m, CBN)]
     assert Counter(m.last_bind_status for m in norms) == expected
+    if caught is not None:
+        said = Counter(str(w.message).split(':')[1].split('(')[0].strip() for w in caught
+                       if issubclass(w.category, CBNWarning))
+        # densenet121: the 62 concatenation norms fall back to BN; with concat='compensate' block
+        # 1's first norm1 does, and its other norm1s and transition use the stem's 64 channels as
+        # recorded
+        assert said == ({'input is not the output of a trainable conv': 62} if arch == 'densenet121'
+                        else {'input is not the output of a trainable conv': 1,
+                              'input is a concatenation': 5 + 1})
     if arch == 'mobilenet-v2':
         depthwise = [m for m in net.modules()
                      if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
@@ -178,3 +198,45 @@ def test_which_path_cbn_takes(arch):
         layer = net.stages[1].block[3]   # norm1 over the concatenation of 4 + 1 inputs
         assert layer.norm1.last_bind_status == BindStatus.NOT_CONV
         assert layer.norm2.last_bind_status == BindStatus.CONV
+    if arch == 'densenet121-slices':
+        layer = net.stages[1].block[3]
+        assert layer.norm1.last_bind_status == BindStatus.CONCAT
+        assert layer.norm2.last_bind_status == BindStatus.CONV
+        # the transition's 128 channels (its pooled 1x1 conv) and three conv2s, all compensated
+        assert [key[:2] for key in layer.norm1.slice_histories[0].layout] == [
+            (0, 128), (128, 32), (160, 32), (192, 32)]
+        assert net.stages[0].block[0].norm1.last_bind_status == BindStatus.NOT_CONV
+
+
+def test_densenet_checkpoint_round_trip_keeps_the_slice_histories():
+    """A small DenseNet: the per-slice histories of its concatenation norms are saved and loaded
+    strictly, and the restored model continues exactly."""
+    from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')
+    cfg = dict(type='DenseNet', arch=dict(growth_rate=4, depths=(2, 2), init_channels=8),
+               norm_cfg=dict(type='CBN', window=3, concat='compensate'))
+    torch.manual_seed(0)
+    net = MODELS.build(cfg)
+    net.train()
+    optim = torch.optim.SGD(net.parameters(), lr=0.01)
+
+    def step(model, opt, seed):
+        torch.manual_seed(seed)
+        out = model(torch.randn(2, 3, 32, 32))[-1]
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        return out.detach()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', CBNWarning)
+        for seed in range(3):
+            step(net, optim, seed)
+        state = net.state_dict()
+        assert 'stages.1.block.1.norm1.slice1_history_var_grad' in state
+        assert state['transitions.0.norm.history_slices'].tolist() == [[8, 4], [12, 4]]
+        restored = MODELS.build(cfg)
+        restored.train()
+        assert not restored.load_state_dict(state, strict=True).unexpected_keys
+        optim2 = torch.optim.SGD(restored.parameters(), lr=0.01)
+        torch.testing.assert_close(step(restored, optim2, 7), step(net, optim, 7), rtol=0, atol=0)

@@ -29,10 +29,12 @@ from common import (REPO_ROOT, EVIDENCE_DIR, Report, RunRecord, analysis_parser,
 #: the demo config every run starts from
 NAME = 'classification_batch_size'
 DEMO_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'resnet18_cbn_demo-shapes-cls.py')
-NORMS = ('BN', 'CBN', 'CBN-naive', 'GN')
-LABELS = {'BN': 'BN', 'CBN': 'CBN', 'CBN-naive': "CBN, fallback='naive'", 'GN': 'GN'}
+NORMS = ('BN', 'CBN', 'CBN-naive', 'CBN-slices', 'GN')
+LABELS = {'BN': 'BN', 'CBN': 'CBN', 'CBN-naive': "CBN, fallback='naive'",
+          'CBN-slices': "CBN, concat='compensate'", 'GN': 'GN'}
 #: --backbone densenet: a small DenseNet (mmpretrain's, 4 blocks of 4 pre-activation layers): each
-#: layer's first norm normalises a concatenation, where CBN falls back (``fallback``)
+#: layer's first norm normalises a concatenation, where CBN falls back (``fallback``), or with
+#: 'CBN-slices' compensates each slice with the conv that produced it (``concat='compensate'``)
 DENSENET = dict(growth_rate=12, depths=(4, 4, 4, 4), init_channels=24)
 BACKBONES = ('resnet18', 'densenet')
 #: the classification demo's data, and the tiny data of --quick
@@ -52,6 +54,9 @@ def norm_cfg(norm: str, images_per_iter: int, gn_groups: int) -> dict:
         return dict(type='CBN', window=window(images_per_iter), requires_grad=True)
     if norm == 'CBN-naive':  # inputs that are not a conv's output: the uncompensated window
         return dict(type='CBN', window=window(images_per_iter), fallback='naive',
+                    requires_grad=True)
+    if norm == 'CBN-slices':  # a concatenation compensated slice by slice
+        return dict(type='CBN', window=window(images_per_iter), concat='compensate',
                     requires_grad=True)
     if norm == 'GN':
         return dict(type='GN', num_groups=gn_groups, requires_grad=True)
@@ -209,7 +214,8 @@ def summarize(norms, sizes, seeds, runs):
 def plot(path, norms, sizes, summary, title):
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6, 4.2))
-    colours = {'BN': 'tab:blue', 'CBN': 'tab:red', 'CBN-naive': 'tab:orange', 'GN': 'tab:green'}
+    colours = {'BN': 'tab:blue', 'CBN': 'tab:red', 'CBN-naive': 'tab:orange',
+               'CBN-slices': 'tab:purple', 'GN': 'tab:green'}
     for norm in norms:
         xs = [n for n in sizes if summary[norm][str(n)]['mean'] is not None]
         ys = [summary[norm][str(n)]['mean'] for n in xs]
@@ -336,6 +342,9 @@ def main(argv=None) -> int:
           + ("; where a CBN layer's input is not a conv's output it normalises with the current "
              "batch (fallback='bn', CBN) or with the uncompensated window (fallback='naive')"
              if 'CBN-naive' in args.norms else '')
+          + ("; CBN, concat='compensate' compensates each slice of a concatenated input with the "
+             "conv that produced it (other slices' channels as recorded)"
+             if 'CBN-slices' in args.norms else '')
           + (f'. GN: {args.gn_groups} groups' if 'GN' in args.norms else '') + '.\n\n'
           f'Wall time: {sum(r.get("wall_seconds", 0) for r in runs):.0f} s summed over the '
           f'{len(runs)} runs, one at a time, {args.threads} thread(s) each.\n\n'
