@@ -45,8 +45,10 @@ VARIANTS = {
 
 
 #: with ``--python-path``: the variants again with the fused CPU ops off (the path CUDA and
-#: torch.compile take)
+#: torch.compile take), and with the fused ops but without the one-call step (the Python forward
+#: calling them one by one, as before the one-call step)
 PYTHON_PATH = {'naive-python': VARIANTS['naive'], 'cbn-python': VARIANTS['cbn']}
+FUSED_FORWARD = {'naive-fused': VARIANTS['naive'], 'cbn-fused': VARIANTS['cbn']}
 
 
 def build(norm, layers, channels):
@@ -96,7 +98,9 @@ PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
 
 #: the parts timed with ``--time-parts``: :data:`PHASES`, the layer's whole forward, the
 #: normalisation's forward and backward, and finding the conv in the autograd graph
-TIMED_PARTS = [(cbn.CrossIterationBatchNorm2d, 'forward', 'forward (all of it)')] + PHASES + [
+TIMED_PARTS = [(cbn.CrossIterationBatchNorm2d, 'forward', 'forward (all of it)'),
+               (cbn.CrossIterationBatchNorm2d, '_one_call_step',
+                'one-call step (its parts: torch.profiler, cbn_mmdet::train_step.*)')] + PHASES + [
     (window_norm.WindowBatchNormFunction, 'forward', 'normalisation (Eq. 12)'),
     (window_norm.WindowBatchNormFunction, 'backward', 'backward of the normalisation'),
     (conv_binding.ConvProducer, 'bind', 'finding the conv')]
@@ -167,15 +171,17 @@ def step(model, opt, x):
 
 
 def variant_step(name, model, opt, x):
-    """:func:`step`, with the fused CPU ops off for the ``--python-path`` variants."""
-    with fused.disabled() if name in PYTHON_PATH else contextlib.nullcontext():
+    """:func:`step`, with the fused CPU ops off for the ``--python-path`` variants and the
+    one-call step off for the fused-forward ones."""
+    with (fused.disabled() if name in PYTHON_PATH else
+          fused.without_one_call() if name in FUSED_FORWARD else contextlib.nullcontext()):
         step(model, opt, x)
 
 
 def run(args):
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device)
-    variants = dict(VARIANTS, **(PYTHON_PATH if args.python_path else {}),
+    variants = dict(VARIANTS, **(dict(FUSED_FORWARD, **PYTHON_PATH) if args.python_path else {}),
                     **(baseline_variants(args.baseline) if args.baseline else {}))
     setups = {}
     for name, norm in variants.items():
@@ -265,7 +271,8 @@ def parse_args(argv=None):
                         help='root of another checkout whose CBN is timed in the same round-robin')
     parser.add_argument('--python-path', action='store_true',
                         help='also time Naive CBN and CBN with the fused CPU ops off (naive-python, '
-                        'cbn-python): the path CUDA and torch.compile take')
+                        'cbn-python: the path CUDA and torch.compile take) and with the fused ops '
+                        'called one by one, without the one-call step (naive-fused, cbn-fused)')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--time-parts', action='store_true',
                         help='also time the parts of the layers (BN: its forward)')
