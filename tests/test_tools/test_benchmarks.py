@@ -63,6 +63,9 @@ def test_fixed_cost_benchmark_times_the_parts_of_each_layer():
                                                                      'gradients)'] < forward
     assert 'statistic gradients' not in rows['naive']['part_us']  # Naive CBN records no gradients
     assert set(rows['bn']['part_us']) == {'forward (all of it)'}
+    one_call = rows['cbn']['one_call_us']  # (the Python forward's parts: with it off)
+    assert set(one_call) == {'forward (all of it)', 'one-call step'}
+    assert 0 < one_call['one-call step'] < one_call['forward (all of it)']
     assert WindowBatchNormFunction.__dict__['backward'] is backward
 
 

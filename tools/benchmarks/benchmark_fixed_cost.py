@@ -98,12 +98,14 @@ PHASES = [(window_history.WindowHistory, 'past', 'past window (compensation)'),
 
 #: the parts timed with ``--time-parts``: :data:`PHASES`, the layer's whole forward, the
 #: normalisation's forward and backward, and finding the conv in the autograd graph
-TIMED_PARTS = [(cbn.CrossIterationBatchNorm2d, 'forward', 'forward (all of it)'),
-               (cbn.CrossIterationBatchNorm2d, '_one_call_step',
-                'one-call step (its parts: torch.profiler, cbn_mmdet::train_step.*)')] + PHASES + [
+TIMED_PARTS = [(cbn.CrossIterationBatchNorm2d, 'forward', 'forward (all of it)')] + PHASES + [
     (window_norm.WindowBatchNormFunction, 'forward', 'normalisation (Eq. 12)'),
     (window_norm.WindowBatchNormFunction, 'backward', 'backward of the normalisation'),
     (conv_binding.ConvProducer, 'bind', 'finding the conv')]
+#: the parts of a forward taken by the one-call step (inside it, C++: torch.profiler shows its parts
+#: as ``cbn_mmdet::train_step.*``; its backward is a C++ autograd node)
+ONE_CALL_TIMED_PARTS = [(cbn.CrossIterationBatchNorm2d, 'forward', 'forward (all of it)'),
+                        (cbn.CrossIterationBatchNorm2d, '_one_call_step', 'one-call step')]
 #: BN's part timed with ``--time-parts`` (its backward is one kernel inside autograd)
 BN_TIMED_PARTS = [(nn.modules.batchnorm._BatchNorm, 'forward', 'forward (all of it)')]
 
@@ -218,13 +220,18 @@ def run(args):
         rows[name].update(ops=sum(counter.ops.values()), top_ops=counter.ops.most_common(8))
     phases = Counter()
     model, opt = setups['cbn']
-    with counting_phases(phases):
+    with counting_phases(phases), fused.without_one_call():  # (the phases of the Python forward)
         step(model, opt, x)
     rows['cbn']['phase_ops'] = {label: n / args.layers for label, n in phases.items()}
     if args.time_parts:
-        for name in ('bn', 'naive', 'cbn'):
-            rows[name]['part_us'] = time_parts(*setups[name], x, args.steps, args.layers,
-                                               BN_TIMED_PARTS if name == 'bn' else TIMED_PARTS)
+        rows['bn']['part_us'] = time_parts(*setups['bn'], x, args.steps, args.layers,
+                                           BN_TIMED_PARTS)
+        for name in ('naive', 'cbn'):
+            rows[name]['one_call_us'] = time_parts(*setups[name], x, args.steps, args.layers,
+                                                   ONE_CALL_TIMED_PARTS)
+            with fused.without_one_call():  # the parts of the Python forward
+                rows[name]['part_us'] = time_parts(*setups[name], x, args.steps, args.layers,
+                                                   TIMED_PARTS)
     base = rows['bn']
     lines = [f'{args.layers} layers of conv {args.channels}->{args.channels} 3x3 + norm + ReLU, input '
              f'{args.batch}x{args.channels}x{args.size}x{args.size}, {args.device}, {args.threads} '
@@ -244,12 +251,18 @@ def run(args):
             print(f"{name}: most frequent ops per step: {r['top_ops']}")
         else:
             print(f"{name}: warm-up steps (compilation included) {r['warmup_s']:.1f} s")
-    print('cbn: ops per layer and step by part (nested parts also count in the outer one): ' +
+    print('cbn, the Python forward (one-call step off): ops per layer and step by part (nested '
+          'parts also count in the outer one): ' +
           ', '.join(f'{label} {n:.0f}' for label, n in rows['cbn']['phase_ops'].items()))
+    for name in ('naive', 'cbn'):
+        if 'one_call_us' in rows[name]:
+            print(f'{name}: microseconds per layer and step with the one-call step: ' + ', '.join(
+                f'{label} {us:.0f}' for label, us in rows[name]['one_call_us'].items()))
     for name in ('bn', 'naive', 'cbn'):
         if 'part_us' in rows[name]:
-            print(f'{name}: microseconds per layer and step inside each part (nested parts also count '
-                  'in the outer one; timed apart from the round-robin): ' + ', '.join(
+            where = '' if name == 'bn' else ', the Python forward (one-call step off)'
+            print(f'{name}{where}: microseconds per layer and step inside each part (nested parts '
+                  'also count in the outer one; timed apart from the round-robin): ' + ', '.join(
                       f'{label} {us:.0f}' for label, us in rows[name]['part_us'].items()))
     if args.out:
         with open(args.out, 'w') as f:
