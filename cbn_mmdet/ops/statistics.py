@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import fused
+
 __all__ = [
     'batch_moments', 'patch_mean', 'variance_weight_gradient', 'statistic_gradients_autograd',
     'conv_statistic_gradients',
@@ -279,6 +281,12 @@ def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Te
     dtype = _acc_dtype(x)
     n, c_out = x.shape[:2]
     kh, kw = weight.shape[2:]
+    ops = fused.applies(x)
+    if ops is not None and conv_input.dtype == x.dtype == batch_mean.dtype:
+        # the same in one pass over the columns and one product (what the one-call step runs)
+        patch, var_grad = ops.unfold_gradients(conv_input, x, batch_mean, kh, kw, list(stride),
+                                               list(padding), list(dilation), groups)
+        return patch, var_grad.view(weight.shape)
     cols = torch.nn.functional.unfold(conv_input if conv_input.dtype == dtype else
                                       conv_input.to(dtype), (kh, kw), dilation=tuple(dilation),
                                       padding=tuple(padding), stride=tuple(stride))

@@ -297,6 +297,7 @@ def test_fused_ops_run_on_cpu_and_not_when_disabled():
         used = {n for n in counter.names if n.startswith('cbn_mmdet.')}
         assert used == (set() if disabled else {'cbn_mmdet.past_window', 'cbn_mmdet.window_step',
                                                 'cbn_mmdet.record_entry',
+                                                'cbn_mmdet.unfold_gradients',
                                                 'cbn_mmdet.window_norm_forward',
                                                 'cbn_mmdet.window_norm_backward'})
 

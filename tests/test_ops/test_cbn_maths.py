@@ -1,4 +1,6 @@
 """The pure maths of CBN against independent references (autograd, brute force), in float64."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,10 +318,20 @@ def test_expanding_1x1_conv_float32_with_offset_inputs():
     torch.testing.assert_close(approx.double(), exact, rtol=0, atol=1e-4 * exact.abs().max().item())
 
 
+@pytest.mark.parametrize('path', ['fused', 'python'])
 @pytest.mark.parametrize('variant', CONV_VARIANTS)
-def test_small_conv_gradients_by_unfold_equal_the_weight_gradient_path(variant, monkeypatch):
-    """Small CPU convs take both statistic gradients from one unfolded input: the same numbers as the
-    patch sums + weight-gradient convolution used for larger ones (float64)."""
+def test_small_conv_gradients_by_unfold_equal_the_weight_gradient_path(variant, path, monkeypatch):
+    """Small CPU convs take both statistic gradients from one unfolded input (the fused op, or
+    torch's unfold in the Python path): the same numbers as the patch sums + weight-gradient
+    convolution used for larger ones (float64)."""
+    from cbn_mmdet.ops import fused
+    if path == 'fused' and fused.ops() is None:
+        pytest.skip('the fused CPU ops did not build')
+    with fused.disabled() if path == 'python' else contextlib.nullcontext():
+        _check_unfold_path(variant, monkeypatch)
+
+
+def _check_unfold_path(variant, monkeypatch):
     from cbn_mmdet.ops import statistics as S
     y, w, b, s, p, d, g = _conv_case(variant)
     x = F.conv2d(y, w, b, s, p, d, g)

@@ -359,6 +359,89 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
   cur[1] = filled;
 }
 
+// statistics._statistic_gradients_by_unfold for a small conv x = θ * y: the unfolded input as
+// columns (C_in·kh·kw, N·positions), written with their sums (the mean patch), and
+// ∂var/∂θ = 2/m Σ (x − μ) colsᵀ per group: one matrix product (groups = 1) or inner products
+// (groups > 1, e.g. depthwise, where the rows are short).
+std::tuple<Tensor, Tensor> unfold_gradients(const Tensor& conv_input, const Tensor& x,
+                                            const Tensor& batch_mean, int64_t kh, int64_t kw,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef dilation, int64_t groups) {
+  check_cpu(x, "x");
+  TORCH_CHECK(conv_input.scalar_type() == x.scalar_type() &&
+              batch_mean.scalar_type() == x.scalar_type(), "unfold_gradients: one dtype");
+  const Tensor in = conv_input.contiguous(), out = x.contiguous();
+  const int64_t n = in.size(0), c_in = in.size(1), h = in.size(2), w = in.size(3);
+  const int64_t c_out = out.size(1), out_h = out.size(2), out_w = out.size(3);
+  const int64_t positions = out_h * out_w, columns = n * positions, k = kh * kw;
+  Tensor cols = at::empty({c_in * k, columns}, in.options());
+  Tensor centred = at::empty({c_out, columns}, in.options());
+  Tensor patch = at::empty({c_in, kh, kw}, in.options());
+  Tensor var_grad = at::empty({c_out, c_in / groups * k}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "unfold_gradients", [&] {
+    const scalar_t* src = data_of<scalar_t>(in);
+    scalar_t* dst = data_of<scalar_t>(cols);
+    scalar_t* pm = data_of<scalar_t>(patch);
+    at::parallel_for(0, c_in * k, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t ci = row / k, a = (row % k) / kw, b = row % kw;
+        scalar_t* col = dst + row * columns;
+        double total = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* plane = src + (i * c_in + ci) * h * w;
+          for (int64_t oh = 0; oh < out_h; ++oh) {
+            const int64_t ih = oh * stride[0] + a * dilation[0] - padding[0];
+            scalar_t* o = col + i * positions + oh * out_w;
+            if (ih < 0 || ih >= h) {
+              std::fill(o, o + out_w, scalar_t(0));
+              continue;
+            }
+            const scalar_t* line = plane + ih * w;
+            for (int64_t ow = 0; ow < out_w; ++ow) {
+              const int64_t iw = ow * stride[1] + b * dilation[1] - padding[1];
+              const scalar_t v = (iw >= 0 && iw < w) ? line[iw] : scalar_t(0);
+              o[ow] = v;
+              total += v;
+            }
+          }
+        }
+        pm[row] = static_cast<scalar_t>(total / static_cast<double>(columns));
+      }
+    });
+    const scalar_t* xs = data_of<scalar_t>(out);
+    const scalar_t* mu = data_of<scalar_t>(batch_mean);
+    scalar_t* xc = data_of<scalar_t>(centred);
+    for (int64_t co = 0; co < c_out; ++co) {
+      for (int64_t i = 0; i < n; ++i) {
+        const scalar_t* from = xs + (i * c_out + co) * positions;
+        scalar_t* to = xc + co * columns + i * positions;
+        for (int64_t p = 0; p < positions; ++p) to[p] = from[p] - mu[co];
+      }
+    }
+  });
+  const double scale = 2.0 / static_cast<double>(columns);
+  if (groups == 1) {
+    at::addmm_out(var_grad, var_grad, centred, cols.t(), 0, scale);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "unfold_gradients_groups", [&] {
+      const int64_t per_group = c_out / groups, d = c_in / groups * k;
+      const scalar_t* xc = data_of<scalar_t>(centred);
+      const scalar_t* cs = data_of<scalar_t>(cols);
+      scalar_t* g = data_of<scalar_t>(var_grad);
+      at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t co = begin; co < end; ++co) {
+          const scalar_t* first = cs + (co / per_group) * d * columns;
+          for (int64_t j = 0; j < d; ++j) {
+            g[co * d + j] = static_cast<scalar_t>(
+                scale * dot(xc + co * columns, first + j * columns, columns));
+          }
+        }
+      });
+    });
+  }
+  return {patch, var_grad};
+}
+
 // Eq. 12 at the window statistics: y = x·a + b per channel, a = γ r, b = β − μ̄ a (the form of
 // BN's CPU kernel), for NCHW and channels-last batches.
 Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
@@ -489,6 +572,8 @@ TORCH_LIBRARY(cbn_mmdet, m) {
         "Tensor invstd, Tensor inv_k, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("window_norm_forward(Tensor x, Tensor? gamma, Tensor? beta, Tensor mean, Tensor invstd) "
         "-> Tensor");
+  m.def("unfold_gradients(Tensor conv_input, Tensor x, Tensor batch_mean, int kh, int kw, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
@@ -501,4 +586,5 @@ TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
   m.impl("record_entry", &cbn_mmdet::record_entry);
   m.impl("window_norm_backward", &cbn_mmdet::window_norm_backward);
   m.impl("window_norm_forward", &cbn_mmdet::window_norm_forward);
+  m.impl("unfold_gradients", &cbn_mmdet::unfold_gradients);
 }

@@ -37,6 +37,11 @@ void record_entry(const at::Tensor& stats, int64_t slot, const at::Tensor& batch
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                   int64_t groups, const at::Tensor& cursor, int64_t filled);
 
+std::tuple<at::Tensor, at::Tensor> unfold_gradients(
+    const at::Tensor& conv_input, const at::Tensor& x, const at::Tensor& batch_mean, int64_t kh,
+    int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups);
+
 at::Tensor window_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& gamma,
                                const std::optional<at::Tensor>& beta, const at::Tensor& mean,
                                const at::Tensor& invstd);

@@ -126,43 +126,6 @@ Tensor patch_mean(const Tensor& input, int64_t kh, int64_t kw, int64_t out_h, in
   return at::stack(columns, 2) / count;
 }
 
-// at::im2col's (N, C_in·kh·kw, out_h·out_w) columns by direct copies: ATen's kernel, written for
-// large convs, costs several times the conv itself on the small inputs this path takes.
-Tensor unfold(const Tensor& input, int64_t kh, int64_t kw, int64_t out_h, int64_t out_w,
-              const Binding& b) {
-  const Tensor in = input.contiguous();
-  const int64_t n = in.size(0), c_in = in.size(1), h = in.size(2), w = in.size(3);
-  const int64_t positions = out_h * out_w;
-  Tensor cols = at::empty({n, c_in * kh * kw, positions}, in.options());
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "unfold", [&] {
-    const scalar_t* src = in.data_ptr<scalar_t>();
-    scalar_t* dst = cols.data_ptr<scalar_t>();
-    at::parallel_for(0, n * c_in, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const scalar_t* p = src + plane * h * w;
-        for (int64_t a = 0; a < kh; ++a) {
-          for (int64_t bb = 0; bb < kw; ++bb) {
-            scalar_t* row = dst + (plane * kh * kw + a * kw + bb) * positions;
-            for (int64_t oh = 0; oh < out_h; ++oh) {
-              const int64_t ih = oh * b.stride[0] + a * b.dilation[0] - b.padding[0];
-              scalar_t* out = row + oh * out_w;
-              if (ih < 0 || ih >= h) {
-                std::fill(out, out + out_w, scalar_t(0));
-                continue;
-              }
-              for (int64_t ow = 0; ow < out_w; ++ow) {
-                const int64_t iw = ow * b.stride[1] + bb * b.dilation[1] - b.padding[1];
-                out[ow] = (iw >= 0 && iw < w) ? p[ih * w + iw] : scalar_t(0);
-              }
-            }
-          }
-        }
-      }
-    });
-  });
-  return cols;
-}
-
 // What the record needs of the statistic gradients (cf. DeferredCentring): ∂μ/∂θ as a patch and
 // ∂var/∂θ = scale · product − 2 μ ⊗ centre_patch (no centring when centre_patch is undefined).
 struct Gradients {
@@ -196,20 +159,8 @@ Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const B
   const int64_t n = x.size(0), c_out = x.size(1);
   Gradients g;
   if (path == GradientPath::kUnfold) {  // statistics._statistic_gradients_by_unfold
-    Tensor cols = unfold(b.input, kh, kw, x.size(2), x.size(3), b);
-    const double count = static_cast<double>(n * cols.size(2));
-    g.patch = cols.mean({0, 2}, true).view({-1, kh, kw});
-    if (b.groups == 1) {
-      Tensor centred = x.reshape({n, c_out, -1}) - batch_mean.view({1, -1, 1});
-      Tensor var_grad = at::empty({c_out, cols.size(1)}, x.options());
-      at::addbmm_out(var_grad, var_grad, centred, cols.transpose(1, 2), 0, 2.0 / count);
-      g.product = var_grad;
-    } else {
-      Tensor centred = x.reshape({n, b.groups, c_out / b.groups, -1}) -
-                       batch_mean.view({1, b.groups, -1, 1});
-      Tensor grouped = cols.reshape({n, b.groups, cols.size(1) / b.groups, -1});
-      g.product = at::matmul(centred, grouped.transpose(2, 3)).sum(0).mul_(2.0 / count);
-    }
+    std::tie(g.patch, g.product) = cbn_mmdet::unfold_gradients(
+        b.input, x, batch_mean, kh, kw, b.stride, b.padding, b.dilation, b.groups);
     return g;
   }
   g.patch = patch_mean(b.input, kh, kw, x.size(2), x.size(3), b);
