@@ -81,7 +81,7 @@ class WindowBatchNormFunction(torch.autograd.Function):
         elif (invstd is not None and x.dtype == mean.dtype and fused.applies(mean) is not None
               and all(p is None or p.dtype == x.dtype for p in (weight, bias))):
             # the fused ops' step (CPU, full precision), as the one-call step normalises
-            y = fused.ops().window_norm_forward(x, weight, bias, mean, invstd)
+            y = fused.ops().window_norm_forward(x, weight, bias, mean, var, invstd, eps)
         else:
             y = _normalize(x, weight, bias, mean, var, eps)
         if invstd is None:

@@ -78,6 +78,8 @@ SCENARIOS = {
     'large_input': (dict(size=(40, 36)), {}),
     'large_input_groups_bias': (dict(size=(40, 36), groups=2, conv_bias=True), {}),
     'conv_1x1': (dict(kernel=1, channels=16, size=(12, 10)), {}),
+    # more values than the normalisation's loops take (torch's kernels instead)
+    'large_batch': (dict(size=(100, 80)), {}),
     'subsampled': (dict(size=(40, 36), statistics_gradients='subsampled'), {}),
     'bfloat16_history': (dict(history_dtype='bfloat16'), {}),
     'bfloat16_history_large_input': (dict(size=(40, 36), history_dtype='bfloat16'), {}),
@@ -146,7 +148,7 @@ def test_fused_ops_equal_the_python_path(name, monkeypatch):
 
 
 @pytest.mark.parametrize('name', ['compensated', 'large_input', 'large_input_groups_bias',
-                                  'conv_1x1', 'naive', 'bfloat16_history'])
+                                  'large_batch', 'conv_1x1', 'naive', 'bfloat16_history'])
 def test_one_call_step_gives_the_bits_of_the_fused_forward(name, monkeypatch):
     """float32, no tolerance: the one-call step and the Python forward with the fused ops compute
     the same operations, so a run that switches between them (a resumed run's first step, a

@@ -64,6 +64,54 @@ CBN_VECTOR_CLONES double dot(const double* a, const c10::BFloat16* b, int64_t n)
   return dot_impl(a, b, n);
 }
 
+// The normalisation's per-plane loops, compiled for the widest vectors like dot(): y = x·a + b;
+// (Σ g, Σ g·(x − c)) with sixteen partial sums; dx = a·g + b·(x − c) + d.
+template <typename T>
+inline void scale_shift_impl(const T* x, T* y, int64_t n, T a, T b) {
+  for (int64_t j = 0; j < n; ++j) y[j] = x[j] * a + b;
+}
+template <typename T>
+inline void grad_sums_impl(const T* g, const T* x, int64_t n, T centre, T* sum_g, T* sum_gx) {
+  T acc_g[16] = {0}, acc_gx[16] = {0};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int l = 0; l < 16; ++l) {
+      acc_g[l] += g[j + l];
+      acc_gx[l] += g[j + l] * (x[j + l] - centre);
+    }
+  }
+  T total_g = 0, total_gx = 0;
+  for (int l = 0; l < 16; ++l) {
+    total_g += acc_g[l];
+    total_gx += acc_gx[l];
+  }
+  for (; j < n; ++j) {
+    total_g += g[j];
+    total_gx += g[j] * (x[j] - centre);
+  }
+  *sum_g = total_g;
+  *sum_gx = total_gx;
+}
+template <typename T>
+inline void grad_input_impl(const T* g, const T* x, T* out, int64_t n, T centre, T a, T b, T d) {
+  for (int64_t j = 0; j < n; ++j) out[j] = a * g[j] + b * (x[j] - centre) + d;
+}
+#define CBN_NORM_KERNELS(T)                                                                      \
+  CBN_VECTOR_CLONES void scale_shift(const T* x, T* y, int64_t n, T a, T b) {                    \
+    scale_shift_impl(x, y, n, a, b);                                                             \
+  }                                                                                              \
+  CBN_VECTOR_CLONES void grad_sums(const T* g, const T* x, int64_t n, T centre, T* sum_g,        \
+                                   T* sum_gx) {                                                  \
+    grad_sums_impl(g, x, n, centre, sum_g, sum_gx);                                              \
+  }                                                                                              \
+  CBN_VECTOR_CLONES void grad_input(const T* g, const T* x, T* out, int64_t n, T centre, T a,    \
+                                    T b, T d) {                                                  \
+    grad_input_impl(g, x, out, n, centre, a, b, d);                                              \
+  }
+CBN_NORM_KERNELS(float)
+CBN_NORM_KERNELS(double)
+#undef CBN_NORM_KERNELS
+
 // dispatch on the ring's gradient storage: the statistics' dtype or bfloat16
 template <typename scalar_t, typename F>
 void with_grad_type(const Tensor& grads, F&& body) {
@@ -442,12 +490,19 @@ std::tuple<Tensor, Tensor> unfold_gradients(const Tensor& conv_input, const Tens
   return {patch, var_grad};
 }
 
+// Batches of more values than this take torch's vectorised kernels for the normalisation and its
+// backward; smaller ones (where a kernel's fixed cost dominates) the loops below.
+constexpr int64_t kLargeBatch = 1 << 16;
+
 // Eq. 12 at the window statistics: y = x·a + b per channel, a = γ r, b = β − μ̄ a (the form of
 // BN's CPU kernel), for NCHW and channels-last batches.
 Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
-                           const std::optional<Tensor>& beta, const Tensor& mean,
-                           const Tensor& invstd) {
+                           const std::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
+                           const Tensor& invstd, double eps) {
   check_cpu(x, "x");
+  if (x.numel() > kLargeBatch) {  // BN's inference kernel, vectorised for this CPU
+    return std::get<0>(at::native_batch_norm(x, gamma, beta, mean, var, false, 0.0, eps));
+  }
   const bool channels_last = !x.is_contiguous() &&
                              x.is_contiguous(at::MemoryFormat::ChannelsLast);
   const Tensor in = channels_last ? x : x.contiguous();
@@ -477,8 +532,7 @@ Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
       at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t ch = plane % c;
-          const scalar_t a = scale[ch], sh = shift[ch];
-          for (int64_t j = 0; j < hw; ++j) dst[plane * hw + j] = src[plane * hw + j] * a + sh;
+          scale_shift(src + plane * hw, dst + plane * hw, hw, scale[ch], shift[ch]);
         }
       });
     }
@@ -489,13 +543,14 @@ Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
 // The normalisation's backward on CPU at full precision (window_norm.py): BN's backward at the
 // window statistics with the batch terms divided by k,
 //   ∂L/∂x = γ r [g − (1/k)(1/m)(Σg + x̂ Σ g x̂)],  ∂L/∂γ = Σ g x̂,  ∂L/∂β = Σ g,
-// in two passes per channel over an NCHW batch (sums in double); channels-last through BN's
-// kernel: (1/k)·BN's backward plus (1 − 1/k)·γ r g.
+// in two passes per channel over a small NCHW batch (per plane in vectors, the planes summed in
+// double); large and channels-last batches through BN's kernel: (1/k)·BN's backward plus
+// (1 − 1/k)·γ r g.
 std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
     const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& gamma, const Tensor& mean,
     const Tensor& invstd, const Tensor& inv_k, double eps) {
   const bool affine = gamma.has_value() && gamma->defined();
-  if (!x.is_contiguous() || !grad_y.is_contiguous()) {
+  if (!x.is_contiguous() || !grad_y.is_contiguous() || x.numel() > kLargeBatch) {
     Tensor scale = affine ? *gamma * inv_k : inv_k.expand(mean.sizes()).contiguous();
     auto result = at::native_batch_norm_backward(grad_y, x, scale, {}, {}, mean, invstd, true, eps,
                                                  {true, true, true});
@@ -521,15 +576,15 @@ std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
     scalar_t* gb = data_of<scalar_t>(grad_b);
     at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ch = begin; ch < end; ++ch) {
-        const double centre = static_cast<double>(mu[ch]);
+        // per plane in vectors, the planes summed in double
+        const scalar_t centre = mu[ch];
         double sum_dy = 0, sum_dy_xmu = 0;
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* xs = xp + (i * c + ch) * hw;
-          const scalar_t* gs = gy + (i * c + ch) * hw;
-          for (int64_t j = 0; j < hw; ++j) {
-            sum_dy += gs[j];
-            sum_dy_xmu += gs[j] * (static_cast<double>(xs[j]) - centre);
-          }
+          scalar_t plane_dy, plane_dy_xmu;
+          grad_sums(gy + (i * c + ch) * hw, xp + (i * c + ch) * hw, hw, centre, &plane_dy,
+                    &plane_dy_xmu);
+          sum_dy += plane_dy;
+          sum_dy_xmu += plane_dy_xmu;
         }
         const double rc = static_cast<double>(r[ch]);
         const double scale = (gm != nullptr ? static_cast<double>(gm[ch]) : 1.0) * rc;
@@ -537,16 +592,12 @@ std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
         gw[ch] = static_cast<scalar_t>(sum_dy_xhat);
         gb[ch] = static_cast<scalar_t>(sum_dy);
         // ∂L/∂x = a·g + b·(x − μ̄) + d
-        const double a = scale;
-        const double b = -scale * k_inv / m * rc * sum_dy_xhat;
-        const double d = -scale * k_inv / m * sum_dy;
+        const scalar_t a = static_cast<scalar_t>(scale);
+        const scalar_t b = static_cast<scalar_t>(-scale * k_inv / m * rc * sum_dy_xhat);
+        const scalar_t d = static_cast<scalar_t>(-scale * k_inv / m * sum_dy);
         for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* xs = xp + (i * c + ch) * hw;
-          const scalar_t* gs = gy + (i * c + ch) * hw;
-          scalar_t* out = gx + (i * c + ch) * hw;
-          for (int64_t j = 0; j < hw; ++j) {
-            out[j] = static_cast<scalar_t>(a * gs[j] + b * (static_cast<double>(xs[j]) - centre) + d);
-          }
+          const int64_t at = (i * c + ch) * hw;
+          grad_input(gy + at, xp + at, gx + at, hw, centre, a, b, d);
         }
       }
     });
@@ -570,8 +621,8 @@ TORCH_LIBRARY(cbn_mmdet, m) {
         "int filled) -> ()");
   m.def("window_norm_backward(Tensor grad_y, Tensor x, Tensor? gamma, Tensor mean, "
         "Tensor invstd, Tensor inv_k, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("window_norm_forward(Tensor x, Tensor? gamma, Tensor? beta, Tensor mean, Tensor invstd) "
-        "-> Tensor");
+  m.def("window_norm_forward(Tensor x, Tensor? gamma, Tensor? beta, Tensor mean, Tensor var, "
+        "Tensor invstd, float eps) -> Tensor");
   m.def("unfold_gradients(Tensor conv_input, Tensor x, Tensor batch_mean, int kh, int kw, "
         "int[] stride, int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
 }

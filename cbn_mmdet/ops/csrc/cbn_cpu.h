@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> unfold_gradients(
 
 at::Tensor window_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& gamma,
                                const std::optional<at::Tensor>& beta, const at::Tensor& mean,
-                               const at::Tensor& invstd);
+                               const at::Tensor& var, const at::Tensor& invstd, double eps);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_norm_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& gamma,

@@ -211,7 +211,7 @@ struct WindowNormFunction : public torch::autograd::Function<WindowNormFunction>
     // needs_input_grad counts the tensors given, an absent one is not
     ctx->saved_data["beta_index"] = static_cast<int64_t>(g.defined() ? 2 : 1);
     ctx->saved_data["has_beta"] = beta.has_value() && beta->defined();
-    return window_norm_forward(x, gamma, beta, mean, invstd);
+    return window_norm_forward(x, gamma, beta, mean, var, invstd, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
