@@ -1,12 +1,13 @@
-"""CBN's per-step bookkeeping on CPU as a few compiled passes (``csrc/cbn_cpu.cpp``).
+"""CBN's per-step bookkeeping on CPU as a few compiled passes (``csrc/cbn_cpu.cpp``) and a layer's
+whole steady-state training step as two calls (``csrc/train_step.cpp``).
 
 The Python functions of :mod:`.statistics` and :mod:`cbn_mmdet.models.window_history` are the
 reference; the C++ ops compute the same formulas in one loop each, so that an eager training step
 dispatches a handful of operations where the Python path dispatches some fifty (docs/design.md,
-"Fused bookkeeping"). They are built on first use with torch's C++ extension loader (a C++
-compiler and ninja, as for mmcv's ops) into ``$CBN_EXTENSIONS_DIR`` (default
-``~/.cache/cbn_mmdet/extensions``), one build per torch version. ``CBN_FUSED=0`` turns them off;
-where the build fails the layer warns once and takes the Python path.
+"Fused bookkeeping" and "The one-call training step"). They are built on first use with torch's C++
+extension loader (a C++ compiler, ninja and Python's headers, as for mmcv's ops) into
+``$CBN_EXTENSIONS_DIR`` (default ``~/.cache/cbn_mmdet/extensions``), one build per torch version.
+``CBN_FUSED=0`` turns them off; where the build fails the layer warns once and takes the Python path.
 """
 import contextlib
 import os
