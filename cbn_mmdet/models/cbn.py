@@ -351,7 +351,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if (status is None or history.open and not history._stepped or history._stats is None
                 or self.per_call > 1 or self.monitor or self.statistics_gradients != 'closed_form'
                 or self.var_grad_dtype != 'float32' or status == 2 and self.fallback == 'bn'
-                or not _PASS_READABLE):
+                # (a concatenation that was not compensable may become so: the Python forward
+                # decides each time)
+                or status == 2 and self.concat == 'compensate' or not _PASS_READABLE):
             return None
         ops = fused.one_call_ops()
         if (ops is None or is_compiling() or torch._C._get_tracing_state() is not None

@@ -358,3 +358,34 @@ def test_an_unknown_cbn_fused_setting_is_refused(monkeypatch):
         fused._state['tried'] = False  # ask again, inside the block that restores the state
         with pytest.raises(ValueError, match="CBN_FUSED must be '0'.*'1'.*got 'no'"):
             fused.ops()
+
+
+class _Concat(nn.Module):
+    """Two convs whose outputs a CBN normalises concatenated (a DenseNet-like input)."""
+
+    def __init__(self, **cbn):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.norm = CBN(5, **cbn)
+
+    def forward(self, x):
+        return torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+@pytest.mark.filterwarnings('ignore:CBN')
+def test_one_call_step_leaves_a_concatenation_to_compensate_to_the_python_forward():
+    """concat='compensate': a concatenation of frozen convs taken naively, whose convs then train,
+    is compensated slice by slice from then on, as in the Python path (the one-call step, which
+    binds a single conv, does not take it over)."""
+    def unfreeze(trainable):
+        def event(model):
+            for conv in (model.a, model.b):
+                conv.requires_grad_(trainable)
+        return event
+    xs = _batches(8)
+    events = {0: unfreeze(False), 4: unfreeze(True)}
+    options = dict(concat='compensate', fallback='naive')
+    run = _train(_Concat(**options).double(), xs, events=events)
+    with fused.disabled():
+        _compare(run, _train(_Concat(**options).double(), xs, events=events))
