@@ -1,13 +1,13 @@
-// A CBN layer's whole eager training forward on CPU in one call: the conv found from the autograd
-// graph, the compensated past, the batch moments, Eqs. 9-11 with the running statistics, the
-// record of the new entry (with its statistic gradients) and the normalisation, whose autograd
-// node (backward and double backward) is C++ too.
+// A CBN layer's whole eager training forward on CPU in two calls: train_step (the conv found from
+// the autograd graph, the compensated past, the batch moments, Eqs. 9-11 with the running
+// statistics, the record of the new entry with its statistic gradients) and normalise (Eq. 12,
+// whose autograd node, backward and double backward, is C++ too).
 //
 // It is the steady state of CrossIterationBatchNorm2d.forward (cbn_mmdet/models/cbn.py) and
 // computes what that forward computes with the fused ops, in the same order. It handles only the
 // case the caller has seen before (the same binding status, a ring already laid out for the conv)
-// and returns an undefined output otherwise, before changing any state: the Python forward then
-// runs, with its checks, warnings and every other mode.
+// and returns nothing otherwise, before changing any state: the Python forward then runs, with its
+// checks, warnings and every other mode.
 #include "cbn_cpu.h"
 
 #include <ATen/ATen.h>
@@ -30,7 +30,7 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// How the input was produced; the codes of cbn.py's _LANE_STATUS.
+// How the input was produced; the codes of cbn.py's _ONE_CALL_STATUS.
 enum Status : int64_t { kConv = 0, kFrozen = 1, kNotConv = 2, kOther = 3 };
 
 struct Binding {
