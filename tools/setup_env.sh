@@ -199,8 +199,8 @@ vpip install -q --no-deps --no-build-isolation -e "$repo"
 "$vpy" -c "import mmdet, mmcv, mmengine, mmpretrain, torchvision; from mmcv.ops import RoIAlign, nms; import cbn_mmdet"
 # CBN's fused CPU ops (built once per torch version, like mmcv's ops; the layer falls back to its
 # Python path without them, but this environment has the compiler, so a failure is an error here)
-if ! "$vpy" -c "import sys; from cbn_mmdet.ops import fused; sys.exit(fused.ops() is None)"; then
-  cbn_err "CBN's fused CPU ops (cbn_mmdet/ops/csrc/cbn_cpu.cpp) did not build: see the warning above."
+if ! "$vpy" -c "import sys; from cbn_mmdet.ops import fused; sys.exit(fused.one_call_ops() is None)"; then
+  cbn_err "CBN's fused CPU ops (cbn_mmdet/ops/csrc/) did not build: see the warning above."
   exit 1
 fi
 if [ "$device" = cuda ]; then

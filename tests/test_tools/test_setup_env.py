@@ -473,7 +473,8 @@ elif cmd == 'install':
         if a == '-e':
             module('cbn_mmdet')
             module('cbn_mmdet.ops')
-            module('cbn_mmdet.ops.fused', 'def ops():\\n    return True\\n')
+            module('cbn_mmdet.ops.fused', 'def ops():\\n    return True\\n'
+                   'def one_call_ops():\\n    return True\\n')
         if a == '--index-url':
             index = rest[i + 1]
         if a in ('-e', '--index-url', '--find-links'):
