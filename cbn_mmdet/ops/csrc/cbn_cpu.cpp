@@ -124,6 +124,137 @@ void with_grad_type(const Tensor& grads, F&& body) {
   }
 }
 
+// The record of a new entry over one slot of the ring: its statistics, the reference terms
+// <∂μ/∂θ, θ> + b and <∂var/∂θ, θ> (Eqs. 7-8 at the recording weights) and its gradients; an entry
+// whose terms are not finite is kept uncompensated, nothing of a non-finite batch is kept. Written
+// per channel (row) and then the rest (finish), so that past_window can write a channel's row in
+// the pass that has just read that channel's entries.
+template <typename scalar_t>
+class EntryWriter {
+ public:
+  EntryWriter(const Tensor& stats, const cbn_mmdet::NewEntry& entry,
+              const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+              int64_t groups, const std::optional<Tensor>& grads)
+      : entry_(entry), c_((stats.size(0) - 3) / 4), slots_(stats.size(1)) {
+    TORCH_CHECK(entry.slot >= 0 && entry.slot < slots_, "slot out of range");
+    bm_c_ = entry.batch_mean.to(stats.scalar_type()).contiguous();
+    bv_c_ = entry.batch_var.to(stats.scalar_type()).contiguous();
+    gradients_ = entry.patch.has_value() && entry.patch->defined();
+    if (!gradients_) return;
+    TORCH_CHECK(weight.has_value() && weight->scalar_type() == stats.scalar_type(),
+                "the weight must be in the statistics' dtype");
+    TORCH_CHECK(grads.has_value() && grads->defined() && grads->is_contiguous(),
+                "the ring's gradients must be contiguous");
+    p_c_ = entry.patch->to(stats.scalar_type()).contiguous();
+    g_c_ = entry.var_grad->to(stats.scalar_type()).contiguous();
+    w_c_ = weight->contiguous();
+    d_ = g_c_.numel() / c_;  // C_in/G · kh · kw
+    per_group_ = c_ / groups;
+    if (bias.has_value() && bias->defined()) b_ = bias->to(stats.scalar_type()).contiguous();
+    // ∂var/∂θ = scale · product − 2 μ ⊗ patch, formed as it is written into the ring
+    if (entry.centre_mean.has_value() && entry.centre_mean->defined()) {
+      cm_ = entry.centre_mean->to(stats.scalar_type()).contiguous();
+      cp_ = entry.centre_patch->to(stats.scalar_type()).contiguous();
+    }
+    refs_.assign(2 * c_, scalar_t(0));
+  }
+
+  bool has_gradients() const { return gradients_; }
+
+  // finite_flag of the batch's variance (window_step's: one sum)
+  bool batch_finite() const {
+    const scalar_t* bv = data_of<scalar_t>(bv_c_);
+    scalar_t total = 0;
+    for (int64_t ch = 0; ch < c_; ++ch) total += bv[ch];
+    return (total - total) == scalar_t(0);
+  }
+
+  // channel ch's row of ∂var/∂θ, rounded to the ring's storage, and its references (from the
+  // stored values)
+  template <typename grad_t>
+  void row(int64_t ch, grad_t* ring) {
+    const scalar_t* th = data_of<scalar_t>(w_c_) + ch * d_;
+    const scalar_t* gr = data_of<scalar_t>(g_c_) + ch * d_;
+    grad_t* dst = ring + (ch * slots_ + entry_.slot) * d_;  // (zeroed by finish if not usable)
+    const scalar_t sc = static_cast<scalar_t>(entry_.scale);
+    if (cm_.defined()) {
+      const scalar_t twice_mean = scalar_t(2) * data_of<scalar_t>(cm_)[ch];
+      const scalar_t* cq = data_of<scalar_t>(cp_) + (ch / per_group_) * d_;
+      for (int64_t j = 0; j < d_; ++j) dst[j] = static_cast<grad_t>(sc * gr[j] - twice_mean * cq[j]);
+    } else if (sc != scalar_t(1)) {
+      for (int64_t j = 0; j < d_; ++j) dst[j] = static_cast<grad_t>(sc * gr[j]);
+    } else {
+      for (int64_t j = 0; j < d_; ++j) dst[j] = static_cast<grad_t>(gr[j]);
+    }
+    const scalar_t bias = b_.defined() ? data_of<scalar_t>(b_)[ch] : scalar_t(0);
+    refs_[ch] = dot(th, data_of<scalar_t>(p_c_) + (ch / per_group_) * d_, d_) + bias;
+    refs_[c_ + ch] = dot(th, dst, d_);
+  }
+
+  // every channel's row (when no pass over the past writes them)
+  void rows(const Tensor& grads) {
+    with_grad_type<scalar_t>(grads, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      grad_t* ring = static_cast<grad_t*>(grads.data_ptr());
+      at::parallel_for(0, c_, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) row(ch, ring);
+      });
+    });
+  }
+
+  // the entry's statistics and references, its patch, the zeroed gradients of an entry kept
+  // uncompensated, the tensor cursor [slot, filled]
+  void finish(const Tensor& stats, bool batch_finite, const std::optional<Tensor>& patches,
+              const std::optional<Tensor>& grads) {
+    const scalar_t* bm = data_of<scalar_t>(bm_c_);
+    const scalar_t* bv = data_of<scalar_t>(bv_c_);
+    bool usable = false;
+    if (gradients_) {
+      // finite_flag of the whole entry: one sum
+      scalar_t total = static_cast<scalar_t>(entry_.count) + scalar_t(2);
+      for (int64_t ch = 0; ch < c_; ++ch) total += bm[ch] + bv[ch];
+      for (scalar_t r : refs_) total += r;
+      usable = (total - total) == scalar_t(0);
+    }
+    const bool plain = batch_finite;
+    scalar_t* s = data_of<scalar_t>(stats);
+    const int64_t c = c_, slots = slots_, slot = entry_.slot;
+    auto put = [&](int64_t row, scalar_t value) { s[row * slots + slot] = value; };
+    for (int64_t ch = 0; ch < c; ++ch) {
+      put(ch, (usable || plain) ? bm[ch] : scalar_t(0));
+      put(c + ch, (usable || plain) ? bv[ch] : scalar_t(0));
+      put(2 * c + 3 + ch, usable ? refs_[ch] : scalar_t(0));
+      put(3 * c + 3 + ch, usable ? refs_[c + ch] : scalar_t(0));
+    }
+    put(2 * c, (usable || plain) ? static_cast<scalar_t>(entry_.count) : scalar_t(0));
+    put(2 * c + 1, (usable || plain) ? scalar_t(1) : scalar_t(0));
+    put(2 * c + 2, usable ? scalar_t(1) : scalar_t(0));
+    if (grads.has_value() && grads->defined()) {
+      // the ring's gradients (C, T, D) and patches (T, C_in, kh, kw): zero where not usable (an
+      // entry recorded without a conv, too: the compensation of an entry uses no mask)
+      TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "ring must be contiguous");
+      if (!usable) {  // (written by row() when usable)
+        grads->select(1, slot).zero_();
+      }
+      const int64_t pn = patches->numel() / slots;
+      scalar_t* pdst = data_of<scalar_t>(*patches) + slot * pn;
+      const scalar_t* psrc = usable ? data_of<scalar_t>(p_c_) : nullptr;
+      if (usable) std::copy(psrc, psrc + pn, pdst); else std::fill(pdst, pdst + pn, scalar_t(0));
+    }
+    int64_t* cur = entry_.cursor.data_ptr<int64_t>();
+    cur[0] = slot;
+    cur[1] = entry_.filled;
+  }
+
+ private:
+  const cbn_mmdet::NewEntry& entry_;
+  const int64_t c_, slots_;
+  Tensor bm_c_, bv_c_, p_c_, g_c_, w_c_, b_, cm_, cp_;
+  int64_t d_ = 0, per_group_ = 1;
+  bool gradients_ = false;
+  std::vector<scalar_t> refs_;
+};
+
 }  // namespace
 
 namespace cbn_mmdet {
@@ -143,11 +274,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
                      bias, groups, clamp);
 }
 
+// With `record`, that entry is also written over its slot in the same pass, each channel's row
+// right after the channel's entries were read (θ's row and the slot's row are then read once
+// for both): the same values as past_window followed by record_entry.
 std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
     const Tensor& stats, const std::vector<double>& in_window,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& patches,
     const std::optional<Tensor>& grads, const std::optional<Tensor>& bias, int64_t groups,
-    bool clamp) {
+    bool clamp, const NewEntry* record) {
   check_cpu(stats, "stats");
   TORCH_CHECK(stats.is_contiguous() && stats.dim() == 2, "stats must be a contiguous (4C + 3, T)");
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
@@ -160,48 +294,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
   Tensor mean_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, 0, c);
   Tensor var_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, c, c);
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "past_window", [&] {
+    std::optional<EntryWriter<scalar_t>> writer;
+    if (record != nullptr) writer.emplace(stats, *record, weight, bias, groups, grads);
+    const bool write_rows = writer.has_value() && writer->has_gradients();
     const scalar_t* s = data_of<scalar_t>(stats);
     scalar_t* w = data_of<scalar_t>(valid);
     const scalar_t* present = s + (2 * c + 1) * slots;
     for (int64_t t = 0; t < slots; ++t) w[t] = static_cast<scalar_t>(in_window[t]) * present[t];
-    if (!compensate) return;
-    TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "the ring must be contiguous");
-    Tensor th_c = weight->to(stats.scalar_type()).contiguous();
-    const int64_t d = th_c.numel() / c;  // C_in/G · kh · kw
-    const int64_t per_group = c / groups, patch_size = patches->numel() / slots;
-    const scalar_t* th = data_of<scalar_t>(th_c);
-    const scalar_t* p = data_of<scalar_t>(*patches);   // (T, C_in·K)
-    const scalar_t* mean = s;
-    const scalar_t* var = s + c * slots;
-    const scalar_t* compensable = s + (2 * c + 2) * slots;
-    const scalar_t* mean_ref = s + (2 * c + 3) * slots;
-    const scalar_t* var_ref = s + (3 * c + 3) * slots;
-    Tensor b = bias.has_value() && bias->defined() ? bias->to(stats.scalar_type()).contiguous()
-                                                   : Tensor();
-    const scalar_t* bv = b.defined() ? data_of<scalar_t>(b) : nullptr;
-    scalar_t* m = data_of<scalar_t>(mean_out);
-    scalar_t* v = data_of<scalar_t>(var_out);
-    with_grad_type<scalar_t>(*grads, [&](auto* type) {
-    using grad_t = std::remove_pointer_t<decltype(type)>;
-    const grad_t* g = static_cast<const grad_t*>(grads->data_ptr());  // (C, T, D)
-    at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
-        const scalar_t* row = th + ch * d;
-        const scalar_t* pg = p + (ch / per_group) * d;
-        for (int64_t t = 0; t < slots; ++t) {
-          const int64_t i = ch * slots + t;
-          // an entry that is not compensable holds zero references and zero gradients
-          scalar_t mt = mean[i] + dot(row, pg + t * patch_size, d) - mean_ref[i];
-          if (bv != nullptr) mt += bv[ch] * compensable[t];
-          const scalar_t shift = mt - mean[i];
-          scalar_t vt = (var[i] + dot(row, g + (ch * slots + t) * d, d) - var_ref[i]) - shift * shift;
-          if (clamp && vt < scalar_t(0)) vt = scalar_t(0);  // (NaN stays NaN, as clamp_min)
-          m[i] = mt;
-          v[i] = vt;
+    if (compensate) {
+      TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "the ring must be contiguous");
+      Tensor th_c = weight->to(stats.scalar_type()).contiguous();
+      const int64_t d = th_c.numel() / c;  // C_in/G · kh · kw
+      const int64_t per_group = c / groups, patch_size = patches->numel() / slots;
+      const scalar_t* th = data_of<scalar_t>(th_c);
+      const scalar_t* p = data_of<scalar_t>(*patches);   // (T, C_in·K)
+      const scalar_t* mean = s;
+      const scalar_t* var = s + c * slots;
+      const scalar_t* compensable = s + (2 * c + 2) * slots;
+      const scalar_t* mean_ref = s + (2 * c + 3) * slots;
+      const scalar_t* var_ref = s + (3 * c + 3) * slots;
+      Tensor b = bias.has_value() && bias->defined() ? bias->to(stats.scalar_type()).contiguous()
+                                                     : Tensor();
+      const scalar_t* bv = b.defined() ? data_of<scalar_t>(b) : nullptr;
+      scalar_t* m = data_of<scalar_t>(mean_out);
+      scalar_t* v = data_of<scalar_t>(var_out);
+      with_grad_type<scalar_t>(*grads, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      grad_t* g = static_cast<grad_t*>(grads->data_ptr());  // (C, T, D)
+      at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+          const scalar_t* row = th + ch * d;
+          const scalar_t* pg = p + (ch / per_group) * d;
+          for (int64_t t = 0; t < slots; ++t) {
+            const int64_t i = ch * slots + t;
+            // an entry that is not compensable holds zero references and zero gradients
+            scalar_t mt = mean[i] + dot(row, pg + t * patch_size, d) - mean_ref[i];
+            if (bv != nullptr) mt += bv[ch] * compensable[t];
+            const scalar_t shift = mt - mean[i];
+            scalar_t vt = (var[i] + dot(row, g + (ch * slots + t) * d, d) - var_ref[i]) - shift * shift;
+            if (clamp && vt < scalar_t(0)) vt = scalar_t(0);  // (NaN stays NaN, as clamp_min)
+            m[i] = mt;
+            v[i] = vt;
+          }
+          if (write_rows) writer->row(ch, g);
         }
-      }
-    });
-    });
+      });
+      });
+    } else if (write_rows) {
+      writer->rows(*grads);
+    }
+    if (writer.has_value()) writer->finish(stats, writer->batch_finite(), patches, grads);
   });
   return {valid, recorded, mean_out, var_out};
 }
@@ -299,10 +441,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> window_step(
   return {mean, var, invstd, inv_k_t, finite_t};
 }
 
-// The current iteration's entry written over ring slot `slot`: its statistics, the reference
-// terms <∂μ/∂θ, θ> + b and <∂var/∂θ, θ> (Eqs. 7-8 at the recording weights) and its gradients;
-// an entry whose terms are not finite is kept uncompensated, nothing of a non-finite batch is
-// kept. Also writes the tensor cursor [slot, filled].
+// The current iteration's entry written over ring slot `slot` (EntryWriter), and the tensor
+// cursor [slot, filled].
 void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
                   const Tensor& batch_var, double count, const Tensor& finite,
                   const std::optional<Tensor>& patch, const std::optional<Tensor>& var_grad,
@@ -312,99 +452,15 @@ void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
                   const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                   int64_t groups, const Tensor& cursor, int64_t filled) {
   check_cpu(stats, "stats");
-  const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
-  TORCH_CHECK(slot >= 0 && slot < slots, "slot out of range");
   TORCH_CHECK(finite.scalar_type() == at::kBool && finite.numel() == 1, "finite must be one bool");
   const bool batch_finite = *finite.data_ptr<bool>();  // (on the CPU: no dispatched read)
-  Tensor bm_c = batch_mean.to(stats.scalar_type()).contiguous();
-  Tensor bv_c = batch_var.to(stats.scalar_type()).contiguous();
+  const NewEntry entry{slot, batch_mean, batch_var, count, patch, var_grad, scale,
+                       centre_mean, centre_patch, cursor, filled};
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "record_entry", [&] {
-    scalar_t* s = data_of<scalar_t>(stats);
-    const scalar_t* bm = data_of<scalar_t>(bm_c);
-    const scalar_t* bv = data_of<scalar_t>(bv_c);
-    std::vector<scalar_t> refs;
-    bool usable = false;
-    Tensor g_c, p_c;
-    const bool gradients = patch.has_value() && patch->defined();
-    if (gradients) {
-      TORCH_CHECK(weight->scalar_type() == stats.scalar_type(),
-                  "the weight must be in the statistics' dtype");
-      p_c = patch->to(stats.scalar_type()).contiguous();
-      g_c = var_grad->to(stats.scalar_type()).contiguous();
-      Tensor w_c = weight->contiguous();
-      const int64_t d = g_c.numel() / c;           // C_in/G · kh · kw
-      const int64_t per_group = c / groups;
-      const scalar_t* p = data_of<scalar_t>(p_c);
-      const scalar_t* g = data_of<scalar_t>(g_c);
-      const scalar_t* th = data_of<scalar_t>(w_c);
-      Tensor b = bias.has_value() ? bias->to(stats.scalar_type()).contiguous() : Tensor();
-      const scalar_t* bp = b.defined() ? data_of<scalar_t>(b) : nullptr;
-      refs.assign(2 * c, scalar_t(0));
-      TORCH_CHECK(grads.has_value() && grads->defined() && grads->is_contiguous(),
-                  "the ring's gradients must be contiguous");
-      // ∂var/∂θ = scale · product − 2 μ ⊗ patch, formed as it is written into the ring
-      Tensor cm = centre_mean.has_value() && centre_mean->defined()
-                      ? centre_mean->to(stats.scalar_type()).contiguous() : Tensor();
-      Tensor cp = cm.defined() ? centre_patch->to(stats.scalar_type()).contiguous() : Tensor();
-      const scalar_t* cmp = cm.defined() ? data_of<scalar_t>(cm) : nullptr;
-      const scalar_t* cpp = cm.defined() ? data_of<scalar_t>(cp) : nullptr;
-      const scalar_t sc = static_cast<scalar_t>(scale);
-      with_grad_type<scalar_t>(*grads, [&](auto* type) {
-      using grad_t = std::remove_pointer_t<decltype(type)>;
-      grad_t* gring = static_cast<grad_t*>(grads->data_ptr());
-      at::parallel_for(0, c, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t ch = begin; ch < end; ++ch) {
-          const scalar_t* row = th + ch * d;
-          const scalar_t* gr = g + ch * d;
-          // rounded to the ring's storage; the reference from the stored values
-          grad_t* dst = gring + (ch * slots + slot) * d;  // (zeroed below if not usable)
-          if (cmp != nullptr) {
-            const scalar_t twice_mean = scalar_t(2) * cmp[ch];
-            const scalar_t* cq = cpp + (ch / per_group) * d;
-            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<grad_t>(sc * gr[j] - twice_mean * cq[j]);
-          } else if (sc != scalar_t(1)) {
-            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<grad_t>(sc * gr[j]);
-          } else {
-            for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<grad_t>(gr[j]);
-          }
-          refs[ch] = dot(row, p + (ch / per_group) * d, d) + (bp ? bp[ch] : scalar_t(0));
-          refs[c + ch] = dot(row, dst, d);
-        }
-      });
-      });
-      // finite_flag of the whole entry: one sum
-      scalar_t total = static_cast<scalar_t>(count) + scalar_t(2);
-      for (int64_t ch = 0; ch < c; ++ch) total += bm[ch] + bv[ch];
-      for (scalar_t r : refs) total += r;
-      usable = (total - total) == scalar_t(0);
-    }
-    const bool plain = batch_finite;
-    auto put = [&](int64_t row, scalar_t value) { s[row * slots + slot] = value; };
-    for (int64_t ch = 0; ch < c; ++ch) {
-      put(ch, (usable || plain) ? bm[ch] : scalar_t(0));
-      put(c + ch, (usable || plain) ? bv[ch] : scalar_t(0));
-      put(2 * c + 3 + ch, usable ? refs[ch] : scalar_t(0));
-      put(3 * c + 3 + ch, usable ? refs[c + ch] : scalar_t(0));
-    }
-    put(2 * c, (usable || plain) ? static_cast<scalar_t>(count) : scalar_t(0));
-    put(2 * c + 1, (usable || plain) ? scalar_t(1) : scalar_t(0));
-    put(2 * c + 2, usable ? scalar_t(1) : scalar_t(0));
-    if (grads.has_value() && grads->defined()) {
-      // the ring's gradients (C, T, D) and patches (T, C_in, kh, kw): zero where not usable (an
-      // entry recorded without a conv, too: the compensation of an entry uses no mask)
-      TORCH_CHECK(grads->is_contiguous() && patches->is_contiguous(), "ring must be contiguous");
-      if (!usable) {  // (written above when usable)
-        grads->select(1, slot).zero_();
-      }
-      const int64_t pn = patches->numel() / slots;
-      scalar_t* pdst = data_of<scalar_t>(*patches) + slot * pn;
-      const scalar_t* psrc = usable ? data_of<scalar_t>(p_c) : nullptr;
-      if (usable) std::copy(psrc, psrc + pn, pdst); else std::fill(pdst, pdst + pn, scalar_t(0));
-    }
+    EntryWriter<scalar_t> writer(stats, entry, weight, bias, groups, grads);
+    if (writer.has_gradients()) writer.rows(*grads);
+    writer.finish(stats, batch_finite, patches, grads);
   });
-  int64_t* cur = cursor.data_ptr<int64_t>();
-  cur[0] = slot;
-  cur[1] = filled;
 }
 
 // statistics._statistic_gradients_by_unfold for a small conv x = θ * y: the unfolded input as

@@ -9,17 +9,31 @@
 
 namespace cbn_mmdet {
 
+// A new entry for the ring, as record_entry takes it: the batch's statistics and count, the
+// statistic gradients (absent: recorded uncompensated; the product is scaled, and centred when
+// centre_mean is given), the tensor cursor and the number of entries filled after it.
+struct NewEntry {
+  int64_t slot;
+  at::Tensor batch_mean, batch_var;
+  double count;
+  std::optional<at::Tensor> patch, var_grad;
+  double scale;
+  std::optional<at::Tensor> centre_mean, centre_patch;
+  at::Tensor cursor;
+  int64_t filled;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
     const at::Tensor& stats, const at::Tensor& in_window, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
     const std::optional<at::Tensor>& bias, int64_t groups, bool clamp);
 
-// (the window's weights by slot as numbers)
+// (the window's weights by slot as numbers; with `record`, that entry written in the same pass)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
     const at::Tensor& stats, const std::vector<double>& in_window,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& patches,
     const std::optional<at::Tensor>& grads, const std::optional<at::Tensor>& bias, int64_t groups,
-    bool clamp);
+    bool clamp, const NewEntry* record = nullptr);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_step(
     const at::Tensor& batch_mean, const at::Tensor& batch_var, double count,

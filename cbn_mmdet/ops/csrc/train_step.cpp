@@ -343,45 +343,45 @@ std::optional<Step> train_step(
   }
   at::NoGradGuard no_grad;
   Tensor xd = x.detach();
-  // -- the past window (WindowHistory.past): the slots in the window, compensated to θ now
+  // -- the slots in the past window
   std::vector<double> window(slots);
   const int64_t last = std::min(filled, active_window - 1);  // the open entry is not this one's
   for (int64_t slot = 0; slot < slots; ++slot) {
     const int64_t age = ((head - slot) % slots + slots) % slots;
     window[slot] = age < last ? 1.0 : 0.0;
   }
-  Tensor valid, recorded, past_mean, past_var;
-  {
-    PART("past");
-    std::tie(valid, recorded, past_mean, past_var) = cbn_mmdet::past_window(
-        stats, window, compensating ? some(b.weight) : std::nullopt,
-        compensating ? patches : std::nullopt, compensating ? grads : std::nullopt,
-        compensating ? some(b.bias) : std::nullopt, b.groups, true);
-  }
-  // -- the batch, Eqs. 9-11, the running statistics
-  Tensor batch_mean, batch_var, mean, var, invstd, inv_k, finite;
+  // -- the batch and its statistic gradients
+  Tensor batch_mean, batch_var;
   const double count = static_cast<double>(count_values);
   {
-    PART("window");
+    PART("batch");
     std::tie(batch_mean, batch_var) = at::batch_norm_update_stats(xd, {}, {}, 0.0);
-    std::tie(mean, var, invstd, inv_k, finite) = cbn_mmdet::window_step(
-        batch_mean, batch_var, count, past_mean, past_var, valid, recorded, running_mean,
-        running_var, num_batches, true, momentum, window_running, eps);
   }
-  // -- the record (WindowHistory._record_fused) over the oldest slot
   Gradients g;
   if (compensating) {
     PART("statistic_gradients");
     g = statistic_gradients(xd, batch_mean, b, path);
   }
+  // -- the past window (WindowHistory.past) compensated to θ now, and in the same pass the
+  // record (WindowHistory._record_fused) over the oldest slot
+  const cbn_mmdet::NewEntry entry{
+      (head + 1) % slots, batch_mean, batch_var, count, some(g.patch), some(g.product), g.scale,
+      g.centre_patch.defined() ? std::optional<Tensor>(batch_mean) : std::nullopt,
+      some(g.centre_patch), cursor, std::min(filled + 1, slots)};
+  Tensor valid, recorded, past_mean, past_var;
   {
-    PART("record");
-    cbn_mmdet::record_entry(
-        stats, (head + 1) % slots, batch_mean, batch_var, count, finite, some(g.patch),
-        some(g.product), g.scale,
-        g.centre_patch.defined() ? std::optional<Tensor>(batch_mean) : std::nullopt,
-        some(g.centre_patch), patches, grads, compensating ? some(b.weight) : std::nullopt,
-        compensating ? some(b.bias) : std::nullopt, b.groups, cursor, std::min(filled + 1, slots));
+    PART("past_and_record");
+    std::tie(valid, recorded, past_mean, past_var) = cbn_mmdet::past_window(
+        stats, window, compensating ? some(b.weight) : std::nullopt, patches, grads,
+        compensating ? some(b.bias) : std::nullopt, b.groups, true, &entry);
+  }
+  // -- Eqs. 9-11, the running statistics
+  Tensor mean, var, invstd, inv_k, finite;
+  {
+    PART("window");
+    std::tie(mean, var, invstd, inv_k, finite) = cbn_mmdet::window_step(
+        batch_mean, batch_var, count, past_mean, past_var, valid, recorded, running_mean,
+        running_var, num_batches, true, momentum, window_running, eps);
   }
   Tensor weight_state;
   if (compensating) {
