@@ -41,11 +41,16 @@ def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
     import benchmark_compiled
     out = tmp_path / 'rows.json'
     benchmark_compiled.main(['--model', 'r18', '--size', '32', '32', '--steps', '1', '--warmup', '3',
-                             '--modes', 'eager', '--out', str(out)])
+                             '--modes', 'eager', '--variants', 'bn', 'cbn', 'cbn-bf16-history',
+                             '--out', str(out)])
     rows = {(r['variant'], r['mode']): r for r in json.loads(out.read_text())['rows']}
-    assert set(rows) == {('bn', 'eager'), ('cbn', 'eager')}
+    assert set(rows) == {('bn', 'eager'), ('cbn', 'eager'), ('cbn-bf16-history', 'eager')}
     assert rows['bn', 'eager']['flop_ratio'] == 1.0
     assert rows['cbn', 'eager']['flop_ratio'] > 1.0  # the ∂var/∂θ products are counted
+    # the histories' size: none for BN; the weight-sized gradients, most of it, halved in bfloat16
+    assert rows['bn', 'eager']['history_mb'] == 0
+    ratio = rows['cbn-bf16-history', 'eager']['history_mb'] / rows['cbn', 'eager']['history_mb']
+    assert 0.5 <= ratio < 0.6
     assert '| cbn | eager |' in capsys.readouterr().out
 
 

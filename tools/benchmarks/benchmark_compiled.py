@@ -8,7 +8,7 @@ included, reported separately), and the FLOPs of one eager training step (torch'
 also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
-        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn]
+        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history]
         [--modes eager compiled] [--out FILE.json]
 """
 import argparse
@@ -25,7 +25,10 @@ from flops import counter as flop_counter  # noqa: E402
 
 NORMS = {'bn': dict(type='BN', requires_grad=True),
          'cbn': dict(type='CBN', window=4, requires_grad=True),
-         'naive': dict(type='CBN', window=4, compensate=False, requires_grad=True)}
+         'naive': dict(type='CBN', window=4, compensate=False, requires_grad=True),
+         # the history's weight-sized ∂var/∂θ kept in bfloat16: half its memory traffic
+         'cbn-bf16-history': dict(type='CBN', window=4, history_dtype='bfloat16',
+                                  requires_grad=True)}
 
 
 def build(model: str, norm: str) -> torch.nn.Module:
@@ -90,7 +93,8 @@ def main(argv=None):
             for _ in range(args.warmup):
                 step()
             runs[variant, mode] = dict(step=step, warmup_s=time.perf_counter() - start, times=[],
-                                       flops=flops(model, x) if mode == 'eager' else None)
+                                       flops=flops(model, x) if mode == 'eager' else None,
+                                       history_mb=_history_bytes(model) / 2**20)
     for _ in range(args.steps):  # round-robin: the machine's drift hits every variant alike
         for run in runs.values():
             start = time.perf_counter()
@@ -107,22 +111,28 @@ def main(argv=None):
         rows.append(dict(variant=variant, mode=mode, step_ms=ms,
                          ratio_to_bn=ms / (1e3 * base[mode]) if mode in base else None,
                          flop_ratio=flop_ratio, first_steps_s=run['warmup_s'],
-                         gflops=None if run['flops'] is None else run['flops'] / 1e9))
+                         gflops=None if run['flops'] is None else run['flops'] / 1e9,
+                         history_mb=run['history_mb']))
     lines = [f'{args.model}, {args.images} x 3 x {args.size[0]}x{args.size[1]}, {args.threads} '
              f'thread(s), backend {args.backend}, median of {args.steps} interleaved steps after '
              f'{args.warmup}', '',
              '| norm | mode | step ms | / BN (same mode) | FLOPs / BN | target 1 + 1.15 (FLOPs - 1) '
-             '| first steps s (compilation) |', '|---|---|---|---|---|---|---|']
+             '| first steps s (compilation) | history MB |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
         target = None if r['flop_ratio'] is None else 1 + 1.15 * (r['flop_ratio'] - 1)
         lines.append(f"| {r['variant']} | {r['mode']} | {r['step_ms']:.1f} | "
                      f"{_fmt(r['ratio_to_bn'])} | {_fmt(r['flop_ratio'])} | {_fmt(target)} | "
-                     f"{r['first_steps_s']:.1f} |")
+                     f"{r['first_steps_s']:.1f} | {r['history_mb']:.0f} |")
     print('\n'.join(lines))
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
     record.record(args, '\n'.join(lines), __file__, argv)
+
+
+def _history_bytes(model) -> int:
+    """What the CBN layers' histories hold (every past entry is read at each step)."""
+    return sum(m.history.nbytes() for m in model.modules() if hasattr(m, 'history'))
 
 
 def _fmt(value) -> str:
