@@ -8,7 +8,7 @@ included, reported separately), and the FLOPs of one eager training step (torch'
 also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
-        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history]
+        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8]
         [--modes eager compiled] [--out FILE.json]
 """
 import argparse
@@ -28,7 +28,10 @@ NORMS = {'bn': dict(type='BN', requires_grad=True),
          'naive': dict(type='CBN', window=4, compensate=False, requires_grad=True),
          # the history's weight-sized ∂var/∂θ kept in bfloat16: half its memory traffic
          'cbn-bf16-history': dict(type='CBN', window=4, history_dtype='bfloat16',
-                                  requires_grad=True)}
+                                  requires_grad=True),
+         # other windows: the same FLOPs (one product per step), k − 1 past entries read per step
+         'cbn-window2': dict(type='CBN', window=2, requires_grad=True),
+         'cbn-window8': dict(type='CBN', window=8, requires_grad=True)}
 
 
 def build(model: str, norm: str) -> torch.nn.Module:
