@@ -203,14 +203,30 @@ def test_pages_include_or_generate_source_tables_instead_of_copying_them():
         assert open(osp.join(REPO, 'docs', source), encoding='utf-8').read().count(marker) == 1
 
 
+def _result_values(path, columns=None):
+    """The numbers with a decimal point in the tables of a result file (of ``columns`` only, if
+    given), each number of a several-seed cell on its own."""
+    values = set()
+    for table in _tables_of(read(path)):
+        head = [c.strip() for c in table[0].strip().strip('|').split('|')]
+        for row in table[2:]:
+            cells = [c.strip() for c in row.strip().strip('|').split('|')]
+            values |= {n for name, cell in zip(head, cells) if columns is None or name in columns
+                       for n in _numbers(f'| {cell} |') if '.' in n}
+    return values
+
+
+def _typed(values, text):
+    """Those of ``values`` that a text types outside its generated blocks."""
+    return sorted(values & set(re.findall(r'\d+\.\d+', docs_tables.BLOCK.sub('', text))))
+
+
 def test_single_stage_section_generates_its_tables_and_no_text_retypes_their_values():
     """Evidence §6's values live in docs/evidence/single_stage_heads.md (transcribed once: the runs'
     work directories are gone). Every table of the section is generated from that file, and neither
     the section's prose nor the texts that summarise it type one of its values (a value changed in
     the file cannot leave an old copy behind)."""
-    source = read('docs/evidence/single_stage_heads.md')
-    values = {n for table in _tables_of(source) for row in table[2:] for n in _numbers(row)
-              if '.' in n}
+    values = _result_values('docs/evidence/single_stage_heads.md')
     assert len(values) > 100
     page = read('docs/evidence.md')
     section = page[page.index('## 6. '):page.index('## 7. ')]
@@ -222,13 +238,26 @@ def test_single_stage_section_generates_its_tables_and_no_text_retypes_their_val
         kind, _, summary = name.partition(':')
         assert kind == 'evidence', f'§6: {name} is not generated from a result file'
         assert {p['file'] for p in spec[summary]['parts']} == {'single_stage_heads.md'}, name
-    typed = docs_tables.BLOCK.sub('', section)
-    assert _tables_of(typed) == [], '§6 holds a table typed by hand'
-    for path, text in (('docs/evidence.md §6', typed), ('docs/user_guide/per_call.md', None),
+    assert _tables_of(docs_tables.BLOCK.sub('', section)) == [], '§6 holds a table typed by hand'
+    for path, text in (('docs/evidence.md §6', section), ('docs/user_guide/per_call.md', None),
                        ('configs/cbn_single_stage/README.md', None), ('README.md', README)):
-        typed_values = sorted(values & set(re.findall(r'\d+\.\d+', text or read(path))))
-        assert not typed_values, (f'{path} types values of docs/evidence/single_stage_heads.md: '
-                                  f'{typed_values} (point to the generated tables instead)')
+        typed = _typed(values, text or read(path))
+        assert not typed, (f'{path} types values of docs/evidence/single_stage_heads.md: {typed} '
+                           f'(point to the generated tables instead)')
+
+
+def test_schedule_trials_are_generated_and_no_page_retypes_their_ap():
+    """The detection analog's schedule trials (docs/evidence/detection_analog_schedule.md,
+    transcribed: the runs are gone) are generated into the analysis page, and no page types their
+    AP."""
+    values = _result_values('docs/evidence/detection_analog_schedule.md', ('bbox AP', 'AP50'))
+    assert len(values) >= 6
+    assert 'evidence:detection-analog-schedule' in [
+        m.group('name') for m in docs_tables.BLOCK.finditer(read('docs/analysis.md'))]
+    evidence = osp.join(REPO, 'docs', 'evidence') + osp.sep
+    typed = {osp.relpath(p, REPO): _typed(values, read(osp.relpath(p, REPO)))
+             for p in docs_tables.documents() if not p.startswith(evidence)}
+    assert {p: v for p, v in typed.items() if v} == {}
 
 
 def test_every_paper_reference_table_is_shown():
