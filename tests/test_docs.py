@@ -246,18 +246,24 @@ def test_single_stage_section_generates_its_tables_and_no_text_retypes_their_val
                            f'(point to the generated tables instead)')
 
 
-def test_schedule_trials_are_generated_and_no_page_retypes_their_ap():
-    """The detection analog's schedule trials (docs/evidence/detection_analog_schedule.md,
-    transcribed: the runs are gone) are generated into the analysis page, and no page types their
-    AP."""
-    values = _result_values('docs/evidence/detection_analog_schedule.md', ('bbox AP', 'AP50'))
+@pytest.mark.parametrize('source, columns, page, block', [
+    ('detection_analog_schedule.md', ('bbox AP', 'AP50'), 'docs/analysis.md',
+     'evidence:detection-analog-schedule'),
+    ('densenet_slices_lr005.md', None, 'docs/imagenet.md', 'evidence:densenet-slices')])
+def test_transcribed_results_are_generated_and_no_page_retypes_them(source, columns, page, block):
+    """Values transcribed into a result file (their runs are gone: the detection analog's schedule
+    trials, the first per-slice DenseNet run) are generated into their page, and no page, nor the
+    changelog, types them (of a ``mean ± std`` cell, each number)."""
+    values = {v for n in _result_values(f'docs/evidence/{source}', columns)
+              for v in re.findall(r'\d+\.\d+', n)}
     assert len(values) >= 6
-    assert 'evidence:detection-analog-schedule' in [
-        m.group('name') for m in docs_tables.BLOCK.finditer(read('docs/analysis.md'))]
+    assert 'transcribed' in read(f'docs/evidence/{source}')
+    assert block in [m.group('name') for m in docs_tables.BLOCK.finditer(read(page))]
     evidence = osp.join(REPO, 'docs', 'evidence') + osp.sep
-    typed = {osp.relpath(p, REPO): _typed(values, read(osp.relpath(p, REPO)))
-             for p in docs_tables.documents() if not p.startswith(evidence)}
-    assert {p: v for p, v in typed.items() if v} == {}
+    texts = ['CHANGELOG.md'] + [osp.relpath(p, REPO) for p in docs_tables.documents()
+                                if not p.startswith(evidence)]
+    typed = {path: _typed(values, read(path)) for path in texts}
+    assert {path: v for path, v in typed.items() if v} == {}
 
 
 def test_every_paper_reference_table_is_shown():
