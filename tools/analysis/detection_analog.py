@@ -3,7 +3,7 @@
 Each run (normalizer variant, seed) trains the demo Faster R-CNN from scratch in a subprocess with its own
 directory under ``--work-dir``; finished runs are kept, so the study resumes. Design: docs/analysis.md.
 
-    .venv/bin/python tools/analysis/detection_analog.py --workers 2     # 7 variants × 3 seeds, ~45-50 min
+    .venv/bin/python tools/analysis/detection_analog.py --workers 2     # 7 variants × 3 seeds
     .venv/bin/python tools/analysis/detection_analog.py --quick         # tiny data, 2 runs (tests)
 
 Prints the table; writes ``detection_analog.{md,json,png}`` to ``--out`` (``--quick``: the work dir).
