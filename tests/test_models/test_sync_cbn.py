@@ -160,7 +160,8 @@ def test_gathered_history_keys_count_as_history():
     """publish_model.py and tools/test.py drop what ``is_history_state_key`` names."""
     from cbn_mmdet.models.cbn import is_history_state_key
     for key in ('neck.bn.rank1_history_var_grad', 'neck.bn.rank0_call2_history_mean',
-                'neck.bn.history_processes'):
+                'neck.bn.history_processes', 'neck.bn.rank1_slice0_history_var_grad',
+                'neck.bn.rank0_history_slices'):
         assert is_history_state_key(key), key
     for key in ('neck.bn.rank1_running_mean', 'neck.bn.weight', 'neck.rank0_conv.weight'):
         assert not is_history_state_key(key), key
