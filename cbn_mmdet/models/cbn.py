@@ -282,6 +282,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 return torch.batch_norm(input, self.weight, self.bias, mean, var, False, 0.0,
                                         self.eps, torch.backends.cudnn.enabled)
             return super().forward(input)  # exactly BN with the running statistics
+        if self.concat == 'compensate' and self.window > 1 and is_compiling():
+            self._refuse_traced_concat(input)  # at the first traced forward, burn-in included
         group = self._statistics_group()
         if self.window == 1 or self._active_window == 1:  # exactly BN, e.g. during burn-in
             if self.per_call > 1:
@@ -450,6 +452,26 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return AutogradPass.RECORD if torch.is_grad_enabled() else AutogradPass.NO_GRAD
         return autograd_pass()
 
+    def _refuse_traced_concat(self, input: Tensor) -> None:
+        """concat='compensate' finds a concatenation's slices in the autograd graph, which a traced
+        forward does not have: refused unless the input is the tapped conv's output (the option
+        does not apply there), rather than taking ``fallback`` where eager mode would compensate.
+
+        With ``fullgraph=True`` the error reaches the caller. Otherwise torch.compile runs the
+        frames around the layer eagerly instead of tracing them: the layer then compensates exactly
+        as in eager mode when its slices' convs ran eagerly too, and refuses (:meth:`_explain_binding`,
+        ``BindStatus.COMPILED``) when a slice comes from a compiled graph."""
+        tap = self._conv_tap
+        if tap is not None and tap.output is input:
+            return
+        raise RuntimeError(
+            f"CBN({self.num_features}) concat='compensate' is eager-only: it finds the slices of a "
+            'concatenated input in the autograd graph, which a forward traced by torch.compile does '
+            'not have, and this input is not the output of a conv registered just before the layer. '
+            "Under torch.compile set concat='fallback' (allowed: 'compensate', 'fallback'), or keep "
+            'the module that concatenates and normalises eager (torch.compiler.disable on its '
+            'forward).')
+
     def _traced_binding(self, input: Tensor):
         """The conv binding of a forward traced by ``torch.compile``, from the conv tap."""
         if self._conv_tap is None:
@@ -516,6 +538,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                    'torch.compile could not trace the layer, or compiled only the conv (a graph '
                    'break between them, torch.compiler.disable on the layer); compile the module '
                    'holding conv and CBN as one, or keep both eager')
+            if self.concat == 'compensate':
+                why += ("; with concat='compensate' torch.compile runs the module around a layer "
+                        'whose input is a concatenation eagerly (the slices are found in the eager '
+                        "autograd graph): under torch.compile set concat='fallback' (allowed: "
+                        "'compensate', 'fallback')")
             raise RuntimeError(
                 f'CBN({self.num_features}) runs eagerly with its input from a torch.compile graph '
                 f'({detail}), so it cannot see the conv whose weights it compensates for: {why}.')

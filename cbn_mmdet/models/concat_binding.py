@@ -13,7 +13,9 @@ channel order. Each slice is classified like a single input (:mod:`.conv_binding
 * a frozen conv, or a slice that does not require grad: its weights cannot change, used as recorded
   (exact);
 * anything else (a max-pooled stem, an activation, dropout): used as recorded (Naive CBN for those
-  channels).
+  channels);
+* the output of a ``torch.compile`` graph (``CompiledFunctionBackward``): its conv is not visible, so
+  the layer refuses (``BindStatus.COMPILED``), as it does for a single conv's output.
 
 A nested concatenation along channels is flattened. A slice's width is read from its producer's
 output metadata; a slice without producer (a tensor that does not require grad) takes the channels
@@ -284,6 +286,9 @@ class ConcatProducer:
         slices, why = find_concat_producers(x, kind)
         if slices is None:
             return binding, status, detail if why == 'CatBackward0' else why
+        compiled = sorted({s.detail for s in slices.slices if 'CompiledFunction' in s.detail})
+        if compiled:  # a slice's conv ran in a torch.compile graph: refused like a single conv
+            return None, BindStatus.COMPILED, f"CatBackward0 of {', '.join(compiled)}"
         if not slices.compensated:
             if kind == AutogradPass.RECORD:
                 self.last = None

@@ -28,7 +28,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
     Outside a distributed run, or in a group of one process, it is CBN (and says so once). In
     evaluation it is BN with the running statistics, which are the same on every process.
 
-    **Checkpoints.** The history is per process: ``state_dict()`` holds this process's, and inside
+    **Checkpoints.** The history is per process (the ring and, with ``concat='compensate'``, the
+    per-slice histories): ``state_dict()`` holds this process's, and inside
     :func:`gathered_histories` (called on every process) every process's, so that rank 0's checkpoint
     restores each process's own history when loaded on the same number of processes. mmengine's
     ``Runner.save_checkpoint`` gathers them itself (:mod:`cbn_mmdet.openmmlab`).
@@ -100,6 +101,11 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
                                              w.count)
 
     # ------------------------------------------------------------------ state dict
+    def _own_history_state(self) -> Dict[str, Tensor]:
+        """This process's history tensors by state-dict key: the rings and, for a concatenated
+        input (``concat='compensate'``), the per-slice histories."""
+        return {**self.call_histories.state(), **self.slice_histories.state()}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         rank, processes = _rank_and_processes()
@@ -179,7 +185,7 @@ def gathered_histories(model: nn.Module) -> Iterator[None]:
     if not layers or _rank_and_processes()[1] == 1:
         yield
         return
-    local = [{key: t.detach().cpu() for key, t in layer.call_histories.state().items()}
+    local = [{key: t.detach().cpu() for key, t in layer._own_history_state().items()}
              for layer in layers]
     gathered: List = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)

@@ -8,7 +8,8 @@ without), then resumes a fresh model from each and repeats the remaining steps. 
 ``OUT_DIR/rank{RANK}.pt``: per step the output of its share and the running statistics; the final
 parameters; the outputs of the resumed runs; the warnings of the run without gathering; the outputs
 of the same training under activation checkpointing (reentrant and not), and with the backward's
-CUDA branch run by stand-in kernels.
+CUDA branch run by stand-in kernels. The same training and gathered resume for :class:`ConcatNet`
+(a norm over a concatenation, ``concat='compensate'``).
 """
 import os
 import sys
@@ -39,6 +40,23 @@ class TwoLayerNet(nn.Module):
 
     def forward(self, x):
         return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
+
+
+class ConcatNet(nn.Module):
+    """Two convs (one with bias) concatenated, then one norm: the norm's input is a concatenation,
+    each slice compensated with its own conv under ``concat='compensate'``; the output shaped like
+    :class:`TwoLayerNet`'s."""
+
+    def __init__(self, norm):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 3, 3, stride=2, bias=False)
+        self.b = nn.Conv2d(3, 2, 3, stride=2)
+        self.norm = norm(5)
+        self.double()
+
+    def forward(self, x):
+        return self.norm(torch.cat([self.a(x), self.b(x)], 1))
 
 
 class CheckpointedNet(TwoLayerNet):
@@ -111,6 +129,34 @@ def _train_with_cuda_kernel_standins(make, rank):
     return dict(outputs=outputs, params={k: v.detach().clone() for k, v in model.named_parameters()})
 
 
+def _train_and_resume(make, rank, ckpt):
+    """Train ``STEPS`` steps, save rank 0's gathered checkpoint after ``SAVE_AFTER``, resume a fresh
+    model from it for the remaining steps: the outputs of both, the warnings of the resume."""
+    from cbn_mmdet.models.sync_cbn import gathered_histories
+    model, opt = make()
+    outputs = []
+    for step in range(STEPS):
+        x, weights = step_batch(step)
+        outputs.append(train_step(model, opt, share(x, step, rank), share(weights, step, rank),
+                                  _sum_grads))
+        if step + 1 == SAVE_AFTER:
+            with gathered_histories(model):
+                state = model.state_dict()
+            if rank == 0:
+                torch.save(state, ckpt)
+            dist.barrier()
+    fresh, fresh_opt = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        fresh.load_state_dict(torch.load(ckpt, weights_only=True))
+    resumed = [train_step(fresh, fresh_opt, share(x, step, rank), share(weights, step, rank),
+                          _sum_grads)
+               for step, (x, weights) in ((step, step_batch(step))
+                                          for step in range(SAVE_AFTER, STEPS))]
+    return dict(outputs=outputs, resumed=resumed, warnings=[str(w.message) for w in caught],
+                keys=sorted(torch.load(ckpt, weights_only=True)) if rank == 0 else None)
+
+
 def main():
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
@@ -159,8 +205,15 @@ def main():
                        _sum_grads)
             for step, (x, weights) in ((step, step_batch(step)) for step in range(STEPS))]
     cuda_branch = _train_with_cuda_kernel_standins(make, rank)
+
+    def make_concat():
+        model = ConcatNet(lambda c: SyncCrossIterationBatchNorm2d(c, window=WINDOW,
+                                                                  concat='compensate'))
+        return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+    concat = _train_and_resume(make_concat, rank, os.path.join(out_dir, 'concat.pth'))
     torch.save(dict(outputs=outputs, stats=stats, resumed=resumed, checkpointed=checkpointed,
-                    cuda_branch=cuda_branch,
+                    cuda_branch=cuda_branch, concat=concat,
                     params={k: v.detach().clone() for k, v in model.named_parameters()},
                     entries=[len(m.history.entries()) for m in (model.norm1, model.norm2)]),
                os.path.join(out_dir, f'rank{rank}.pt'))

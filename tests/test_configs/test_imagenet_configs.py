@@ -2,8 +2,9 @@
 
 tests/test_configs/test_configs.py builds every config's model; here the resolved settings are checked
 against the paper's (Section 4.1) and against what each config's name promises, without building
-models. One representative per family trains two iterations and evaluates on a tiny generated
-ImageNet-format dataset (the classification demo shapes), in this process (mmpretrain's import alone
+models. One representative per family (architecture with CBN, and each other normalizer of the
+tables) trains two iterations and evaluates on a tiny generated ImageNet-format dataset (the
+classification demo shapes), in this process (mmpretrain's import alone
 takes seconds; a subprocess per family would pay it each time).
 """
 import contextlib
@@ -177,5 +178,38 @@ def test_family_trains_two_iterations_and_evaluates(name, tiny_cls_data, tmp_pat
     norms = [m for m in model.modules() if isinstance(m, CBN)]
     assert len(norms) == FAMILIES[name]   # every norm layer is CBN (Inception's after the switch)
     assert all(m.window == 4 and int(m.num_batches_tracked) == 2 for m in norms)
+    metrics = runner.val_loop.run()
+    assert 0 <= metrics['accuracy/top1'] <= 100
+
+
+# One config per other normalizer of the tables (ResNet-18; Inception-v3's hook switching to BRN):
+# the layer type the trained model holds, and (num_groups) for GN/LN
+NORMALIZERS = {
+    'resnet18_bn_4xb4-100e_in1k': ('BatchNorm2d', None),
+    'resnet18_gn_4xb4-100e_in1k': ('GroupNorm', 32),
+    'resnet18_ln_4xb32-100e_in1k': ('GroupNorm', 1),
+    'resnet18_in_4xb32-100e_in1k': ('InstanceNorm2d', None),
+    'resnet18_brn_4xb4-100e_in1k': ('BatchRenorm2d', None),
+    'resnet18_naive-cbn-k3_4xb4-100e_in1k': ('CrossIterationBatchNorm2d', None),
+    'inception-v3_brn_4xb4-100e_in1k': ('BatchRenorm2d', None),
+}
+
+
+@pytest.mark.parametrize('name', NORMALIZERS)
+def test_normalizer_trains_two_iterations_and_evaluates(name, tiny_cls_data, tmp_path):
+    import cbn_mmdet_demo.shapes_classification_dataset  # noqa: F401  (registers the dataset)
+    from mmengine.runner import Runner
+    from torch import nn
+    runner = Runner.from_cfg(tiny_run_config(name, tiny_cls_data, str(tmp_path)))
+    runner.train()
+    assert runner.iter == 2
+    kind, groups = NORMALIZERS[name]
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+    norms = [m for m in runner.model.modules() if isinstance(m, norm_types)]
+    assert norms and {type(m).__name__ for m in norms} == {kind}
+    if groups is not None:
+        assert {m.num_groups for m in norms} == {groups}
+    if kind == 'CrossIterationBatchNorm2d':   # Naive CBN: the window, uncompensated
+        assert all(m.window == 3 and not m.compensate for m in norms)
     metrics = runner.val_loop.run()
     assert 0 <= metrics['accuracy/top1'] <= 100

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
+from cbn_mmdet.models import iteration_clock
 
 pytest.importorskip('torch._dynamo')
 pytestmark = pytest.mark.skipif(
@@ -174,3 +175,145 @@ def test_tap_follows_the_layer_registered_last_and_survives_deepcopy():
         warnings.simplefilter('error')
         first(torch.randn(2, 3, 8, 8))  # eager: the tap keeps nothing
     assert first[1]._conv_tap.input is None
+
+
+class ConcatNorm(nn.Module):
+    """Two convs concatenated, then one CBN (a DenseNet norm), then a 1x1 conv."""
+
+    def __init__(self, concat, window=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 5, 3, padding=1, bias=False)
+        self.norm = CBN(9, window=window, concat=concat)
+        self.head = nn.Conv2d(9, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def _concat_schedule(step, norm):
+    norm.active_window = 1 if step < 1 else norm.window
+
+
+@pytest.mark.parametrize('burn_in', [True, False])
+def test_concat_compensate_is_refused_when_traced(burn_in):
+    """concat='compensate' finds a concatenation's slices in the eager autograd graph, which a
+    traced forward does not have: the trace is refused at the first training forward (during
+    burn-in too, not epochs later), naming the setting; with fullgraph=True the error reaches the
+    caller, never BN's fallback in silence."""
+    torch._dynamo.reset()
+    model = ConcatNorm('compensate').double()
+    model.norm.active_window = 1 if burn_in else 3
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    with pytest.raises(Exception, match=r"CBN\(9\) concat='compensate' is eager-only.*torch\.compile"
+                       r".*concat='fallback' \(allowed: 'compensate', 'fallback'\)"):
+        compiled(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert model.norm.history_length == 0
+    model.eval()   # evaluation is BN with the running statistics: traced
+    x = torch.ones(1, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def _compiled_against_eager(make):
+    """'equal' when the compiled model trains as eager, 'refused' when it raises the refusal that
+    names concat='compensate'; anything else fails."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = make()
+    torch.manual_seed(0)
+    compiled = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # the dense block's stem norm takes fallback='bn'
+        ref = _train_any(eager, eager)
+        try:
+            got = _train_any(compiled, torch.compile(compiled, backend='aot_eager'))
+        except RuntimeError as err:
+            assert "concat='fallback' (allowed: 'compensate', 'fallback')" in str(err)
+            iteration_clock.next_iteration()  # the notices deferred by the trace, told here
+            return 'refused'
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert [m.last_bind_status for m in _norms(compiled)] == [
+        m.last_bind_status for m in _norms(eager)]
+    assert 'concat' in [m.last_bind_status for m in _norms(compiled)]
+    return 'equal'
+
+
+def test_concat_compensate_under_compile_equals_eager_or_is_refused():
+    """Without fullgraph, torch.compile runs the frames around the refused trace eagerly: where the
+    slices' convs then run eagerly too, training is exactly eager's; where a slice or the input
+    comes from a frame torch.compile still compiled inside, the layer refuses, naming the setting.
+    Never BN's fallback where eager compensates. (Seen on torch 2.13: the small net trains as
+    eager, the dense block is refused.)"""
+    from test_cbn_concat import DenseBlock
+    assert _compiled_against_eager(lambda: ConcatNorm('compensate').double()) in (
+        'equal', 'refused')
+    assert _compiled_against_eager(lambda: DenseBlock(window=3, concat='compensate').double()) in (
+        'equal', 'refused')
+
+
+def _train_any(model, forward, steps=5):
+    """SGD steps on a model whose input has 3 channels and is 8x8, whatever its output."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    outs = []
+    for _ in range(steps):
+        out = forward(torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64))
+        out.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        outs.append(out.detach())
+    return outs
+
+
+def test_concat_of_compiled_slices_is_refused():
+    """A concatenation made eagerly of compiled convs' outputs: the convs are not visible, so the
+    layer refuses (as for a single compiled conv), naming concat='compensate'."""
+    torch._dynamo.reset()
+    model = ConcatNorm('compensate').double()
+    a = torch.compile(model.a, backend='aot_eager')
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"CBN\(9\) runs eagerly with its input from a "
+                       r"torch\.compile graph \(CatBackward0 of CompiledFunctionBackward\).*"
+                       r"concat='fallback' \(allowed"):
+        model.norm(torch.cat([a(x), model.b(x)], 1))
+
+
+def test_concat_compensate_compiles_where_it_does_not_apply_or_is_kept_eager():
+    """A layer with concat='compensate' whose input is a conv's output, one with window 1, and a
+    concatenating module kept eager inside a compiled model (torch.compiler.disable): as eager."""
+    torch._dynamo.reset()
+    for make in (lambda: _model(), lambda: ConcatNorm('compensate', window=1).double()):
+        eager, compiled = make(), make()
+        for m in (*_norms(eager), *_norms(compiled)):
+            m.concat = 'compensate'
+        ref, _ = _train(eager, eager, steps=5, schedule=_concat_schedule)
+        got, _ = _train(compiled, torch.compile(compiled, backend='aot_eager', fullgraph=True),
+                        steps=5, schedule=_concat_schedule)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+    eager = nn.Sequential(ConcatNorm('compensate'), nn.GELU()).double()
+    compiled = nn.Sequential(ConcatNorm('compensate'), nn.GELU()).double()
+    compiled[0].forward = torch.compiler.disable(compiled[0].forward)
+    ref, _ = _train(eager, eager, steps=5, schedule=_concat_schedule)
+    got, _ = _train(compiled, torch.compile(compiled, backend='aot_eager'), steps=5,
+                    schedule=_concat_schedule)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert compiled[0].norm.last_bind_status == 'concat'
+
+
+def test_concat_fallback_under_compile_equals_eager():
+    """concat='fallback' (the default) takes fallback='bn' on a concatenation in both modes."""
+    torch._dynamo.reset()
+    eager, compiled = ConcatNorm('fallback').double(), ConcatNorm('fallback').double()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref, _ = _train(eager, eager, steps=5, schedule=_concat_schedule)
+        got, _ = _train(compiled, torch.compile(compiled, backend='aot_eager', fullgraph=True),
+                        steps=5, schedule=_concat_schedule)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert eager.norm.last_bind_status == compiled.norm.last_bind_status == 'not_conv'

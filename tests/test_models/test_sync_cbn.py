@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
-from sync_cbn_worker import (SAVE_AFTER, SIZES, STEPS, WINDOW, TwoLayerNet, running_stats, share,
-                             step_batch, train_step)
+from sync_cbn_worker import (SAVE_AFTER, SIZES, STEPS, WINDOW, ConcatNet, TwoLayerNet,
+                             running_stats, share, step_batch, train_step)
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d
 from cbn_mmdet.models.sync_cbn import SyncCrossIterationBatchNorm2d
@@ -97,6 +97,34 @@ def test_checkpoint_of_one_process_history_restarts_the_window_loudly(two_proces
         assert any("one process's history of a 2-process run" in w for w in resumed['warnings'])
 
 
+def test_concatenated_input_equals_cbn_on_the_whole_batch(two_processes):
+    """concat='compensate': each process compensates its own past entries slice by slice; pooled,
+    the outputs equal CBN's on the whole batch."""
+    model = ConcatNet(lambda c: CrossIterationBatchNorm2d(c, window=WINDOW, concat='compensate'))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(STEPS):
+        x, weights = step_batch(step)
+        whole = train_step(model, opt, x, weights)
+        for rank, result in enumerate(two_processes):
+            torch.testing.assert_close(result['concat']['outputs'][step], share(whole, step, rank),
+                                       **TOL)
+    assert model.norm.last_bind_status == 'concat'
+
+
+def test_gathered_checkpoint_keeps_every_process_slice_histories(two_processes):
+    """The per-slice histories of a concatenated input are gathered with the ring: rank 0's
+    checkpoint resumes every process exactly, with no warning."""
+    keys = two_processes[0]['concat']['keys']
+    for rank in range(2):
+        assert f'norm.rank{rank}_history_slices' in keys
+        assert f'norm.rank{rank}_slice1_history_var_grad' in keys
+    for result in two_processes:
+        concat = result['concat']
+        assert concat['warnings'] == []
+        for step, output in zip(range(SAVE_AFTER, STEPS), concat['resumed']):
+            assert torch.equal(output, concat['outputs'][step]), step
+
+
 @pytest.mark.parametrize('reentrant', [False, True])
 def test_activation_checkpointing_trains_the_same(two_processes, reentrant):
     """Under a checkpoint the first pass and the recomputation both pool across the processes
@@ -132,7 +160,8 @@ def test_gathered_history_keys_count_as_history():
     """publish_model.py and tools/test.py drop what ``is_history_state_key`` names."""
     from cbn_mmdet.models.cbn import is_history_state_key
     for key in ('neck.bn.rank1_history_var_grad', 'neck.bn.rank0_call2_history_mean',
-                'neck.bn.history_processes'):
+                'neck.bn.history_processes', 'neck.bn.rank1_slice0_history_var_grad',
+                'neck.bn.rank0_history_slices'):
         assert is_history_state_key(key), key
     for key in ('neck.bn.rank1_running_mean', 'neck.bn.weight', 'neck.rank0_conv.weight'):
         assert not is_history_state_key(key), key
