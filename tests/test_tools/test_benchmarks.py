@@ -42,7 +42,7 @@ def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
     out = tmp_path / 'rows.json'
     benchmark_compiled.main(['--model', 'r18', '--size', '32', '32', '--steps', '1', '--warmup', '3',
                              '--modes', 'eager', '--variants', 'bn', 'cbn', 'cbn-bf16-history',
-                             '--out', str(out)])
+                             '--profile-parts', '1', '--out', str(out)])
     rows = {(r['variant'], r['mode']): r for r in json.loads(out.read_text())['rows']}
     assert set(rows) == {('bn', 'eager'), ('cbn', 'eager'), ('cbn-bf16-history', 'eager')}
     assert rows['bn', 'eager']['flop_ratio'] == 1.0
@@ -51,7 +51,14 @@ def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
     assert rows['bn', 'eager']['history_mb'] == 0
     ratio = rows['cbn-bf16-history', 'eager']['history_mb'] / rows['cbn', 'eager']['history_mb']
     assert 0.5 <= ratio < 0.6
-    assert '| cbn | eager |' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert '| cbn | eager |' in printed
+    # --profile-parts: a row of the step's parts for each CBN variant (the one-call step ran), none
+    # for BN
+    parts = printed.split("The CBN step's parts")[1]
+    assert 'train_step.past_and_record' in parts and 'normalise' in parts
+    assert '| cbn | eager |' in parts and '| cbn-bf16-history | eager |' in parts
+    assert '| bn | eager |' not in parts
 
 
 def test_fixed_cost_benchmark_times_the_parts_of_each_layer():

@@ -9,7 +9,7 @@ also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
         [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8]
-        [--modes eager compiled] [--out FILE.json]
+        [--modes eager compiled] [--profile-parts STEPS] [--out FILE.json]
 """
 import argparse
 import json
@@ -75,6 +75,9 @@ def main(argv=None):
     parser.add_argument('--modes', nargs='+', default=['eager', 'compiled'],
                         choices=['eager', 'compiled'])
     parser.add_argument('--out')
+    parser.add_argument('--profile-parts', type=int, default=0, metavar='STEPS',
+                        help='after the timing, profile STEPS more steps of each variant and print '
+                             "the CBN step's parts (ms per step, torch.profiler's self CPU time)")
     record.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -126,11 +129,36 @@ def main(argv=None):
         lines.append(f"| {r['variant']} | {r['mode']} | {r['step_ms']:.1f} | "
                      f"{_fmt(r['ratio_to_bn'])} | {_fmt(r['flop_ratio'])} | {_fmt(target)} | "
                      f"{r['first_steps_s']:.1f} | {r['history_mb']:.0f} |")
+    if args.profile_parts:
+        lines += [''] + _profile_parts(runs, args.profile_parts)
     print('\n'.join(lines))
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
     record.record(args, '\n'.join(lines), __file__, argv)
+
+
+def _profile_parts(runs, steps: int):
+    """The CBN layers' parts per step: the one-call step's (``cbn_mmdet::train_step.*``,
+    ``cbn_mmdet::normalise``) and the fused ops' (``cbn_mmdet::*``), summed over the layers."""
+    parts = {}
+    for key, run in runs.items():
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                run['step']()
+        parts[key] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()
+                      if e.key.startswith('cbn_mmdet::')}
+    names = sorted({name for found in parts.values() for name in found})
+    if not names:
+        return []
+    lines = [f"The CBN step's parts, ms per step (self CPU time, {steps} profiled steps):", '',
+             '| norm | mode | ' + ' | '.join(n.replace('cbn_mmdet::', '') for n in names) + ' |',
+             '|---|---|' + '---|' * len(names)]
+    for (variant, mode), found in parts.items():
+        if found:
+            lines.append(f'| {variant} | {mode} | '
+                         + ' | '.join(f'{found.get(n, 0.0):.2f}' for n in names) + ' |')
+    return lines
 
 
 def _history_bytes(model) -> int:
