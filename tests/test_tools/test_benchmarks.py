@@ -42,9 +42,10 @@ def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
     out = tmp_path / 'rows.json'
     benchmark_compiled.main(['--model', 'r18', '--size', '32', '32', '--steps', '1', '--warmup', '3',
                              '--modes', 'eager', '--variants', 'bn', 'cbn', 'cbn-bf16-history',
-                             '--profile-parts', '1', '--out', str(out)])
+                             'cbn-ops', '--profile-parts', '1', '--out', str(out)])
     rows = {(r['variant'], r['mode']): r for r in json.loads(out.read_text())['rows']}
-    assert set(rows) == {('bn', 'eager'), ('cbn', 'eager'), ('cbn-bf16-history', 'eager')}
+    assert set(rows) == {('bn', 'eager'), ('cbn', 'eager'), ('cbn-bf16-history', 'eager'),
+                         ('cbn-ops', 'eager')}
     assert rows['bn', 'eager']['flop_ratio'] == 1.0
     assert rows['cbn', 'eager']['flop_ratio'] > 1.0  # the ∂var/∂θ products are counted
     # the histories' size: none for BN; the weight-sized gradients, most of it, halved in bfloat16
@@ -59,6 +60,14 @@ def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
     assert 'train_step.past_and_record' in parts and 'normalise' in parts
     assert '| cbn | eager |' in parts and '| cbn-bf16-history | eager |' in parts
     assert '| bn | eager |' not in parts
+    # cbn-ops: the fused ops one by one, not the one-call step
+    table = [line.split('|')[1:-1] for line in parts.splitlines() if line.startswith('|')]
+    columns = [c.strip() for c in table[0]]
+    ops_row = next([c.strip() for c in r] for r in table if r[0].strip() == 'cbn-ops')
+    one_call_row = next([c.strip() for c in r] for r in table if r[0].strip() == 'cbn')
+    for name, ran_in_ops in (('train_step.past_and_record', False), ('past_window', True)):
+        at = columns.index(name)
+        assert (float(ops_row[at]) > 0) == ran_in_ops and (float(one_call_row[at]) > 0) != ran_in_ops
 
 
 def test_fixed_cost_benchmark_times_the_parts_of_each_layer():

@@ -8,10 +8,11 @@ included, reported separately), and the FLOPs of one eager training step (torch'
 also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
-        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8]
+        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8 cbn-ops]
         [--modes eager compiled] [--profile-parts STEPS] [--out FILE.json]
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,7 +32,11 @@ NORMS = {'bn': dict(type='BN', requires_grad=True),
                                   requires_grad=True),
          # other windows: the same FLOPs (one product per step), k − 1 past entries read per step
          'cbn-window2': dict(type='CBN', window=2, requires_grad=True),
-         'cbn-window8': dict(type='CBN', window=8, requires_grad=True)}
+         'cbn-window8': dict(type='CBN', window=8, requires_grad=True),
+         # the design before the one-call step: the fused ops called one by one from Python
+         'cbn-ops': dict(type='CBN', window=4, requires_grad=True)}
+#: variants that run without the one-call training step
+WITHOUT_ONE_CALL = ('cbn-ops', )
 
 
 def build(model: str, norm: str) -> torch.nn.Module:
@@ -91,8 +96,11 @@ def main(argv=None):
                                   momentum=0.9)
             forward = torch.compile(model, backend=args.backend) if mode == 'compiled' else model
 
-            def step(model=model, opt=opt, forward=forward):
-                _loss(forward(x)).backward()
+            def step(model=model, opt=opt, forward=forward, variant=variant):
+                from cbn_mmdet.ops import fused
+                with (fused.without_one_call() if variant in WITHOUT_ONE_CALL
+                      else contextlib.nullcontext()):
+                    _loss(forward(x)).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             start = time.perf_counter()
