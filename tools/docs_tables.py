@@ -118,8 +118,9 @@ def load_benchmarks(path: str = None) -> Dict[str, dict]:
 
 def benchmark_table(name: str, path: str = None) -> str:
     entry = load_benchmarks(path)[name]
+    host = f" Host: {entry['host']}." if entry.get('host') else ''
     lines = [f"**{entry['title']}** — measured {entry['date']} (commit `{entry['commit']}`) on "
-             f"{entry['machine_text']}.", '']
+             f"{entry['machine_text']}.{host}", '']
     commands = entry['command'] if isinstance(entry['command'], list) else [entry['command']]
     lines += ['```bash'] + commands + ['```', '']
     lines += markdown_table(entry['columns'], entry['rows'])

@@ -1,5 +1,6 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021), a drop-in ``_BatchNorm``."""
 import contextlib
+import functools
 import warnings
 import weakref
 from typing import Dict, NamedTuple, Optional
@@ -421,6 +422,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _record(self, history: WindowHistory, input: Tensor, batch_mean: Tensor, batch_var: Tensor,
                 count: float, finite: Tensor, binding) -> None:
         """The current iteration's entry (``binding``: the conv to compensate for, or None)."""
+        if (binding is not None and self.var_grad_dtype == 'bfloat16' and input.device.type == 'cpu'
+                and not cpu_has_fast_bfloat16()):
+            self._warn_once('slow_bf16_product', "var_grad_dtype='bfloat16' on a CPU without "
+                            "oneDNN's bfloat16 kernels (no AVX-512): torch runs the product through "
+                            'its slow reference kernel, several times slower than in float32; '
+                            "var_grad_dtype='float32' is faster here")
         if count > 0:
             history.record(input, batch_mean, batch_var, count, finite, binding,
                            lambda defer_centring=False: conv_statistic_gradients(
@@ -731,6 +738,17 @@ def install_conv_taps() -> None:
     if _tap_hook is None:
         _tap_hook = torch.nn.modules.module.register_module_module_registration_hook(
             _tap_preceding_conv)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether torch runs bfloat16 convolutions on this CPU through oneDNN (CPUs with AVX-512);
+    elsewhere it takes its slow reference kernels."""
+    probe = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
+    except RuntimeError:  # (an op that this torch build does not have)
+        return False
 
 
 def _check_window(name: str, value, owner: str = 'CBN') -> None:

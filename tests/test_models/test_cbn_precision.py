@@ -2,6 +2,8 @@
 half-precision modules, no host synchronisation in steady state, and the smaller numerical guards."""
 import copy
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -313,6 +315,8 @@ def test_bfloat16_variance_gradient_within_its_rounding(kernel, groups):
     assert (got.double() - exact).norm() <= 8 * 2**-9 * exact.norm()
 
 
+# (on a CPU without AVX-512 the layer warns that the product is slow there: tested below)
+@pytest.mark.filterwarnings(r"ignore:CBN\(\d+\). var_grad_dtype='bfloat16' on a CPU without:UserWarning")
 def test_bfloat16_product_moves_the_correction_by_a_fraction_of_a_percent():
     """The same iterations (weights changed by hand, no training feedback) with the float32 and the
     bfloat16 product: the compensated statistics differ by < 1 % of the correction."""
@@ -337,3 +341,22 @@ def test_bfloat16_product_moves_the_correction_by_a_fraction_of_a_percent():
     assert 'var_grad_dtype' in repr(norm)
     with pytest.raises(ValueError, match='var_grad_dtype'):
         CBN(4, var_grad_dtype='float16')
+
+
+@pytest.mark.parametrize('fast, var_grad_dtype, warns', [
+    (False, 'bfloat16', True), (True, 'bfloat16', False), (False, 'float32', False)])
+def test_a_slow_bfloat16_product_on_this_cpu_is_said_once(monkeypatch, fast, var_grad_dtype, warns):
+    """Without oneDNN's bfloat16 kernels (no AVX-512) torch takes its slow reference kernel for the
+    bfloat16 product: the layer says so once, naming the faster setting."""
+    import cbn_mmdet.models.cbn as cbn_module
+    monkeypatch.setattr(cbn_module, 'cpu_has_fast_bfloat16', lambda: fast)
+    conv, norm = nn.Conv2d(3, 4, 3), CBN(4, window=2, var_grad_dtype=var_grad_dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(3):
+            norm(conv(torch.randn(2, 3, 6, 6)))
+            iteration_clock.next_iteration()
+    said = [str(w.message) for w in caught if 'slow reference kernel' in str(w.message)]
+    assert len(said) == (1 if warns else 0)
+    if warns:
+        assert "var_grad_dtype='float32'" in said[0]

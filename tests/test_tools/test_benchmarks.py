@@ -106,6 +106,7 @@ def test_fixed_cost_benchmark_times_a_baseline_checkout_beside_this_one():
     assert baseline is not CrossIterationBatchNorm2d
 
 
+@pytest.mark.filterwarnings(r"ignore:CBN\(\d+\). var_grad_dtype='bfloat16' on a CPU without:UserWarning")
 def test_layer_benchmark_times_bn_and_cbn_and_measures_an_error():
     shape = (2, 4, 6, 6)
     _, bn_history = benchmark_layer.time_steps(nn.BatchNorm2d, shape, 4, 3, 1, repeats=1, warmup=1)
@@ -116,6 +117,7 @@ def test_layer_benchmark_times_bn_and_cbn_and_measures_an_error():
     assert 0 <= error < 0.05
 
 
+@pytest.mark.filterwarnings(r"ignore:CBN\(\d+\). var_grad_dtype='bfloat16' on a CPU without:UserWarning")
 def test_bf16_product_table(capsys):
     benchmark_layer.bf16_product_table([('tiny', (2, 4, 6, 6), 4, 3, 1)], rounds=1, repeats=1)
     row = capsys.readouterr().out.strip().splitlines()[-1]

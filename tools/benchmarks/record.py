@@ -105,16 +105,25 @@ def _cells(line: str) -> List[str]:
     return [cell.strip() for cell in line.strip('|').split('|')]
 
 
+#: CPU features that change what the kernels measured can do (the widest vectors, bfloat16 units),
+#: as /proc/cpuinfo names them, and in words
+CPU_FEATURES = (('amx_bf16', 'AMX'), ('avx512_bf16', 'AVX-512 BF16'), ('avx512f', 'AVX-512'),
+                ('avx2', 'AVX2'))
+
+
 def describe_machine() -> str:
-    """CPU model and count, GPU, OS, torch and its thread count, in words."""
+    """CPU model, count and vector features, GPU, OS, torch and its thread count, in words."""
     import torch
-    cpu = platform.processor() or platform.machine()
+    cpu, features = platform.processor() or platform.machine(), []  # (features: none known)
     try:
         with open('/proc/cpuinfo') as f:
-            cpu = re.search(r'^model name\s*:\s*(.+)$', f.read(), re.M).group(1).strip()
+            info = f.read()
+        flags = set(re.search(r'^flags\s*:\s*(.+)$', info, re.M).group(1).split())
+        features = [words for flag, words in CPU_FEATURES if flag in flags] or ['no AVX2']
+        cpu = re.search(r'^model name\s*:\s*(.+)$', info, re.M).group(1).strip()
     except (OSError, AttributeError):
         pass
-    words = [f'{cpu} ({os.cpu_count()} logical CPUs)']
+    words = [f'{cpu} ({os.cpu_count()} logical CPUs' + ''.join(f', {f}' for f in features) + ')']
     if torch.cuda.is_available():
         words.append(f'{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})')
     threads = torch.get_num_threads()
@@ -214,7 +223,8 @@ def record(args, output: str, script: str, argv: Optional[Sequence[str]] = None,
                                       args.note]))
         entry = dict(id=ids[i], title=title,
                      date=today or datetime.date.today().isoformat(),
-                     commit=current_commit(), machine=machine, command=command)
+                     commit=current_commit(), machine=machine, host=describe_machine(),
+                     command=command)
         if note:
             entry['note'] = note
         entries.append(dict(entry, columns=columns, rows=rows))
