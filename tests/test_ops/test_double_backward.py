@@ -132,6 +132,53 @@ def test_second_derivatives_equal_the_composite_float64(request, branch, past, a
         torch.testing.assert_close(a, b, **TOL)
 
 
+def one_call_window_norm(x, weight, bias, past_mean, past_var, eps=EPS):
+    """The same through the one-call step's C++ autograd node (``normalise``)."""
+    with torch.no_grad():
+        k = 1 + past_mean.shape[0]
+        mean_x, var_x = x.mean(DIMS), x.var(DIMS, correction=0)
+        mean = (mean_x + past_mean.sum(0)) / k
+        var = (var_x + (mean_x - mean).square()
+               + (past_var + (past_mean - mean).square()).sum(0)) / k
+    return fused.one_call_ops().normalise(x, weight, bias, mean, var, (var + eps).rsqrt(),
+                                          mean.new_tensor(1.0 / k), eps)
+
+
+def _third_derivatives(fn, params, past_mean, past_var, seed=2):
+    """Directional third derivatives: ``∂/∂p <∂/∂p <∂(Σ y·v)/∂p, u>, w>``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def like(t):
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    y = _call(fn, params, past_mean, past_var)
+    first = torch.autograd.grad((y * like(y)).sum(), params, create_graph=True)
+    second = torch.autograd.grad(sum((f * like(f)).sum() for f in first), params,
+                                 create_graph=True, allow_unused=True)
+    third = torch.autograd.grad(sum((s * like(s)).sum() for s in second if s is not None),
+                                params, allow_unused=True)
+    return [torch.zeros_like(p) if t is None else t for t, p in zip(third, params)]
+
+
+@pytest.mark.parametrize('function', ['python', 'one_call', 'python_cuda_branch'])
+@pytest.mark.parametrize('affine', [True, False])
+def test_third_derivatives_equal_the_composite_float64(request, function, affine):
+    """The differentiable backward is itself differentiable to every order: third derivatives (a
+    gradient penalty's Hessian-vector products) equal the plain-autograd composite. Terms of the
+    backward that vanish at the evaluation point with their first derivative (the window shift's
+    square) show only here."""
+    if function == 'one_call' and fused.one_call_ops() is None:
+        pytest.skip('the fused CPU ops did not build here')
+    if function == 'python_cuda_branch':
+        request.getfixturevalue('cuda_path')
+    fn = one_call_window_norm if function == 'one_call' else window_norm_function
+    params, past_mean, past_var = _inputs(2, affine)
+    got = _third_derivatives(fn, params, past_mean, past_var)
+    ref = _third_derivatives(reference_window_norm, params, past_mean, past_var)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL)
+    assert got[0].abs().max() > 1e-3  # (not vacuous)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('branch', ['cpu', 'cuda'])
 def test_second_derivatives_in_lower_precision(request, branch, dtype):
