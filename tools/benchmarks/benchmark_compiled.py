@@ -8,7 +8,8 @@ included, reported separately), and the FLOPs of one eager training step (torch'
 also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
-        [--images 2] [--steps 20] [--backend inductor] [--threads 2] [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8 cbn-ops]
+        [--images 2] [--steps 20] [--backend inductor] [--threads 2]
+        [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8 cbn-ops]
         [--modes eager compiled] [--profile-parts STEPS] [--out FILE.json]
 """
 import argparse
@@ -86,6 +87,7 @@ def main(argv=None):
     record.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from cbn_mmdet.ops import fused
     x = torch.randn(args.images, 3, *args.size)
     runs = {}
     for variant in args.variants:
@@ -97,7 +99,6 @@ def main(argv=None):
             forward = torch.compile(model, backend=args.backend) if mode == 'compiled' else model
 
             def step(model=model, opt=opt, forward=forward, variant=variant):
-                from cbn_mmdet.ops import fused
                 with (fused.without_one_call() if variant in WITHOUT_ONE_CALL
                       else contextlib.nullcontext()):
                     _loss(forward(x)).backward()
