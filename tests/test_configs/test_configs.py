@@ -40,6 +40,8 @@ def test_config_builds_model(path):
         plugins = ['cbn_mmdet', 'cbn_mmdet_demo.shapes_classification_dataset']
     elif path in DETECTION_DEMOS:
         plugins = ['cbn_mmdet', 'cbn_mmdet_demo']
+    elif cfg.model.get('backbone', {}).get('type') == 'InceptionV3WithNormCfg':
+        plugins = ['cbn_mmdet', 'cbn_mmdet.mmpretrain_models']   # where that backbone is registered
     else:
         plugins = ['cbn_mmdet']
     assert cfg.custom_imports == dict(imports=plugins, allow_failed_imports=False)

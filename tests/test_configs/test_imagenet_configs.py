@@ -37,8 +37,10 @@ def test_tables_and_configs_match():
     assert list(BENCH.tables) == ['table2', 'table3', 'table4', 'table9', 'figure3a', 'figure4',
                                   'figure5a']
     assert len(BENCH.tables['table2'].rows) == 5 and len(BENCH.tables['table3'].rows) == 24
-    # Table 4: 5 architectures x 5 columns, but Inception-v3 has no GN row (its BN is not a norm_cfg)
-    assert len(BENCH.tables['table4'].rows) == 24
+    # Table 4: 5 architectures x 5 columns (BN bs=32, BN, GN, BRN, CBN)
+    assert len(BENCH.tables['table4'].rows) == 25
+    t4 = {r.label: r.paper.get('top1') for r in BENCH.tables['table4'].rows}
+    assert t4['Inception-v3 GN'] == 76.8
     for table in BENCH.tables.values():
         for row in table.rows:
             assert set(row.paper) <= {'top1'}, row
@@ -54,7 +56,11 @@ def test_paper_settings_and_what_the_name_says(name):
     what = describe_imagenet_config(name)
     n = what['images_per_gpu']
     assert cfg.default_scope == 'mmpretrain'
-    assert cfg.custom_imports == dict(imports=['cbn_mmdet'], allow_failed_imports=False)
+    # Inception-v3 with norms from norm_cfg is cbn_mmdet's subclass, registered by its own module
+    subclass = cfg.model.backbone.type == 'InceptionV3WithNormCfg'
+    assert cfg.custom_imports == dict(
+        imports=['cbn_mmdet'] + (['cbn_mmdet.mmpretrain_models'] if subclass else []),
+        allow_failed_imports=False)
     assert cfg.train_dataloader.batch_size == n
     # lr 0.1 for 32 images per GPU, scaled by N / 32; momentum 0.9; weight decay 1e-4 on all weights
     optimizer = cfg.optim_wrapper.optimizer
@@ -70,7 +76,11 @@ def test_paper_settings_and_what_the_name_says(name):
 
     hooks = {h.type: h for h in cfg.get('custom_hooks', [])}
     inception = name.startswith('inception-v3')
-    if inception:
+    if inception and subclass:  # the norms are built from norm_cfg at construction
+        norm_cfg = cfg.model.backbone.norm_cfg
+        assert 'NormSwitchHook' not in hooks
+        assert cfg.train_pipeline[1].scale == 299
+    elif inception:
         # mmpretrain's Inception-v3 has no norm_cfg: its BN layers are switched before iteration 0
         norm_cfg = hooks['NormSwitchHook'].to if 'NormSwitchHook' in hooks else dict(type='BN')
         if 'NormSwitchHook' in hooks:
@@ -182,8 +192,37 @@ def test_family_trains_two_iterations_and_evaluates(name, tiny_cls_data, tmp_pat
     assert 0 <= metrics['accuracy/top1'] <= 100
 
 
-# One config per other normalizer of the tables (ResNet-18; Inception-v3's hook switching to BRN):
-# the layer type the trained model holds, and (num_groups) for GN/LN
+def test_inception_v3_gn_is_built_at_construction():
+    """The GN config's model holds GroupNorm, 16 groups, exactly where mmpretrain's Inception-v3
+    has BN (same module names, so the same state-dict keys), before any hook runs: the model
+    ``tools/test.py`` builds is the trained one."""
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+    from torch import nn
+    cfg = _load('inception-v3_gn_4xb4-100e_in1k')
+    init_default_scope('mmpretrain')
+    gn = MODELS.build(cfg.model)
+    stock = MODELS.build(_load('inception-v3_bn_4xb4-100e_in1k').model)
+    bn_layers = {n: m.num_features for n, m in stock.named_modules()
+                 if isinstance(m, nn.BatchNorm2d)}
+    gn_layers = {n: m.num_channels for n, m in gn.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert len(bn_layers) == 94 and gn_layers == bn_layers
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in gn.modules())
+    assert {m.num_groups for m in gn.modules() if isinstance(m, nn.GroupNorm)} == {16}
+    assert set(gn.state_dict()) == {k for k in stock.state_dict()
+                                    if not k.endswith(('running_mean', 'running_var',
+                                                       'num_batches_tracked'))}
+    # the default norm_cfg is mmpretrain's own BN (eps 0.001); 32 groups do not fit its widths
+    from cbn_mmdet.mmpretrain_models import InceptionV3WithNormCfg
+    default = InceptionV3WithNormCfg(num_classes=10)
+    assert all(type(m) is nn.BatchNorm2d and m.eps == 0.001
+               for m in default.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+    with pytest.raises(ValueError, match='does not fit a layer of 80 channels'):
+        InceptionV3WithNormCfg(num_classes=10, norm_cfg=dict(type='GN', num_groups=32))
+
+
+# One config per other normalizer of the tables (ResNet-18; Inception-v3's hook switching to BRN,
+# and its subclass building GN): the layer type the trained model holds, and (num_groups) for GN/LN
 NORMALIZERS = {
     'resnet18_bn_4xb4-100e_in1k': ('BatchNorm2d', None),
     'resnet18_gn_4xb4-100e_in1k': ('GroupNorm', 32),
@@ -192,6 +231,7 @@ NORMALIZERS = {
     'resnet18_brn_4xb4-100e_in1k': ('BatchRenorm2d', None),
     'resnet18_naive-cbn-k3_4xb4-100e_in1k': ('CrossIterationBatchNorm2d', None),
     'inception-v3_brn_4xb4-100e_in1k': ('BatchRenorm2d', None),
+    'inception-v3_gn_4xb4-100e_in1k': ('GroupNorm', 16),
 }
 
 

@@ -98,3 +98,46 @@ def test_quick(tmp_path):
     # finished runs are kept: a second call trains nothing
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and '0 run(s) to do, 4 done before' in again.stdout
+
+
+def test_jobs_do_not_change_the_runs(tmp_path):
+    """--jobs 2 runs two subprocesses at a time; each run keeps its seed, settings and one thread,
+    so every run's numbers equal those of --jobs 1, and the report says how the runs were made."""
+    def study_runs(jobs):
+        out = tmp_path / f'jobs{jobs}'
+        cmd = [sys.executable, osp.join(ANALYSIS, 'classification_batch_size.py'), '--quick',
+               '--norms', 'CBN', '--images', '16', '--jobs', str(jobs), '--work-dir',
+               str(out / 'work'), '--data-root', str(tmp_path / 'data'), '--out', str(out)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        with open(out / 'classification_batch_size.json') as f:
+            data = json.load(f)
+        assert data['jobs'] == jobs and all(r['jobs'] == jobs for r in data['runs'])
+        md = (out / 'classification_batch_size.md').read_text()
+        assert ('one at a time' if jobs == 1 else '2 at a time (--jobs 2)') in md
+        keys = ('iters', 'window', 'top1', 'final_loss', 'failure')
+        return {(r['norm'], r['images_per_iter'], r['seed']): {k: r[k] for k in keys}
+                for r in data['runs']}
+
+    sequential, parallel = study_runs(1), study_runs(2)
+    assert sorted(parallel) == [('CBN', 2, 0), ('CBN', 4, 0)]
+    assert parallel == sequential   # the same numbers, bit for bit
+
+    # --collect trains nothing: the finished runs are reported, a seed not run is missing
+    out = tmp_path / 'jobs2'
+    proc = subprocess.run(
+        [sys.executable, osp.join(ANALYSIS, 'classification_batch_size.py'), '--quick', '--norms',
+         'CBN', '--images', '16', '--seeds', '0', '1', '--collect', '--work-dir', str(out / 'work'),
+         '--data-root', str(tmp_path / 'data'), '--out', str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-6000:]
+    assert not (out / 'work' / 'n2' / 'CBN' / 'seed1').exists()
+    md = (out / 'classification_batch_size.md').read_text()
+    assert 'Missing (no result; rerun the command to continue): CBN N=2 seed 1, CBN N=4 seed 1' in md
+    assert 'this invocation ran 0 of them' in md and '2 were done by earlier invocations (--jobs 2)' in md
+
+
+def test_jobs_must_be_positive():
+    proc = subprocess.run([sys.executable, osp.join(ANALYSIS, 'classification_batch_size.py'),
+                           '--jobs', '0'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and '--jobs must be at least 1 (got 0)' in proc.stderr

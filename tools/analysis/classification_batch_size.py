@@ -10,9 +10,13 @@ study resumes.
 
     .venv/bin/python tools/analysis/classification_batch_size.py           # the study, ~35 min
     .venv/bin/python tools/analysis/classification_batch_size.py --quick   # tiny data, 4 runs (tests)
+    .venv/bin/python tools/analysis/classification_batch_size.py --jobs 2  # two runs at a time
 
-Prints the table; writes ``classification_batch_size.{md,json,png}`` to ``--out`` (``--quick``: the
-work dir).
+``--jobs J`` runs J subprocesses at a time (each with ``--threads`` threads); every run has its own
+process, seed and settings whatever J is, so J changes the wall time, not the runs.
+
+Prints the table; writes ``classification_batch_size.{md,json,png}`` (or ``--name``) to ``--out``
+(``--quick``: the work dir).
 """
 import argparse
 import json
@@ -22,6 +26,7 @@ import os.path as osp
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from common import (REPO_ROOT, EVIDENCE_DIR, Report, RunRecord, analysis_parser, ensure_dir,
                     format_mean_std, markdown_table, mean, mean_std, plt, save_figure)
@@ -167,7 +172,10 @@ def load_result(path: str, settings: dict):
 
 
 def launch(args, settings, norm, images_per_iter, seed):
-    """Train one run in a subprocess; ``(result or None, wall seconds, log path)``."""
+    """Train one run in a subprocess; ``(result or None, wall seconds, log path)``.
+
+    The result records the run's wall time and how many runs were running at a time (``jobs``).
+    """
     work_dir = ensure_dir(run_dir(args, norm, images_per_iter, seed))
     result_path = osp.join(work_dir, 'result.json')
     if osp.exists(result_path):
@@ -187,9 +195,32 @@ def launch(args, settings, norm, images_per_iter, seed):
     result = load_result(result_path, settings)
     if result is not None:
         result['wall_seconds'] = wall
+        result['jobs'] = args.jobs
         with open(result_path, 'w') as f:
             json.dump(result, f, indent=1)
     return result, wall, log
+
+
+def wall_time(runs, done_before: int, elapsed: float, jobs: int, threads: int) -> str:
+    """The report's sentence on time: summed over the runs, and this invocation's elapsed time.
+
+    A run whose launcher was stopped before it ended has a result but no recorded wall time (nor
+    ``jobs``): such runs are counted apart.
+    """
+    timed = [r for r in runs if 'wall_seconds' in r]
+    summed = sum(r['wall_seconds'] for r in timed)
+    at_a_time = 'one at a time' if jobs == 1 else f'{jobs} at a time (--jobs {jobs})'
+    text = (f'Wall time: {summed:.0f} s summed over {len(timed)} of the {len(runs)} runs, '
+            f'{threads} thread(s) each; this invocation ran {len(runs) - done_before} of them '
+            f'{at_a_time} in {elapsed:.0f} s')
+    if done_before:
+        earlier = sorted({str(r['jobs']) for r in runs[:done_before] if 'jobs' in r})
+        text += (f'; {done_before} were done by earlier invocations'
+                 + (f' (--jobs {"/".join(earlier)})' if earlier else ''))
+    if len(timed) < len(runs):
+        text += (f'; {len(runs) - len(timed)} run(s) have no recorded wall time (their launcher '
+                 'was stopped before they ended)')
+    return text + '.'
 
 
 def summarize(norms, sizes, seeds, runs):
@@ -258,12 +289,21 @@ def main(argv=None) -> int:
                              f'({DENSENET}), written to {NAME}_densenet.*')
     parser.add_argument('--data-root', default=None,
                         help='default data/demo_shapes_cls (--quick: WORK_DIR/data)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs at a time, each a subprocess with --threads threads (default 1)')
+    parser.add_argument('--collect', action='store_true',
+                        help='train nothing: report the finished runs, the others as missing')
+    parser.add_argument('--name', default=None,
+                        help=f'outputs OUT/NAME.{{md,json,png}} and the default work dir (default '
+                             f'{NAME}, --backbone densenet: {NAME}_densenet)')
     parser.add_argument('--run-one', metavar='SPEC', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_one:
         return run_one(args.run_one)
+    if args.jobs < 1:
+        parser.error(f'--jobs must be at least 1 (got {args.jobs})')
 
-    name = NAME + ('' if args.backbone == 'resnet18' else f'_{args.backbone}')
+    name = args.name or NAME + ('' if args.backbone == 'resnet18' else f'_{args.backbone}')
     quick = args.quick
     args.norms = args.norms or ['BN', 'CBN']
     args.sizes = args.sizes or ([2, 4] if quick else [2, 4, 8, 16])
@@ -291,21 +331,27 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 done = load_result(osp.join(run_dir(args, norm, n, seed), 'result.json'), settings)
                 (runs.append(done) if done is not None else todo.append((norm, n, seed)))
-    print(f'[{name}] {len(todo)} run(s) to do, {len(runs)} done before; settings {settings}',
-          flush=True)
+    print(f'[{name}] {len(todo)} run(s) to do, {len(runs)} done before, {args.jobs} at a time; '
+          f'settings {settings}', flush=True)
+    done_before = len(runs)
     lost = []
-    for norm, n, seed in todo:
-        result, wall, log = launch(args, settings, norm, n, seed)
-        if result is None:
-            lost.append((norm, n, seed, log))
-            print(f'[{name}] {norm} N={n} seed={seed}: NO RESULT after {wall:.0f} s, see {log}',
-                  flush=True)
-            continue
-        runs.append(result)
-        status = (f"top-1 {result['top1']:.1f}" if result['failure'] is None
-                  else f"FAILED: {result['failure']}")
-        print(f'[{name}] {norm} N={n} seed={seed}: {status}, {wall:.0f} s '
-              f'(total {report.seconds:.0f} s)', flush=True)
+    if args.collect:  # report only: the runs not finished are missing
+        lost = [(norm, n, seed, None) for norm, n, seed in todo]
+        todo = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
+        futures = {pool.submit(launch, args, settings, *run): run for run in todo}
+        for future in as_completed(futures):
+            (norm, n, seed), (result, wall, log) = futures[future], future.result()
+            if result is None:
+                lost.append((norm, n, seed, log))
+                print(f'[{name}] {norm} N={n} seed={seed}: NO RESULT after {wall:.0f} s, see {log}',
+                      flush=True)
+                continue
+            runs.append(result)
+            status = (f"top-1 {result['top1']:.1f}" if result['failure'] is None
+                      else f"FAILED: {result['failure']}")
+            print(f'[{name}] {norm} N={n} seed={seed}: {status}, {wall:.0f} s '
+                  f'(total {report.seconds:.0f} s)', flush=True)
 
     summary = summarize(args.norms, args.sizes, args.seeds, runs)
     head = ['normalizer'] + [f'N = {n}' for n in args.sizes]
@@ -326,7 +372,9 @@ def main(argv=None) -> int:
                + f' --norms {" ".join(args.norms)} --sizes {" ".join(map(str, args.sizes))}'
                f' --seeds {" ".join(map(str, args.seeds))} --images {args.images} --lr {args.lr:g}'
                f' --gn-groups {args.gn_groups}'
-               + ('' if args.backbone == 'resnet18' else f' --backbone {args.backbone}'))
+               + ('' if args.backbone == 'resnet18' else f' --backbone {args.backbone}')
+               + (f' --name {args.name}' if args.name else '')
+               + (f' --jobs {args.jobs}' if args.jobs != 1 else ''))
     iters = ', '.join(f'{iterations(settings, n)} at N = {n}' for n in args.sizes)
     md = (f'# Figure 1 at CPU scale: top-1 against images per iteration\n\n'
           f'Command: `{command}`\n\n'
@@ -346,8 +394,7 @@ def main(argv=None) -> int:
              "conv that produced it (other slices' channels as recorded)"
              if 'CBN-slices' in args.norms else '')
           + (f'. GN: {args.gn_groups} groups' if 'GN' in args.norms else '') + '.\n\n'
-          f'Wall time: {sum(r.get("wall_seconds", 0) for r in runs):.0f} s summed over the '
-          f'{len(runs)} runs, one at a time, {args.threads} thread(s) each.\n\n'
+          + wall_time(runs, done_before, report.seconds, args.jobs, args.threads) + '\n\n'
           f'Top-1 (%) on the val split, mean ± std over seeds {args.seeds}:\n\n'
           + markdown_table(head, rows)
           + ('\n\nMissing (no result; rerun the command to continue): '
@@ -360,7 +407,7 @@ def main(argv=None) -> int:
           + markdown_table(['normalizer', 'N', 'seed', 'iterations', 'top-1 (%)', 'failure'],
                            seed_rows) + '\n')
     report.write(md, dict(args=vars(args), settings=settings, summary=summary, runs=runs,
-                          wall_seconds=report.seconds,
+                          wall_seconds=report.seconds, jobs=args.jobs, runs_done_before=done_before,
                           lost=[dict(norm=a, images_per_iter=b, seed=c, log=d)
                                 for a, b, c, d in lost]),
                  plot=lambda path: plot(path, args.norms, args.sizes, summary,
