@@ -422,8 +422,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _record(self, history: WindowHistory, input: Tensor, batch_mean: Tensor, batch_var: Tensor,
                 count: float, finite: Tensor, binding) -> None:
         """The current iteration's entry (``binding``: the conv to compensate for, or None)."""
-        if (binding is not None and self.var_grad_dtype == 'bfloat16' and input.device.type == 'cpu'
-                and not cpu_has_fast_bfloat16()):
+        if (self.var_grad_dtype == 'bfloat16' and binding is not None and input.device.type == 'cpu'
+                and not cpu_has_fast_bfloat16()):  # (the default's forward compares one string)
             self._warn_once('slow_bf16_product', "var_grad_dtype='bfloat16' on a CPU without "
                             "oneDNN's bfloat16 kernels (no AVX-512): torch runs the product through "
                             'its slow reference kernel, several times slower than in float32; '
