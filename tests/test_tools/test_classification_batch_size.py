@@ -26,7 +26,7 @@ def test_window_rule(n, k):
     assert study().window(n) == k   # N·k ≥ 16, the smallest such k
 
 
-@pytest.mark.parametrize('norm', ['BN', 'CBN', 'CBN-naive', 'GN'])
+@pytest.mark.parametrize('norm', ['BN', 'CBN', 'CBN-naive', 'NaiveCBN', 'GN'])
 def test_run_config(norm, tmp_path):
     mod = study()
     settings = dict(images=640, lr=0.05, gn_groups=8, data_root=str(tmp_path / 'data'),
@@ -39,13 +39,38 @@ def test_run_config(norm, tmp_path):
     assert cfg.randomness.seed == 3
     burn_in = [h for h in cfg.custom_hooks if h['type'] == 'CBNBurnInHook']
     assert burn_in == ([dict(type='CBNBurnInHook', burn_in=40, by_epoch=False)]
-                       if norm.startswith('CBN') else [])
+                       if 'CBN' in norm else [])
     for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         dataset = cfg[name].dataset
         assert dataset.data_root == str(tmp_path / 'data') + '/'
         assert dataset.generate == mod.QUICK_DATA
     crop = next(s for s in cfg.train_dataloader.dataset.pipeline if s['type'] == 'RandomResizedCrop')
     assert crop['scale'] == mod.QUICK_DATA['image_size']
+
+
+def test_window_and_burn_in_settings(tmp_path):
+    """--window fixes CBN's k at every N and --burn-in sets the burn-in's share of the run; Naive CBN
+    is CBN with compensate=False; BN is untouched."""
+    mod = study()
+    settings = dict(images=640, lr=0.05, gn_groups=8, data_root=str(tmp_path / 'data'),
+                    generation=dict(mod.QUICK_DATA), window=3, burn_in=0.5)
+    for n in (2, 16):
+        cfg = mod.build_config('NaiveCBN', n, 0, settings, str(tmp_path / 'run'))
+        assert cfg.model.backbone.norm_cfg == dict(type='CBN', window=3, compensate=False,
+                                                   requires_grad=True)
+        burn_in = [h for h in cfg.custom_hooks if h['type'] == 'CBNBurnInHook']
+        assert burn_in == [dict(type='CBNBurnInHook', burn_in=640 // n // 2, by_epoch=False)]
+    cfg = mod.build_config('BN', 2, 0, settings, str(tmp_path / 'run'))
+    assert cfg.model.backbone.norm_cfg == dict(type='BN', requires_grad=True)
+    assert not [h for h in cfg.custom_hooks if h['type'] == 'CBNBurnInHook']
+
+
+def test_loss_by_tenth():
+    mod = study()
+    assert mod.loss_by_tenth(list(range(9))) is None
+    assert mod.loss_by_tenth([float(i) for i in range(10)]) == [float(i) for i in range(10)]
+    curve = mod.loss_by_tenth([float(i // 3) for i in range(32)])   # 32 values: tenths of 3 or 4
+    assert len(curve) == 10 and curve[0] == 0.0 and curve[-1] == 9.5   # values 28..31 // 3
 
 
 def test_densenet_config_builds_with_cbn_where_the_tool_says(tmp_path):
@@ -92,6 +117,7 @@ def test_quick(tmp_path):
         assert r['failure'] is None and 0 <= r['top1'] <= 100
         assert r['iters'] == 64 // r['images_per_iter']
         assert r['window'] == (study().window(r['images_per_iter']) if r['norm'] == 'CBN' else None)
+        assert len(r['loss_by_tenth']) == 10 and r['loss_by_tenth'][0] > 0
     md = (tmp_path / 'out' / 'classification_batch_size.md').read_text()
     assert 'Top-1 (%) on the val split, mean ± std over seeds [0]:' in md
     assert (tmp_path / 'out' / 'classification_batch_size.png').read_bytes()[:4] == b'\x89PNG'
@@ -137,7 +163,11 @@ def test_jobs_do_not_change_the_runs(tmp_path):
     assert 'this invocation ran 0 of them' in md and '2 were done by earlier invocations (--jobs 2)' in md
 
 
-def test_jobs_must_be_positive():
-    proc = subprocess.run([sys.executable, osp.join(ANALYSIS, 'classification_batch_size.py'),
-                           '--jobs', '0'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and '--jobs must be at least 1 (got 0)' in proc.stderr
+@pytest.mark.parametrize('option,message', [
+    (['--jobs', '0'], '--jobs must be at least 1 (got 0)'),
+    (['--window', '0'], '--window must be at least 1 (got 0)'),
+    (['--burn-in', '1'], '--burn-in must be a fraction of the run in [0, 1) (got 1.0)')])
+def test_bad_settings_are_refused(option, message):
+    proc = subprocess.run([sys.executable, osp.join(ANALYSIS, 'classification_batch_size.py')]
+                          + option, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr

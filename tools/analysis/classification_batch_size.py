@@ -4,9 +4,9 @@ The classification demo (``configs/demo/resnet18_cbn_demo-shapes-cls.py``: half-
 scratch, generated 64-px shapes, 5 classes) trained with mmengine's Runner at N images per
 iteration, every N seeing the same number of images (iterations = images / N), lr = base × N / 16
 (the paper's linear rule), warm-up then cosine decay. CBN: window k = ⌈16 / N⌉ (N·k ≥ 16, as the
-paper's Table 3) after a burn-in of a quarter of the iterations at k = 1. Each run (normalizer, N,
-seed) is a subprocess with its own directory under ``--work-dir``; finished runs are kept, so the
-study resumes.
+paper's Table 3; ``--window`` fixes k) after a burn-in of a quarter of the iterations at k = 1
+(``--burn-in``). Each run (normalizer, N, seed) is a subprocess with its own directory under
+``--work-dir``; finished runs are kept, so the study resumes.
 
     .venv/bin/python tools/analysis/classification_batch_size.py           # the study, ~35 min
     .venv/bin/python tools/analysis/classification_batch_size.py --quick   # tiny data, 4 runs (tests)
@@ -34,9 +34,11 @@ from common import (REPO_ROOT, EVIDENCE_DIR, Report, RunRecord, analysis_parser,
 #: the demo config every run starts from
 NAME = 'classification_batch_size'
 DEMO_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'resnet18_cbn_demo-shapes-cls.py')
-NORMS = ('BN', 'CBN', 'CBN-naive', 'CBN-slices', 'GN')
+NORMS = ('BN', 'CBN', 'CBN-naive', 'CBN-slices', 'NaiveCBN', 'GN')
 LABELS = {'BN': 'BN', 'CBN': 'CBN', 'CBN-naive': "CBN, fallback='naive'",
-          'CBN-slices': "CBN, concat='compensate'", 'GN': 'GN'}
+          'CBN-slices': "CBN, concat='compensate'", 'NaiveCBN': 'Naive CBN', 'GN': 'GN'}
+#: the burn-in (iterations at k = 1) as a fraction of the run, unless --burn-in says otherwise
+BURN_IN = 0.25
 #: --backbone densenet: a small DenseNet (mmpretrain's, 4 blocks of 4 pre-activation layers): each
 #: layer's first norm normalises a concatenation, where CBN falls back (``fallback``), or with
 #: 'CBN-slices' compensates each slice with the conv that produced it (``concat='compensate'``)
@@ -47,22 +49,24 @@ DATA = dict(num_train=1000, num_val=250, image_size=64, seed=0)
 QUICK_DATA = dict(num_train=20, num_val=10, image_size=32, seed=0)
 
 
-def window(images_per_iter: int) -> int:
-    """CBN's window k = ⌈16 / N⌉: at least 16 examples in the window (the paper's Table 3)."""
-    return max(1, math.ceil(16 / images_per_iter))
+def window(images_per_iter: int, fixed=None) -> int:
+    """CBN's window: ``fixed`` (--window) or k = ⌈16 / N⌉, at least 16 examples in the window (the
+    paper's Table 3)."""
+    return fixed if fixed is not None else max(1, math.ceil(16 / images_per_iter))
 
 
-def norm_cfg(norm: str, images_per_iter: int, gn_groups: int) -> dict:
+def norm_cfg(norm: str, images_per_iter: int, gn_groups: int, fixed_window=None) -> dict:
+    k = window(images_per_iter, fixed_window)
     if norm == 'BN':
         return dict(type='BN', requires_grad=True)
     if norm == 'CBN':
-        return dict(type='CBN', window=window(images_per_iter), requires_grad=True)
+        return dict(type='CBN', window=k, requires_grad=True)
     if norm == 'CBN-naive':  # inputs that are not a conv's output: the uncompensated window
-        return dict(type='CBN', window=window(images_per_iter), fallback='naive',
-                    requires_grad=True)
+        return dict(type='CBN', window=k, fallback='naive', requires_grad=True)
     if norm == 'CBN-slices':  # a concatenation compensated slice by slice
-        return dict(type='CBN', window=window(images_per_iter), concat='compensate',
-                    requires_grad=True)
+        return dict(type='CBN', window=k, concat='compensate', requires_grad=True)
+    if norm == 'NaiveCBN':  # the window as recorded, nothing compensated (the paper's Naive CBN)
+        return dict(type='CBN', window=k, compensate=False, requires_grad=True)
     if norm == 'GN':
         return dict(type='GN', num_groups=gn_groups, requires_grad=True)
     raise ValueError(f'unknown normalizer {norm!r}; expected one of {NORMS}')
@@ -88,15 +92,16 @@ def build_config(norm: str, images_per_iter: int, seed: int, settings: dict, wor
     cfg = Config.fromfile(DEMO_CONFIG)
     iters = iterations(settings, images_per_iter)
     warmup = max(1, iters // 12)
-    norms = norm_cfg(norm, images_per_iter, settings['gn_groups'])
+    norms = norm_cfg(norm, images_per_iter, settings['gn_groups'], settings.get('window'))
     if settings.get('backbone', 'resnet18') == 'densenet':
         cfg.model.backbone = dict(type='DenseNet', arch=dict(DENSENET), norm_cfg=norms)
         cfg.model.head.in_channels = densenet_channels(DENSENET)
     else:
         cfg.model.backbone.norm_cfg = norms
     hooks = [h for h in cfg.custom_hooks if h['type'] != 'CBNBurnInHook']
-    if norm.startswith('CBN'):
-        hooks.insert(0, dict(type='CBNBurnInHook', burn_in=iters // 4, by_epoch=False))
+    if 'CBN' in norm:
+        burn_in = int(iters * settings.get('burn_in', BURN_IN))
+        hooks.insert(0, dict(type='CBNBurnInHook', burn_in=burn_in, by_epoch=False))
     cfg.custom_hooks = hooks
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=iters)
     cfg.param_scheduler = [
@@ -120,6 +125,12 @@ def build_config(norm: str, images_per_iter: int, seed: int, settings: dict, wor
     return cfg
 
 
+def loss_by_tenth(losses):
+    """The training loss's course: its mean over each tenth of the run (None under 10 values)."""
+    n = len(losses)
+    return [mean(losses[i * n // 10:(i + 1) * n // 10]) for i in range(10)] if n >= 10 else None
+
+
 def run_one(spec_path: str) -> int:
     """Child process: train one run, evaluate it, write ``result.json``."""
     import torch
@@ -134,8 +145,8 @@ def run_one(spec_path: str) -> int:
     record = RunRecord()
     result = dict(norm=spec['norm'], images_per_iter=spec['images_per_iter'], seed=spec['seed'],
                   settings=settings, iters=iterations(settings, spec['images_per_iter']),
-                  window=(window(spec['images_per_iter']) if spec['norm'].startswith('CBN')
-                          else None),
+                  window=(window(spec['images_per_iter'], settings.get('window'))
+                          if 'CBN' in spec['norm'] else None),
                   failure=None)
     try:
         runner = Runner.from_cfg(cfg)
@@ -148,6 +159,7 @@ def run_one(spec_path: str) -> int:
         result['iter_seconds'] = (t['val_start'] - t['train_start']) / result['iters']
     tail = record.losses[-max(1, len(record.losses) // 10):]
     result['final_loss'] = mean(tail) if record.losses else None
+    result['loss_by_tenth'] = loss_by_tenth(record.losses)
     top1 = (record.metrics or {}).get('accuracy/top1')
     result['top1'] = None if top1 is None else float(top1)
     if result['failure'] is None and top1 is None:
@@ -234,8 +246,10 @@ def summarize(norms, sizes, seeds, runs):
             m, s = mean_std(values)
             losses = [sel[s]['final_loss'] for s in sel if sel[s].get('final_loss') is not None]
             times = [sel[s]['iter_seconds'] for s in sel if sel[s].get('iter_seconds')]
+            curves = [sel[s]['loss_by_tenth'] for s in sel if sel[s].get('loss_by_tenth')]
             summary[norm][str(n)] = dict(
                 values=values, mean=m, std=s, seeds=[x for x in seeds if x in sel],
+                loss_by_tenth=([mean(list(column)) for column in zip(*curves)] if curves else None),
                 failures={str(x): sel[x]['failure'] for x in sel if sel[x]['failure']},
                 final_loss=mean(losses) if losses else None,
                 seconds_per_iter=mean(times) if times else None)
@@ -246,7 +260,7 @@ def plot(path, norms, sizes, summary, title):
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(6, 4.2))
     colours = {'BN': 'tab:blue', 'CBN': 'tab:red', 'CBN-naive': 'tab:orange',
-               'CBN-slices': 'tab:purple', 'GN': 'tab:green'}
+               'CBN-slices': 'tab:purple', 'NaiveCBN': 'tab:brown', 'GN': 'tab:green'}
     for norm in norms:
         xs = [n for n in sizes if summary[norm][str(n)]['mean'] is not None]
         ys = [summary[norm][str(n)]['mean'] for n in xs]
@@ -289,6 +303,10 @@ def main(argv=None) -> int:
                              f'({DENSENET}), written to {NAME}_densenet.*')
     parser.add_argument('--data-root', default=None,
                         help='default data/demo_shapes_cls (--quick: WORK_DIR/data)')
+    parser.add_argument('--window', type=int, default=None,
+                        help="CBN's window at every N (default ⌈16 / N⌉)")
+    parser.add_argument('--burn-in', type=float, default=BURN_IN,
+                        help=f'the burn-in at k = 1, a fraction of the run (default {BURN_IN})')
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at a time, each a subprocess with --threads threads (default 1)')
     parser.add_argument('--collect', action='store_true',
@@ -302,6 +320,10 @@ def main(argv=None) -> int:
         return run_one(args.run_one)
     if args.jobs < 1:
         parser.error(f'--jobs must be at least 1 (got {args.jobs})')
+    if args.window is not None and args.window < 1:
+        parser.error(f'--window must be at least 1 (got {args.window})')
+    if not 0 <= args.burn_in < 1:
+        parser.error(f'--burn-in must be a fraction of the run in [0, 1) (got {args.burn_in})')
 
     name = args.name or NAME + ('' if args.backbone == 'resnet18' else f'_{args.backbone}')
     quick = args.quick
@@ -317,8 +339,13 @@ def main(argv=None) -> int:
     args.out = args.out or (args.work_dir if quick else EVIDENCE_DIR)
     settings = dict(images=args.images, lr=args.lr, gn_groups=args.gn_groups,
                     data_root=args.data_root, generation=generation)
-    if args.backbone != 'resnet18':  # (the ResNet's settings stay as they were: its runs resume)
+    # (settings at their defaults stay out of the dict, so that earlier runs resume)
+    if args.backbone != 'resnet18':
         settings['backbone'] = args.backbone
+    if args.window is not None:
+        settings['window'] = args.window
+    if args.burn_in != BURN_IN:
+        settings['burn_in'] = args.burn_in
 
     # generate the data once, before the runs (and check data already there)
     from cbn_mmdet_demo.shapes_classification import make_classification_dataset
@@ -355,8 +382,8 @@ def main(argv=None) -> int:
 
     summary = summarize(args.norms, args.sizes, args.seeds, runs)
     head = ['normalizer'] + [f'N = {n}' for n in args.sizes]
-    rows = [[LABELS[norm] + (' (k = ' + ' / '.join(str(window(n)) for n in args.sizes) + ')'
-                             if norm.startswith('CBN') else '')]
+    rows = [[LABELS[norm] + (' (k = ' + ' / '.join(str(window(n, args.window)) for n in args.sizes)
+                             + ')' if 'CBN' in norm else '')]
             + [format_mean_std(summary[norm][str(n)]['mean'], summary[norm][str(n)]['std'])
                for n in args.sizes] for norm in args.norms]
     loss_rows = [[LABELS[norm]] + ['–' if summary[norm][str(n)]['final_loss'] is None
@@ -365,6 +392,8 @@ def main(argv=None) -> int:
     time_rows = [[LABELS[norm]] + ['–' if summary[norm][str(n)]['seconds_per_iter'] is None
                                    else f"{summary[norm][str(n)]['seconds_per_iter']:.3f}"
                                    for n in args.sizes] for norm in args.norms]
+    curve_rows = [[LABELS[norm], str(n)] + [f'{v:.3f}' for v in summary[norm][str(n)]['loss_by_tenth']]
+                  for n in args.sizes for norm in args.norms if summary[norm][str(n)]['loss_by_tenth']]
     seed_rows = [[LABELS[r['norm']], str(r['images_per_iter']), str(r['seed']), str(r['iters']),
                   '–' if r['top1'] is None else f"{r['top1']:.1f}", r['failure'] or '']
                  for r in sorted(runs, key=lambda r: (r['norm'], r['images_per_iter'], r['seed']))]
@@ -372,6 +401,8 @@ def main(argv=None) -> int:
                + f' --norms {" ".join(args.norms)} --sizes {" ".join(map(str, args.sizes))}'
                f' --seeds {" ".join(map(str, args.seeds))} --images {args.images} --lr {args.lr:g}'
                f' --gn-groups {args.gn_groups}'
+               + (f' --window {args.window}' if args.window is not None else '')
+               + (f' --burn-in {args.burn_in:g}' if args.burn_in != BURN_IN else '')
                + ('' if args.backbone == 'resnet18' else f' --backbone {args.backbone}')
                + (f' --name {args.name}' if args.name else '')
                + (f' --jobs {args.jobs}' if args.jobs != 1 else ''))
@@ -385,14 +416,18 @@ def main(argv=None) -> int:
              f"its backbone replaced by mmpretrain's DenseNet with {DENSENET}")
           + f' from scratch) with the normalizer in every layer, trained with mmengine\'s '
           f'Runner. {args.images} training images per run at every N ({iters} iterations), '
-          f'lr {args.lr:g} × N / 16, warm-up 1/12 of the run, cosine decay. CBN: k = ⌈16 / N⌉ '
-          f'after a burn-in of a quarter of the run at k = 1'
+          f'lr {args.lr:g} × N / 16, warm-up 1/12 of the run, cosine decay. CBN: '
+          + (f'k = {args.window}' if args.window is not None else 'k = ⌈16 / N⌉')
+          + ' after a burn-in of '
+          + ('a quarter' if args.burn_in == BURN_IN else f'{args.burn_in:g}') + ' of the run at k = 1'
           + ("; where a CBN layer's input is not a conv's output it normalises with the current "
              "batch (fallback='bn', CBN) or with the uncompensated window (fallback='naive')"
              if 'CBN-naive' in args.norms else '')
           + ("; CBN, concat='compensate' compensates each slice of a concatenated input with the "
              "conv that produced it (other slices' channels as recorded)"
              if 'CBN-slices' in args.norms else '')
+          + ('; Naive CBN: the same window, its entries as recorded (compensate=False)'
+             if 'NaiveCBN' in args.norms else '')
           + (f'. GN: {args.gn_groups} groups' if 'GN' in args.norms else '') + '.\n\n'
           + wall_time(runs, done_before, report.seconds, args.jobs, args.threads) + '\n\n'
           f'Top-1 (%) on the val split, mean ± std over seeds {args.seeds}:\n\n'
@@ -401,6 +436,9 @@ def main(argv=None) -> int:
              + ', '.join(f'{a} N={b} seed {c}' for a, b, c, _ in lost) if lost else '')
           + '\n\nFinal training loss (mean of the last tenth of the run, mean over seeds):\n\n'
           + markdown_table(['normalizer'] + [f'N = {n}' for n in args.sizes], loss_rows)
+          + ('\n\nTraining loss by tenth of the run (mean over the tenth, mean over seeds):\n\n'
+             + markdown_table(['normalizer', 'N'] + [str(i + 1) for i in range(len(curve_rows[0]) - 2)],
+                              curve_rows) if curve_rows else '')
           + '\n\nSeconds per training iteration (mean over seeds):\n\n'
           + markdown_table(['normalizer'] + [f'N = {n}' for n in args.sizes], time_rows)
           + '\n\nPer run:\n\n'
