@@ -9,7 +9,8 @@ without), then resumes a fresh model from each and repeats the remaining steps. 
 parameters; the outputs of the resumed runs; the warnings of the run without gathering; the outputs
 of the same training under activation checkpointing (reentrant and not), and with the backward's
 CUDA branch run by stand-in kernels. The same training and gathered resume for :class:`ConcatNet`
-(a norm over a concatenation, ``concat='compensate'``).
+(a norm over a concatenation, ``concat='compensate'``). Both nets resumed from a one-process CBN
+checkpoint.
 """
 import os
 import sys
@@ -157,10 +158,28 @@ def _train_and_resume(make, rank, ckpt):
                 keys=sorted(torch.load(ckpt, weights_only=True)) if rank == 0 else None)
 
 
+def _resume_from_one_process(make_sync, make_one, rank):
+    """A one-process CBN checkpoint (the whole batch for ``SAVE_AFTER`` steps, trained here on every
+    rank alike) loaded into SyncCBN, then the remaining steps on the shares: the outputs and the
+    warnings of the load."""
+    one, one_opt = make_one()
+    for step in range(SAVE_AFTER):
+        train_step(one, one_opt, *step_batch(step))
+    model, opt = make_sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        model.load_state_dict(one.state_dict())
+    outputs = [train_step(model, opt, share(x, step, rank), share(weights, step, rank), _sum_grads)
+               for step, (x, weights) in ((step, step_batch(step)) for step in range(SAVE_AFTER, STEPS))]
+    return dict(outputs=outputs, warnings=[str(w.message) for w in caught],
+                stats=running_stats(model))
+
+
 def main():
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
     dist.init_process_group('gloo', rank=rank, world_size=world)
+    from cbn_mmdet.models import CrossIterationBatchNorm2d
     from cbn_mmdet.models.sync_cbn import SyncCrossIterationBatchNorm2d, gathered_histories
 
     def make(checkpointed=None):
@@ -212,8 +231,25 @@ def main():
         return model, torch.optim.SGD(model.parameters(), lr=0.05)
 
     concat = _train_and_resume(make_concat, rank, os.path.join(out_dir, 'concat.pth'))
+
+    def one_process(net, **options):
+        def make():
+            model = net(lambda c: CrossIterationBatchNorm2d(c, window=WINDOW, **options))
+            return model, torch.optim.SGD(model.parameters(), lr=0.05)
+        return make
+
+    def sync(net, **options):
+        def make():
+            model = net(lambda c: SyncCrossIterationBatchNorm2d(c, window=WINDOW, **options))
+            return model, torch.optim.SGD(model.parameters(), lr=0.05)
+        return make
+
+    from_one_process = {
+        'plain': _resume_from_one_process(sync(TwoLayerNet), one_process(TwoLayerNet), rank),
+        'concat': _resume_from_one_process(sync(ConcatNet, concat='compensate'),
+                                           one_process(ConcatNet, concat='compensate'), rank)}
     torch.save(dict(outputs=outputs, stats=stats, resumed=resumed, checkpointed=checkpointed,
-                    cuda_branch=cuda_branch, concat=concat,
+                    cuda_branch=cuda_branch, concat=concat, from_one_process=from_one_process,
                     params={k: v.detach().clone() for k, v in model.named_parameters()},
                     entries=[len(m.history.entries()) for m in (model.norm1, model.norm2)]),
                os.path.join(out_dir, f'rank{rank}.pt'))

@@ -125,6 +125,26 @@ def test_gathered_checkpoint_keeps_every_process_slice_histories(two_processes):
             assert torch.equal(output, concat['outputs'][step]), step
 
 
+@pytest.mark.parametrize('net,options', [(TwoLayerNet, {}), (ConcatNet, dict(concat='compensate'))],
+                         ids=['plain', 'concat'])
+def test_one_process_checkpoint_resumes_the_processes_as_one_window(two_processes, net, options):
+    """A checkpoint of CBN on one process (no process count saved) loaded into SyncCBN on two:
+    rank 0 keeps the saved entries, the other ranks the same iterations without values (the
+    per-slice histories of a concatenation included), so the pooled window is the saved one and
+    the outputs and the running statistics (unbiased with the window's count) equal one process's
+    CBN continuing on the whole batch, with no warning."""
+    model = net(lambda c: CrossIterationBatchNorm2d(c, window=WINDOW, **options))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    whole = [train_step(model, opt, *step_batch(step)) for step in range(STEPS)]
+    for rank, result in enumerate(two_processes):
+        resumed = result['from_one_process']['plain' if net is TwoLayerNet else 'concat']
+        assert resumed['warnings'] == []
+        for step, output in zip(range(SAVE_AFTER, STEPS), resumed['outputs']):
+            torch.testing.assert_close(output, share(whole[step], step, rank), **TOL)
+        for name, value in running_stats(model).items():
+            torch.testing.assert_close(resumed['stats'][name], value, **TOL)
+
+
 @pytest.mark.parametrize('reentrant', [False, True])
 def test_activation_checkpointing_trains_the_same(two_processes, reentrant):
     """Under a checkpoint the first pass and the recomputation both pool across the processes
