@@ -225,29 +225,21 @@ def main():
             for step, (x, weights) in ((step, step_batch(step)) for step in range(STEPS))]
     cuda_branch = _train_with_cuda_kernel_standins(make, rank)
 
-    def make_concat():
-        model = ConcatNet(lambda c: SyncCrossIterationBatchNorm2d(c, window=WINDOW,
-                                                                  concat='compensate'))
-        return model, torch.optim.SGD(model.parameters(), lr=0.05)
-
-    concat = _train_and_resume(make_concat, rank, os.path.join(out_dir, 'concat.pth'))
-
-    def one_process(net, **options):
+    def maker(norm, net, **options):
+        """A factory of ``net`` with ``norm(c, window=WINDOW, **options)`` and its SGD."""
         def make():
-            model = net(lambda c: CrossIterationBatchNorm2d(c, window=WINDOW, **options))
+            model = net(lambda c: norm(c, window=WINDOW, **options))
             return model, torch.optim.SGD(model.parameters(), lr=0.05)
         return make
 
-    def sync(net, **options):
-        def make():
-            model = net(lambda c: SyncCrossIterationBatchNorm2d(c, window=WINDOW, **options))
-            return model, torch.optim.SGD(model.parameters(), lr=0.05)
-        return make
-
+    sync_cbn, cbn = SyncCrossIterationBatchNorm2d, CrossIterationBatchNorm2d
+    concat = _train_and_resume(maker(sync_cbn, ConcatNet, concat='compensate'), rank,
+                               os.path.join(out_dir, 'concat.pth'))
     from_one_process = {
-        'plain': _resume_from_one_process(sync(TwoLayerNet), one_process(TwoLayerNet), rank),
-        'concat': _resume_from_one_process(sync(ConcatNet, concat='compensate'),
-                                           one_process(ConcatNet, concat='compensate'), rank)}
+        'plain': _resume_from_one_process(maker(sync_cbn, TwoLayerNet), maker(cbn, TwoLayerNet),
+                                          rank),
+        'concat': _resume_from_one_process(maker(sync_cbn, ConcatNet, concat='compensate'),
+                                           maker(cbn, ConcatNet, concat='compensate'), rank)}
     torch.save(dict(outputs=outputs, stats=stats, resumed=resumed, checkpointed=checkpointed,
                     cuda_branch=cuda_branch, concat=concat, from_one_process=from_one_process,
                     params={k: v.detach().clone() for k, v in model.named_parameters()},
