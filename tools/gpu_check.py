@@ -6,7 +6,9 @@ operation's launch is what is left: ``tools/benchmarks/benchmark_fixed_cost.py``
 step time, the host's CPU time per step (what the Python thread spends issuing the step's work,
 synchronisations excluded) and its share of the step: near 1, the step is host-bound. Compiled rows
 report the first steps' wall time (compilation included) apart from the steady-state step time.
-Writes one Markdown report (and its JSON).
+Writes one Markdown report (and its JSON), rewritten after every section, so that a run stopped
+from outside leaves what it measured, marked incomplete; the compiled rows, which take the longest,
+come last, and ``--time-limit`` starts no section after that many seconds.
 
 Needs only torch (>= 2.4) with CUDA, plus torchvision for the model rows: no mmcv/mmengine/mmdet, no
 network. About 2-4 minutes on one modern GPU, plus the compilation of the compiled rows (minutes;
@@ -14,7 +16,7 @@ network. About 2-4 minutes on one modern GPU, plus the compilation of the compil
 
     python tools/gpu_check.py --out DIR [--device cuda] [--quick] [--image-size 800 1216]
         [--images 2] [--steps 20] [--skip-models] [--skip-fixed-cost] [--skip-compiled]
-        [--compile-backend inductor] [--compile-amp]
+        [--compile-backend inductor] [--compile-amp] [--time-limit SECONDS]
 
 Without CUDA (``--device cuda`` on a machine that has none) it writes a report saying so and exits 0.
 ``--device cpu --quick`` runs every check that does not need CUDA (CI does). Exit code 1 when a check
@@ -343,9 +345,10 @@ def measure_step(build, norm, device, amp, images, size, steps, warmup, compile_
 
 
 def benchmark(build, device, images, size, steps, warmup, amp_modes, compile_backend=None,
-              norms=('bn', 'naive', 'cbn')):
+              norms=('bn', 'naive', 'cbn'), on_row=None, rows_so_far=()):
     """Rows of :func:`measure_step` per precision of ``amp_modes`` and norm of ``norms`` (eager, or
-    compiled with ``compile_backend``), with time and memory as ratios to the first norm's (BN's)."""
+    compiled with ``compile_backend``), with time and memory as ratios to the first norm's (BN's).
+    ``on_row(rows)`` after each row, with ``rows_so_far`` before this call's rows."""
     rows = []
     for amp in amp_modes:
         base = None
@@ -361,6 +364,8 @@ def benchmark(build, device, images, size, steps, warmup, amp_modes, compile_bac
                              first_steps_s=m['first_steps_s'], warmup_steps=m['warmup_steps'],
                              graphs=m['graphs'], graphs_timed=m['graphs_timed'],
                              cbn_layers=m['cbn_layers']))
+            if on_row is not None:
+                on_row(list(rows_so_far) + rows)
     return rows
 
 
@@ -516,9 +521,38 @@ def run(args):
         return _run(args)
 
 
+class Report:
+    """What the run has measured so far, rewritten to ``gpu_check.md`` / ``.json`` after every section:
+    a run stopped by its time limit (a lent GPU machine's command limit) still leaves what it
+    measured, marked incomplete."""
+
+    def __init__(self, out, env, time_limit=None):
+        self.out, self.env, self.time_limit = out, env, time_limit
+        self.checks, self.cost, self.fixed, self.notes = [], [], [], []
+        self.started = time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+    def may_start(self, section):
+        """Whether ``section`` starts within ``--time-limit``; a note says so where it does not."""
+        if self.time_limit is None or self.elapsed() < self.time_limit:
+            return True
+        self.notes.append(f'{section} skipped: --time-limit {self.time_limit:g} s reached after '
+                          f'{self.elapsed():.0f} s')
+        return False
+
+    def save(self, running=None, cost=None):
+        """The report as it stands (``cost``: the model rows including those of a section still
+        running); ``running`` names the section under way."""
+        notes = self.notes + ([f'incomplete: stopped while running {running} ({self.elapsed():.0f} s '
+                               'in); the sections after it did not run'] if running else [])
+        return write_report(self.out, self.env, self.checks, self.cost if cost is None else cost,
+                            notes, self.fixed)
+
+
 def _run(args):
     device = args.device
-    notes = []
     if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
         text = write_report(args.out, environment('cpu'), [], [],
                             ['skipped: CUDA is not available on this machine'])
@@ -528,72 +562,81 @@ def _run(args):
         # exactness checks compare against float64: no TF32 rounding of the convolutions there
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    report = Report(args.out, environment(device), args.time_limit)
     steps = 3 if args.quick else 5
-    checks = []
     sections = [('reference', lambda: check_reference(device, steps)),
                 ('autocast', lambda: check_autocast(device)),
                 ('half', lambda: check_half_module(device, steps))]
     if torch.device(device).type == 'cuda':
         sections.append(('sync', lambda: check_no_sync(device, steps)))
     else:
-        notes.append('host-sync check skipped: it needs CUDA (on CPU, tests/test_models/test_cbn_precision.py '
-                     'checks that no tensor is read back or made from Python data)')
+        report.notes.append('host-sync check skipped: it needs CUDA (on CPU, '
+                            'tests/test_models/test_cbn_precision.py checks that no tensor is read '
+                            'back or made from Python data)')
     for name, section in sections:
+        report.save(running=f'the {name} checks')
         try:
-            checks += section()
+            report.checks += section()
         except Exception as err:  # noqa: BLE001  (report the failure, run the other checks)
-            checks.append(dict(check=name, ok=False, measured=f'{type(err).__name__}: {err}'[:200],
-                               limit='runs'))
+            report.checks.append(dict(check=name, ok=False,
+                                      measured=f'{type(err).__name__}: {err}'[:200], limit='runs'))
             traceback.print_exc()
-    cost = []
     if torch.device(device).type == 'cuda':
         torch.backends.cudnn.allow_tf32 = True  # the defaults users train with
         torch.backends.cudnn.benchmark = True
+    build = None
     if not args.skip_models:
         try:
             import torchvision  # noqa: F401
             build = resnet50_fpn
         except Exception:  # noqa: BLE001
-            build = None
-            notes.append('model rows skipped: torchvision is not installed')
-        if build is not None:
-            amp_modes = (False, True) if torch.device(device).type == 'cuda' else (False, )
-            size = tuple(args.image_size)
-            cost = benchmark(build, device, args.images, size, args.steps, args.warmup, amp_modes)
-            notes.append(f'{args.images} images of {args.image_size[0]}×{args.image_size[1]}, median '
-                         f'of {args.steps} steps after {args.warmup} warm-up steps; loss = mean '
-                         'square of the FPN outputs; naive = CBN without compensation')
-            backend, why_not = compiled_rows_backend(args)
-            if backend is None:
-                notes.append(f'compiled rows skipped: {why_not}')
-            else:
-                try:
-                    cost += benchmark(build, device, args.images, size, args.steps, args.warmup,
-                                      amp_modes if args.compile_amp else (False, ), backend,
-                                      norms=('bn', 'cbn'))
-                    notes.append(
-                        f'compiled: `torch.compile(model, backend={backend!r})` (the loss and the '
-                        'optimizer step eager), after `torch._dynamo.reset()`; first steps = the '
-                        'warm-up steps\' wall time, compilation included (at least 3: CBN k = 4 '
-                        'compiles the first iteration and the steady state); graphs = dynamo\'s '
-                        'unique graphs compiled in them')
-                except Exception as err:  # noqa: BLE001  (a cost measurement: report and go on)
-                    notes.append(f'compiled rows failed: {type(err).__name__}: {err}'[:300])
-                    traceback.print_exc()
-    fixed = []
-    if not args.skip_fixed_cost:
+            report.notes.append('model rows skipped: torchvision is not installed')
+    size = tuple(args.image_size)
+    amp_modes = (False, True) if torch.device(device).type == 'cuda' else (False, )
+    if build is not None and report.may_start('eager model rows'):
+        report.save(running='the eager model rows')
+        report.cost += benchmark(build, device, args.images, size, args.steps, args.warmup,
+                                 amp_modes, rows_so_far=report.cost,
+                                 on_row=lambda rows: report.save('the eager model rows', rows))
+        report.notes.append(f'{args.images} images of {size[0]}×{size[1]}, median of {args.steps} '
+                            f'steps after {args.warmup} warm-up steps; loss = mean square of the '
+                            'FPN outputs; naive = CBN without compensation')
+    # the per-layer fixed cost before the compiled rows: compiling takes the longest
+    if not args.skip_fixed_cost and report.may_start('fixed-cost rows'):
+        report.save(running='the fixed-cost rows')
         try:
-            fixed = fixed_cost(device, 10 if args.quick else 100, 2 if args.quick else 10)
+            report.fixed = fixed_cost(device, 10 if args.quick else 100, 2 if args.quick else 10)
         except Exception as err:  # noqa: BLE001  (a cost measurement, not a check: report and go on)
-            notes.append(f'fixed-cost rows failed: {type(err).__name__}: {err}'[:300])
+            report.notes.append(f'fixed-cost rows failed: {type(err).__name__}: {err}'[:300])
             traceback.print_exc()
-    if cost or fixed:
-        notes.append(HOST_TIME_NOTE)
-    if fixed and cost:
-        notes += launch_share(cost, fixed, max(r['cbn_layers'] for r in cost))
-    text = write_report(args.out, environment(device), checks, cost, notes, fixed)
-    print(text)
-    return 0 if all(r['ok'] for r in checks) else 1
+    if build is not None:
+        backend, why_not = compiled_rows_backend(args)
+        if backend is None:
+            report.notes.append(f'compiled rows skipped: {why_not}')
+        elif report.may_start('compiled model rows'):
+            report.save(running='the compiled model rows')
+            try:
+                report.cost += benchmark(build, device, args.images, size, args.steps, args.warmup,
+                                         amp_modes if args.compile_amp else (False, ), backend,
+                                         norms=('bn', 'cbn'), rows_so_far=report.cost,
+                                         on_row=lambda rows: report.save('the compiled model rows',
+                                                                         rows))
+                report.notes.append(
+                    f'compiled: `torch.compile(model, backend={backend!r})` (the loss and the '
+                    'optimizer step eager), after `torch._dynamo.reset()`; first steps = the '
+                    'warm-up steps\' wall time, compilation included (at least 3: CBN k = 4 '
+                    'compiles the first iteration and the steady state); graphs = dynamo\'s '
+                    'unique graphs compiled in them')
+            except Exception as err:  # noqa: BLE001  (a cost measurement: report and go on)
+                report.notes.append(f'compiled rows failed: {type(err).__name__}: {err}'[:300])
+                traceback.print_exc()
+    if report.cost or report.fixed:
+        report.notes.append(HOST_TIME_NOTE)
+    if report.fixed and report.cost:
+        report.notes += launch_share(report.cost, report.fixed,
+                                     max(r['cbn_layers'] for r in report.cost))
+    print(report.save())
+    return 0 if all(r['ok'] for r in report.checks) else 1
 
 
 def parse_args(argv=None):
@@ -613,6 +656,9 @@ def parse_args(argv=None):
     parser.add_argument('--images', type=int, default=2)
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--time-limit', type=float, default=None, metavar='SECONDS',
+                        help='start no further section after this many seconds (the report says '
+                        'which were skipped); the report is rewritten after every section either way')
     return parser.parse_args(argv)
 
 

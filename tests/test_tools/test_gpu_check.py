@@ -119,3 +119,71 @@ def test_quick_model_rows_have_host_times_and_no_compiled_rows(tmp_path, monkeyp
     assert all(_sane(r['host_ms']) and _sane(r['host_ratio']) for r in report['cost'])
     assert 'compiled rows skipped: --quick' in ' '.join(report['notes'])
     assert '| host (ms) | host / step |' in (tmp_path / 'gpu_check.md').read_text()
+
+
+class _Stopped(BaseException):
+    """A run killed from outside (a command's time limit): not caught as a failed section."""
+
+
+def _stub_fixed_cost(device, steps, warmup):
+    return [dict(norm=n, ms_per_layer=1.0, above_bn_ms=a, ops_per_layer=o, host_ms_per_layer=0.5,
+                 host_ratio=0.5) for n, a, o in (('bn', 0.0, 23), ('naive', 0.1, 30), ('cbn', 0.2, 40))]
+
+
+def test_a_run_stopped_in_the_compiled_rows_leaves_the_rows_before_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, 'resnet50_fpn', _tiny_build)
+    monkeypatch.setitem(sys.modules, 'torchvision', types.ModuleType('torchvision'))  # (may be absent)
+    monkeypatch.setattr(gpu_check, 'fixed_cost', _stub_fixed_cost)
+    measure = gpu_check.measure_step
+
+    def stopped_when_compiling(*args, **kwargs):
+        if args[-1] or kwargs.get('compile_backend'):
+            raise _Stopped
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_check, 'measure_step', stopped_when_compiling)
+    with pytest.raises(_Stopped):
+        gpu_check.run(gpu_check.parse_args(['--out', str(tmp_path), '--device', 'cpu',
+                                            '--compile-backend', 'aot_eager', '--image-size', '16',
+                                            '16', '--steps', '2', '--warmup', '1']))
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert report['checks'] and all(c['ok'] for c in report['checks'])
+    assert [(r['mode'], r['norm']) for r in report['cost']] == [
+        ('eager', 'bn'), ('eager', 'naive'), ('eager', 'cbn')]
+    assert [r['norm'] for r in report['fixed_cost']] == ['bn', 'naive', 'cbn']  # (before compiling)
+    assert report['notes'][-1].startswith('incomplete: stopped while running the compiled model rows')
+    assert 'incomplete: stopped while running the compiled' in (tmp_path / 'gpu_check.md').read_text()
+
+
+def test_a_run_stopped_between_model_rows_keeps_the_rows_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, 'resnet50_fpn', _tiny_build)
+    monkeypatch.setitem(sys.modules, 'torchvision', types.ModuleType('torchvision'))
+    measure = gpu_check.measure_step
+
+    def stopped_at_cbn(build, norm, *args, **kwargs):
+        if norm == 'cbn':
+            raise _Stopped
+        return measure(build, norm, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_check, 'measure_step', stopped_at_cbn)
+    with pytest.raises(_Stopped):
+        gpu_check.run(gpu_check.parse_args(['--out', str(tmp_path), '--device', 'cpu', '--quick',
+                                            '--image-size', '16', '16', '--steps', '2', '--warmup', '1']))
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert [r['norm'] for r in report['cost']] == ['bn', 'naive']
+    assert report['notes'][-1].startswith('incomplete: stopped while running the eager model rows')
+
+
+def test_time_limit_skips_the_sections_that_would_start_after_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, 'resnet50_fpn', _tiny_build)
+    monkeypatch.setitem(sys.modules, 'torchvision', types.ModuleType('torchvision'))
+    monkeypatch.setattr(gpu_check, 'fixed_cost', _stub_fixed_cost)
+    rc = gpu_check.run(gpu_check.parse_args(['--out', str(tmp_path), '--device', 'cpu',
+                                             '--compile-backend', 'aot_eager', '--time-limit', '0',
+                                             '--image-size', '16', '16']))
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert rc == 0 and report['checks'] and report['cost'] == [] and report['fixed_cost'] == []
+    skipped = [n for n in report['notes'] if 'skipped: --time-limit 0 s reached' in n]
+    assert [n.split(' skipped')[0] for n in skipped] == [
+        'eager model rows', 'fixed-cost rows', 'compiled model rows']
+    assert not any(n.startswith('incomplete') for n in report['notes'])
