@@ -67,6 +67,7 @@ CBN_VECTOR_CLONES double dot(const double* a, const c10::BFloat16* b, int64_t n)
 // (Σ a·p, Σ a·g) in one pass over a, each summed as dot() sums it (sixteen partial sums, added in
 // order, so the same bits): a row of θ loaded once for an entry's patch and ∂var/∂θ row. Written
 // with vector types because the compiler does not vectorise the two sums of dot_impl's form.
+#if defined(__GNUC__) || defined(__clang__)
 template <typename T>
 inline void dot2_impl(const T* a, const T* p, const T* g, int64_t n, T* ap, T* ag) {
   constexpr int kLanes = 32 / sizeof(T), kVectors = 16 / kLanes;
@@ -107,6 +108,13 @@ CBN_VECTOR_CLONES void dot2(const double* a, const double* p, const double* g, i
                             double* ap, double* ag) {
   dot2_impl(a, p, g, n, ap, ag);
 }
+#else  // (no vector types: two passes)
+template <typename T>
+void dot2(const T* a, const T* p, const T* g, int64_t n, T* ap, T* ag) {
+  *ap = dot(a, p, n);
+  *ag = dot(a, g, n);
+}
+#endif
 template <typename T>
 void dot2(const T* a, const T* p, const c10::BFloat16* g, int64_t n, T* ap, T* ag) {
   *ap = dot(a, p, n);
