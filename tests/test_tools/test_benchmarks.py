@@ -181,3 +181,21 @@ def test_flop_counter_counts_the_fused_ops_as_the_python_path(size):
     with fused.disabled():
         python = flops()
     assert with_ops == pytest.approx(python, rel=1e-2)
+
+
+def test_fixed_cost_benchmark_traces_a_variant_by_source_line(capsys):
+    rows = benchmark_fixed_cost.run(benchmark_fixed_cost.parse_args(
+        ['--layers', '2', '--channels', '4', '--size', '4', '--steps', '1', '--warmup', '5',
+         '--python-path', '--trace-ops', 'cbn-python']))
+    trace = rows['cbn-python']['trace']
+    # every op of a steady-state step (the window full), per layer
+    assert sum(n for n, _, _ in trace) == rows['cbn-python']['ops'] / 2
+    lines = {where.split(':')[0] for _, _, where in trace}
+    assert {'ops/statistics.py', 'models/window_history.py', 'ops/window_norm.py', '-'} <= lines
+    assert any(op == 'aten.batch_norm_update_stats' and where.endswith(' batch_moments')
+               for _, op, where in trace)
+    assert 'cbn-python: the operations of one training step, per layer' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--trace-ops 'cbn-pyton': not a variant"):
+        benchmark_fixed_cost.run(benchmark_fixed_cost.parse_args(
+            ['--layers', '1', '--channels', '4', '--size', '4', '--steps', '1', '--warmup', '1',
+             '--trace-ops', 'cbn-pyton']))

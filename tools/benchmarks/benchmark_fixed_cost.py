@@ -10,7 +10,8 @@ Design: docs/analysis.md. Prints the table; ``--out`` also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_fixed_cost.py [--layers 20] [--channels 16]
         [--size 8] [--batch 2] [--steps 200] [--warmup 20] [--threads 1] [--baseline DIR]
-        [--time-parts] [--python-path] [--device cpu|cuda] [--compile BACKEND] [--out FILE.json]
+        [--time-parts] [--python-path] [--device cpu|cuda] [--compile BACKEND]
+        [--trace-ops VARIANT] [--out FILE.json]
 
 On CUDA every step ends with a synchronisation (the step time is then launch-bound: what each
 operation costs the host), and ``--time-parts`` times the host's side of each part.
@@ -85,6 +86,37 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+_PACKAGE = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'cbn_mmdet', '')
+
+
+class OpTracer(TorchDispatchMode):
+    """Each dispatched operation with the line of this package that issued it (``-``: torch's own,
+    e.g. autograd, the conv, the optimizer), counted in order of first appearance."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame, where = sys._getframe(1), '-'
+        while frame is not None:
+            if frame.f_code.co_filename.startswith(_PACKAGE):
+                where = (f'{frame.f_code.co_filename[len(_PACKAGE):]}:{frame.f_lineno} '
+                         f'{frame.f_code.co_name}')
+                break
+            frame = frame.f_back
+        self.ops[(str(func.overloadpacket), where)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def trace_ops(name, model, opt, x, layers: int) -> list:
+    """``(operations per layer, op, source line)`` of one training step of variant ``name``."""
+    tracer = OpTracer()
+    with tracer:
+        variant_step(name, model, opt, x)
+    return [(n / layers, op, where) for (op, where), n in tracer.ops.items()]
 
 
 #: the parts of a CBN training step counted separately: (owner, attribute, label)
@@ -223,6 +255,12 @@ def run(args):
     with counting_phases(phases), fused.without_one_call():  # (the phases of the Python forward)
         step(model, opt, x)
     rows['cbn']['phase_ops'] = {label: n / args.layers for label, n in phases.items()}
+    if args.trace_ops:
+        if args.trace_ops not in setups:
+            raise SystemExit(f'--trace-ops {args.trace_ops!r}: not a variant of this run (variants: '
+                             f'{", ".join(setups)}; --python-path adds the -python and -fused ones)')
+        rows[args.trace_ops]['trace'] = trace_ops(args.trace_ops, *setups[args.trace_ops], x,
+                                                  args.layers)
     if args.time_parts:
         rows['bn']['part_us'] = time_parts(*setups['bn'], x, args.steps, args.layers,
                                            BN_TIMED_PARTS)
@@ -254,6 +292,10 @@ def run(args):
     print('cbn, the Python forward (one-call step off): ops per layer and step by part (nested '
           'parts also count in the outer one): ' +
           ', '.join(f'{label} {n:.0f}' for label, n in rows['cbn']['phase_ops'].items()))
+    if args.trace_ops:
+        print(f'{args.trace_ops}: the operations of one training step, per layer, by the line that '
+              'issued them (-: torch\'s own: the conv, autograd, the optimizer):\n' + '\n'.join(
+                  f'  {n:5.1f}  {op:<36} {where}' for n, op, where in rows[args.trace_ops]['trace']))
     for name in ('naive', 'cbn'):
         if 'one_call_us' in rows[name]:
             print(f'{name}: microseconds per layer and step with the one-call step: ' + ', '.join(
@@ -292,6 +334,9 @@ def parse_args(argv=None):
     parser.add_argument('--compile', metavar='BACKEND',
                         help='also time BN and CBN under torch.compile with this backend (e.g. '
                              'inductor), each against compiled BN')
+    parser.add_argument('--trace-ops', metavar='VARIANT',
+                        help='also list the operations of one training step of VARIANT (e.g. '
+                        'cbn-python, the path CUDA takes) by the source line that issued them')
     parser.add_argument('--out')
     record.add_arguments(parser)
     return parser.parse_args(argv)
