@@ -190,8 +190,8 @@ template <typename scalar_t>
 class EntryWriter {
  public:
   EntryWriter(const Tensor& stats, const cbn_mmdet::NewEntry& entry,
-              const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-              int64_t groups, const std::optional<Tensor>& grads)
+              const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+              int64_t groups, const c10::optional<Tensor>& grads)
       : entry_(entry), c_((stats.size(0) - 3) / 4), slots_(stats.size(1)) {
     TORCH_CHECK(entry.slot >= 0 && entry.slot < slots_, "slot out of range");
     bm_c_ = entry.batch_mean.to(stats.scalar_type()).contiguous();
@@ -261,8 +261,8 @@ class EntryWriter {
 
   // the entry's statistics and references, its patch, the zeroed gradients of an entry kept
   // uncompensated, the tensor cursor [slot, filled]
-  void finish(const Tensor& stats, bool batch_finite, const std::optional<Tensor>& patches,
-              const std::optional<Tensor>& grads) {
+  void finish(const Tensor& stats, bool batch_finite, const c10::optional<Tensor>& patches,
+              const c10::optional<Tensor>& grads) {
     const scalar_t* bm = data_of<scalar_t>(bm_c_);
     const scalar_t* bv = data_of<scalar_t>(bv_c_);
     bool usable = false;
@@ -322,9 +322,9 @@ namespace cbn_mmdet {
 // the window and holding values) and a copy of the recorded rows. Without θ: the entries as
 // recorded (Naive CBN, or nothing to compensate with).
 std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
-    const Tensor& stats, const Tensor& in_window, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
-    const std::optional<Tensor>& bias, int64_t groups, bool clamp) {
+    const Tensor& stats, const Tensor& in_window, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& patches, const c10::optional<Tensor>& grads,
+    const c10::optional<Tensor>& bias, int64_t groups, bool clamp) {
   Tensor window = in_window.to(at::kDouble).contiguous();
   const double* in = window.data_ptr<double>();
   return past_window(stats, std::vector<double>(in, in + window.numel()), weight, patches, grads,
@@ -336,8 +336,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
 // for both): the same values as past_window followed by record_entry.
 std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
     const Tensor& stats, const std::vector<double>& in_window,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& patches,
-    const std::optional<Tensor>& grads, const std::optional<Tensor>& bias, int64_t groups,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& patches,
+    const c10::optional<Tensor>& grads, const c10::optional<Tensor>& bias, int64_t groups,
     bool clamp, const NewEntry* record) {
   check_cpu(stats, "stats");
   TORCH_CHECK(stats.is_contiguous() && stats.dim() == 2, "stats must be a contiguous (4C + 3, T)");
@@ -351,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> past_window(
   Tensor mean_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, 0, c);
   Tensor var_out = compensate ? at::empty({c, slots}, stats.options()) : recorded.narrow(0, c, c);
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "past_window", [&] {
-    std::optional<EntryWriter<scalar_t>> writer;
+    c10::optional<EntryWriter<scalar_t>> writer;
     if (record != nullptr) writer.emplace(stats, *record, weight, bias, groups, grads);
     const bool write_rows = writer.has_value() && writer->has_gradients();
     const scalar_t* s = data_of<scalar_t>(stats);
@@ -418,8 +418,8 @@ scalar_t lerp(scalar_t self, scalar_t end, scalar_t weight) {  // torch's CPU le
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> window_step(
     const Tensor& batch_mean, const Tensor& batch_var, double count, const Tensor& past_mean,
     const Tensor& past_var, const Tensor& valid, const Tensor& recorded,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-    const std::optional<Tensor>& num_batches, bool count_batch, double momentum,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& num_batches, bool count_batch, double momentum,
     bool window_running, double eps) {
   check_cpu(batch_mean, "batch_mean");
   const int64_t c = batch_mean.numel(), slots = valid.numel();
@@ -504,11 +504,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> window_step(
 // cursor [slot, filled].
 void record_entry(const Tensor& stats, int64_t slot, const Tensor& batch_mean,
                   const Tensor& batch_var, double count, const Tensor& finite,
-                  const std::optional<Tensor>& patch, const std::optional<Tensor>& var_grad,
-                  double scale, const std::optional<Tensor>& centre_mean,
-                  const std::optional<Tensor>& centre_patch,
-                  const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
-                  const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                  const c10::optional<Tensor>& patch, const c10::optional<Tensor>& var_grad,
+                  double scale, const c10::optional<Tensor>& centre_mean,
+                  const c10::optional<Tensor>& centre_patch,
+                  const c10::optional<Tensor>& patches, const c10::optional<Tensor>& grads,
+                  const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                   int64_t groups, const Tensor& cursor, int64_t filled) {
   check_cpu(stats, "stats");
   TORCH_CHECK(finite.scalar_type() == at::kBool && finite.numel() == 1, "finite must be one bool");
@@ -611,8 +611,8 @@ constexpr int64_t kLargeBatch = 1 << 16;
 
 // Eq. 12 at the window statistics: y = x·a + b per channel, a = γ r, b = β − μ̄ a (the form of
 // BN's CPU kernel), for NCHW and channels-last batches.
-Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
-                           const std::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
+Tensor window_norm_forward(const Tensor& x, const c10::optional<Tensor>& gamma,
+                           const c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
                            const Tensor& invstd, double eps) {
   check_cpu(x, "x");
   if (x.numel() > kLargeBatch) {  // BN's inference kernel, vectorised for this CPU
@@ -662,7 +662,7 @@ Tensor window_norm_forward(const Tensor& x, const std::optional<Tensor>& gamma,
 // double); large and channels-last batches through BN's kernel: (1/k)·BN's backward plus
 // (1 − 1/k)·γ r g.
 std::tuple<Tensor, Tensor, Tensor> window_norm_backward(
-    const Tensor& grad_y, const Tensor& x, const std::optional<Tensor>& gamma, const Tensor& mean,
+    const Tensor& grad_y, const Tensor& x, const c10::optional<Tensor>& gamma, const Tensor& mean,
     const Tensor& invstd, const Tensor& inv_k, double eps) {
   const bool affine = gamma.has_value() && gamma->defined();
   if (!x.is_contiguous() || !grad_y.is_contiguous() || x.numel() > kLargeBatch) {
@@ -745,9 +745,9 @@ TORCH_LIBRARY(cbn_mmdet, m) {
 TORCH_LIBRARY_IMPL(cbn_mmdet, CPU, m) {
   m.impl("past_window",
          static_cast<std::tuple<Tensor, Tensor, Tensor, Tensor> (*)(
-             const Tensor&, const Tensor&, const std::optional<Tensor>&,
-             const std::optional<Tensor>&, const std::optional<Tensor>&,
-             const std::optional<Tensor>&, int64_t, bool)>(&cbn_mmdet::past_window));
+             const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+             const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+             const c10::optional<Tensor>&, int64_t, bool)>(&cbn_mmdet::past_window));
   m.impl("window_step", &cbn_mmdet::window_step);
   m.impl("record_entry", &cbn_mmdet::record_entry);
   m.impl("window_norm_backward", &cbn_mmdet::window_norm_backward);

@@ -16,39 +16,39 @@ struct NewEntry {
   int64_t slot;
   at::Tensor batch_mean, batch_var;
   double count;
-  std::optional<at::Tensor> patch, var_grad;
+  c10::optional<at::Tensor> patch, var_grad;
   double scale;
-  std::optional<at::Tensor> centre_mean, centre_patch;
+  c10::optional<at::Tensor> centre_mean, centre_patch;
   at::Tensor cursor;
   int64_t filled;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
-    const at::Tensor& stats, const at::Tensor& in_window, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
-    const std::optional<at::Tensor>& bias, int64_t groups, bool clamp);
+    const at::Tensor& stats, const at::Tensor& in_window, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& patches, const c10::optional<at::Tensor>& grads,
+    const c10::optional<at::Tensor>& bias, int64_t groups, bool clamp);
 
 // (the window's weights by slot as numbers; with `record`, that entry written in the same pass)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> past_window(
     const at::Tensor& stats, const std::vector<double>& in_window,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& patches,
-    const std::optional<at::Tensor>& grads, const std::optional<at::Tensor>& bias, int64_t groups,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& patches,
+    const c10::optional<at::Tensor>& grads, const c10::optional<at::Tensor>& bias, int64_t groups,
     bool clamp, const NewEntry* record = nullptr);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_step(
     const at::Tensor& batch_mean, const at::Tensor& batch_var, double count,
     const at::Tensor& past_mean, const at::Tensor& past_var, const at::Tensor& valid,
-    const at::Tensor& recorded, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches,
+    const at::Tensor& recorded, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& num_batches,
     bool count_batch, double momentum, bool window_running, double eps);
 
 void record_entry(const at::Tensor& stats, int64_t slot, const at::Tensor& batch_mean,
                   const at::Tensor& batch_var, double count, const at::Tensor& finite,
-                  const std::optional<at::Tensor>& patch, const std::optional<at::Tensor>& var_grad,
-                  double scale, const std::optional<at::Tensor>& centre_mean,
-                  const std::optional<at::Tensor>& centre_patch,
-                  const std::optional<at::Tensor>& patches, const std::optional<at::Tensor>& grads,
-                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& patch, const c10::optional<at::Tensor>& var_grad,
+                  double scale, const c10::optional<at::Tensor>& centre_mean,
+                  const c10::optional<at::Tensor>& centre_patch,
+                  const c10::optional<at::Tensor>& patches, const c10::optional<at::Tensor>& grads,
+                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                   int64_t groups, const at::Tensor& cursor, int64_t filled);
 
 std::tuple<at::Tensor, at::Tensor> unfold_gradients(
@@ -56,12 +56,12 @@ std::tuple<at::Tensor, at::Tensor> unfold_gradients(
     int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups);
 
-at::Tensor window_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& gamma,
-                               const std::optional<at::Tensor>& beta, const at::Tensor& mean,
+at::Tensor window_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
+                               const c10::optional<at::Tensor>& beta, const at::Tensor& mean,
                                const at::Tensor& var, const at::Tensor& invstd, double eps);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_norm_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& gamma,
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& gamma,
     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& inv_k, double eps);
 
 }  // namespace cbn_mmdet

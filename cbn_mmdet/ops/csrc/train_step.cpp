@@ -18,6 +18,7 @@
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/generated/Functions.h>
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <string>
@@ -40,10 +41,23 @@ struct Binding {
   int64_t groups = 1;
 };
 
-std::vector<int64_t> ints(const std::vector<c10::SymInt>& values) {
+// the conv node's geometry: symbolic integers in recent torch, plain ones in torch 2.1
+int64_t int_of(const c10::SymInt& v) { return v.expect_int(); }
+int64_t int_of(int64_t v) { return v; }
+
+template <typename T>
+std::vector<int64_t> ints(const std::vector<T>& values) {
   std::vector<int64_t> out;
-  for (const auto& v : values) out.push_back(v.expect_int());
+  for (const auto& v : values) out.push_back(int_of(v));
   return out;
+}
+
+bool cpu_autocast_enabled() {
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 4
+  return at::autocast::is_cpu_enabled();
+#else
+  return at::autocast::is_autocast_enabled(at::kCPU);
+#endif
 }
 
 // The leaf behind a parameter edge: undefined when the edge carries something computed.
@@ -98,7 +112,7 @@ Binding bind(const Tensor& x, bool read_conv) {
   b.stride = ints(conv->stride);
   b.padding = ints(conv->padding);
   b.dilation = ints(conv->dilation);
-  b.groups = conv->groups.expect_int();
+  b.groups = int_of(conv->groups);
   return b;
 }
 
@@ -182,7 +196,7 @@ Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const B
   // centred by the record as it writes it
   const double count = static_cast<double>(n * x.size(2) * x.size(3));
   g.product = std::get<1>(at::convolution_backward(
-      x, b.input, b.weight, std::nullopt, b.stride, b.padding, b.dilation, false, {0, 0}, b.groups,
+      x, b.input, b.weight, c10::nullopt, b.stride, b.padding, b.dilation, false, {0, 0}, b.groups,
       {false, true, false}));
   g.scale = 2.0 / count;
   g.centre_patch = g.patch;
@@ -202,8 +216,8 @@ namespace cbn_mmdet {
 // autograd's graph and the profiler).
 struct WindowNormFunction : public torch::autograd::Function<WindowNormFunction> {
   // (γ, β absent: no affine transform, or no β)
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& gamma,
-                        const std::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& gamma,
+                        const c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
                         const Tensor& invstd, const Tensor& inv_k, double eps) {
     const Tensor g = gamma.value_or(Tensor());
     ctx->save_for_backward({x, g, mean, invstd, inv_k});
@@ -237,7 +251,7 @@ struct WindowNormFunction : public torch::autograd::Function<WindowNormFunction>
       grad_b = std::get<2>(sums);
     } else {
       std::tie(grad_x, grad_w, grad_b) = cbn_mmdet::window_norm_backward(
-          grad_y, x, gamma.defined() ? std::optional<Tensor>(gamma) : std::nullopt, mean, invstd,
+          grad_y, x, gamma.defined() ? c10::optional<Tensor>(gamma) : c10::nullopt, mean, invstd,
           inv_k, ctx->saved_data["eps"].toDouble());
     }
     return {need_x ? grad_x : Tensor(), need_w ? grad_w : Tensor(), need_b ? grad_b : Tensor(),
@@ -282,11 +296,11 @@ namespace {
 // a part of the step, named in torch.profiler's traces (free when nothing records)
 #define PART(name) RECORD_FUNCTION("cbn_mmdet::train_step." name, c10::ArrayRef<const c10::IValue>{})
 
-std::optional<Tensor> some(const Tensor& t) {
-  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+c10::optional<Tensor> some(const Tensor& t) {
+  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
 }
 
-bool same_type(const std::optional<Tensor>& t, const Tensor& like) {
+bool same_type(const c10::optional<Tensor>& t, const Tensor& like) {
   return !t.has_value() || !t->defined() ||
          (t->scalar_type() == like.scalar_type() && t->device() == like.device());
 }
@@ -299,20 +313,20 @@ bool same_type(const std::optional<Tensor>& t, const Tensor& like) {
 // (an exception from the saved-tensor hook), which must find the history's record complete.
 using Step = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-std::optional<Step> train_step(
-    const Tensor& x, const std::optional<Tensor>& gamma, const std::optional<Tensor>& beta,
-    const Tensor& stats, const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
-    const Tensor& cursor, const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches,
+c10::optional<Step> train_step(
+    const Tensor& x, const c10::optional<Tensor>& gamma, const c10::optional<Tensor>& beta,
+    const Tensor& stats, const c10::optional<Tensor>& patches, const c10::optional<Tensor>& grads,
+    const Tensor& cursor, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches,
     int64_t active_window, int64_t status, bool compensate, at::IntArrayRef geometry,
     double momentum, bool window_running, double eps, int64_t unfold_max_elements,
     int64_t unfold_max_positions) {
-  const std::optional<Step> declined;
+  const c10::optional<Step> declined;
   // -- the case handled: everything the Python forward would check or convert, checked first
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
   if (!x.device().is_cpu() || x.dim() != 4 || x.size(1) != c || x.numel() == 0 ||
       x.scalar_type() != stats.scalar_type() || !at::GradMode::is_enabled() ||
-      at::autocast::is_autocast_enabled(at::kCPU) || !same_type(gamma, x) ||
+      cpu_autocast_enabled() || !same_type(gamma, x) ||
       !same_type(beta, x) || !same_type(running_mean, x) || !same_type(running_var, x)) {
     return declined;
   }
@@ -366,14 +380,14 @@ std::optional<Step> train_step(
   // record (WindowHistory._record_fused) over the oldest slot
   const cbn_mmdet::NewEntry entry{
       (head + 1) % slots, batch_mean, batch_var, count, some(g.patch), some(g.product), g.scale,
-      g.centre_patch.defined() ? std::optional<Tensor>(batch_mean) : std::nullopt,
+      g.centre_patch.defined() ? c10::optional<Tensor>(batch_mean) : c10::nullopt,
       some(g.centre_patch), cursor, std::min(filled + 1, slots)};
   Tensor valid, recorded, past_mean, past_var;
   {
     PART("past_and_record");
     std::tie(valid, recorded, past_mean, past_var) = cbn_mmdet::past_window(
-        stats, window, compensating ? some(b.weight) : std::nullopt, patches, grads,
-        compensating ? some(b.bias) : std::nullopt, b.groups, true, &entry);
+        stats, window, compensating ? some(b.weight) : c10::nullopt, patches, grads,
+        compensating ? some(b.bias) : c10::nullopt, b.groups, true, &entry);
   }
   // -- Eqs. 9-11, the running statistics
   Tensor mean, var, invstd, inv_k, finite;
@@ -395,8 +409,8 @@ std::optional<Step> train_step(
 }
 
 // Eq. 12, differentiable in x, γ, β through the current batch only.
-Tensor normalise(const Tensor& x, const std::optional<Tensor>& gamma,
-                 const std::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
+Tensor normalise(const Tensor& x, const c10::optional<Tensor>& gamma,
+                 const c10::optional<Tensor>& beta, const Tensor& mean, const Tensor& var,
                  const Tensor& invstd, const Tensor& inv_k, double eps) {
   RECORD_FUNCTION("cbn_mmdet::normalise", c10::ArrayRef<const c10::IValue>{});
   return cbn_mmdet::WindowNormFunction::apply(x, gamma, beta, mean, var, invstd, inv_k, eps);
@@ -408,12 +422,12 @@ Tensor normalise(const Tensor& x, const std::optional<Tensor>& gamma,
 // 10 µs here, a fifth of what the step adds to BN's); the step is eager and CPU-only, so it needs
 // none of the dispatcher's other services.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("train_step", [](const Tensor& x, const std::optional<Tensor>& gamma,
-                         const std::optional<Tensor>& beta, const Tensor& stats,
-                         const std::optional<Tensor>& patches, const std::optional<Tensor>& grads,
-                         const Tensor& cursor, const std::optional<Tensor>& running_mean,
-                         const std::optional<Tensor>& running_var,
-                         const std::optional<Tensor>& num_batches, int64_t active_window,
+  m.def("train_step", [](const Tensor& x, const c10::optional<Tensor>& gamma,
+                         const c10::optional<Tensor>& beta, const Tensor& stats,
+                         const c10::optional<Tensor>& patches, const c10::optional<Tensor>& grads,
+                         const Tensor& cursor, const c10::optional<Tensor>& running_mean,
+                         const c10::optional<Tensor>& running_var,
+                         const c10::optional<Tensor>& num_batches, int64_t active_window,
                          int64_t status, bool compensate, std::vector<int64_t> geometry,
                          double momentum, bool window_running, double eps,
                          int64_t unfold_max_elements, int64_t unfold_max_positions) {
