@@ -73,17 +73,15 @@ inline void dot2_impl(const T* a, const T* p, const T* g, int64_t n, T* ap, T* a
   constexpr int kLanes = 32 / sizeof(T), kVectors = 16 / kLanes;
   typedef T vec __attribute__((vector_size(32)));
   vec accp[kVectors] = {}, accg[kVectors] = {};
-  auto load = [](const T* q) {
-    vec v;
-    __builtin_memcpy(&v, q, sizeof(vec));
-    return v;
-  };
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     for (int v = 0; v < kVectors; ++v) {
-      const vec av = load(a + j + v * kLanes);
-      accp[v] += av * load(p + j + v * kLanes);
-      accg[v] += av * load(g + j + v * kLanes);
+      vec av, pv, gv;  // (unaligned loads)
+      __builtin_memcpy(&av, a + j + v * kLanes, sizeof(vec));
+      __builtin_memcpy(&pv, p + j + v * kLanes, sizeof(vec));
+      __builtin_memcpy(&gv, g + j + v * kLanes, sizeof(vec));
+      accp[v] += av * pv;
+      accg[v] += av * gv;
     }
   }
   T tp = 0, tg = 0;
