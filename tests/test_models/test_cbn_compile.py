@@ -1,6 +1,7 @@
 """torch.compile: a model with CBN compiles into one graph with the layers inside (no graph break),
 trains exactly like eager (float64, aot_eager: outputs, gradients, history, running statistics),
 and recompiles only when the layer's mode changes (burn-in, first window, window size)."""
+import copy
 import warnings
 
 import pytest
@@ -127,18 +128,32 @@ def test_compiled_model_with_eager_producer_convs_equals_eager():
 
 
 def test_second_forward_of_an_iteration_is_refused_under_compile():
-    """Pooling two forwards into one entry is eager-only: refused, with the reason, not approximated."""
+    """Pooling two forwards into one entry is eager-only, never approximated: refused with the
+    reason where the conv runs compiled and the layer eagerly (torch 2.13, 2.14), or, where dynamo
+    runs the whole frame eagerly after the trace refused (torch 2.6, 2.10), pooled exactly as eager
+    mode pools it."""
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), CBN(4, window=3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CBN(4, window=3)).double()
+    eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend='aot_eager')
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        compiled(torch.randn(2, 3, 8, 8)).sum().backward()
+    xs = [torch.randn(2, 3, 8, 8, dtype=torch.float64) for _ in range(4)]
+    # one optimizer: the two models share each iteration (the clock ticks at every step)
+    opt = torch.optim.SGD(list(model.parameters()) + list(eager.parameters()), lr=0.1)
+    for x in xs[:2]:
+        (compiled(x).sum() + eager(x).sum()).backward()
         opt.step()
         opt.zero_grad()
-    compiled(torch.randn(2, 3, 8, 8))
-    with pytest.raises(RuntimeError, match='second training forward of this iteration'):
-        compiled(torch.randn(2, 3, 8, 8))
+    compiled(xs[2]), eager(xs[2])
+    want = eager(xs[3])
+    try:
+        got = compiled(xs[3])
+    except RuntimeError as err:
+        assert 'second training forward of this iteration' in str(err)
+        return
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=key)
 
 
 def test_only_the_conv_compiled_is_refused():
