@@ -106,15 +106,11 @@ CBN_VECTOR_CLONES void dot2(const double* a, const double* p, const double* g, i
                             double* ap, double* ag) {
   dot2_impl(a, p, g, n, ap, ag);
 }
-#else  // (no vector types: two passes)
-template <typename T>
-void dot2(const T* a, const T* p, const T* g, int64_t n, T* ap, T* ag) {
-  *ap = dot(a, p, n);
-  *ag = dot(a, g, n);
-}
 #endif
-template <typename T>
-void dot2(const T* a, const T* p, const c10::BFloat16* g, int64_t n, T* ap, T* ag) {
+// two passes: a bfloat16 history (widened as it is read), and every type without vector types
+// (the overloads above are exact matches, so they win where they exist)
+template <typename T, typename U>
+void dot2(const T* a, const T* p, const U* g, int64_t n, T* ap, T* ag) {
   *ap = dot(a, p, n);
   *ag = dot(a, g, n);
 }
