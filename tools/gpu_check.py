@@ -659,7 +659,10 @@ def parse_args(argv=None):
     parser.add_argument('--time-limit', type=float, default=None, metavar='SECONDS',
                         help='start no further section after this many seconds (the report says '
                         'which were skipped); the report is rewritten after every section either way')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.time_limit is not None and not args.time_limit >= 0:
+        parser.error(f'--time-limit must be a number of seconds, 0 or more; got {args.time_limit}')
+    return args
 
 
 if __name__ == '__main__':

@@ -187,3 +187,10 @@ def test_time_limit_skips_the_sections_that_would_start_after_it(tmp_path, monke
     assert [n.split(' skipped')[0] for n in skipped] == [
         'eager model rows', 'fixed-cost rows', 'compiled model rows']
     assert not any(n.startswith('incomplete') for n in report['notes'])
+
+
+@pytest.mark.parametrize('value', ['-1', 'nan'])
+def test_a_negative_time_limit_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(['--out', 'unused', '--time-limit', value])
+    assert '--time-limit must be a number of seconds, 0 or more' in capsys.readouterr().err
