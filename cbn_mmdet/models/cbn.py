@@ -378,7 +378,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._active_window, status, self.compensate,
             () if geometry is None or geometry[5] is None else geometry[:5] + (int(geometry[5]), ),
             -1.0 if self.momentum is None else self.momentum, self.running_stats == 'window',
-            self.eps, statistics.UNFOLD_MAX_ELEMENTS, statistics.UNFOLD_MAX_POSITIONS)
+            self.eps, statistics.UNFOLD_MAX_ELEMENTS, statistics.UNFOLD_MAX_POSITIONS,
+            statistics.MATMUL_MAX_POSITIONS)
         if step is None:
             return None
         mean, var, invstd, inv_k, valid, recorded, past_mean, past_var, weight_state = step

@@ -140,7 +140,9 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     centred = centred or operand_dtype is not None
     if centred:
         grad_out = grad_out - batch_mean.to(dtype).view(1, -1, 1, 1)
-    if operand_dtype is None:
+    if operand_dtype is None and _matmul_is_faster(x, weight, padding, groups):
+        second = weight_gradient_1x1(grad_out, conv_input.to(dtype), stride)
+    elif operand_dtype is None:
         second = weight_gradient(grad_out, conv_input.to(dtype), w, stride, padding, dilation, groups)
     else:
         second = weight_gradient(grad_out.to(operand_dtype), conv_input.to(operand_dtype),
@@ -157,6 +159,33 @@ def weight_gradient(grad_out: Tensor, conv_input: Tensor, weight: Tensor, stride
     return torch.ops.aten.convolution_backward(
         grad_out, conv_input, weight, None, list(stride), list(padding), list(dilation), False,
         [0, 0], groups, [False, True, False])[1]
+
+
+def weight_gradient_1x1(grad_out: Tensor, conv_input: Tensor, stride: Sequence[int]) -> Tensor:
+    """:func:`weight_gradient` of an unpadded, ungrouped 1×1 conv as one batched matrix product
+    (the sum over the batch inside it)."""
+    y = _strided_positions(conv_input, grad_out.shape[2:], stride)
+    n, c_out, c_in = grad_out.shape[0], grad_out.shape[1], y.shape[1]
+    product = grad_out.new_empty((c_out, c_in))
+    torch.addbmm(product, grad_out.reshape(n, c_out, -1), y.reshape(n, c_in, -1).transpose(1, 2),
+                 beta=0, out=product)
+    return product.view(c_out, c_in, 1, 1)
+
+
+def _strided_positions(conv_input: Tensor, output_size: Sequence[int],
+                       stride: Sequence[int]) -> Tensor:
+    """The input values an unpadded 1×1 conv with ``stride`` reads."""
+    (sh, sw), (out_h, out_w) = stride, output_size
+    if (sh, sw) == (1, 1):
+        return conv_input
+    return conv_input[:, :, :(out_h - 1) * sh + 1:sh, :(out_w - 1) * sw + 1:sw]
+
+
+def _matmul_is_faster(x: Tensor, weight: Tensor, padding: Sequence[int], groups: int) -> bool:
+    """Whether a CPU 1×1 conv's weight-gradient product is faster as a matrix product: oneDNN's
+    weight-gradient kernel is slow when the sum over positions is short."""
+    return (x.device.type == 'cpu' and weight.shape[2:] == (1, 1) and not any(padding)
+            and groups == 1 and x.shape[0] * x.shape[2] * x.shape[3] <= MATMUL_MAX_POSITIONS)
 
 
 def gram(flat: Tensor) -> Tensor:
@@ -182,10 +211,7 @@ def _variance_weight_gradient_1x1(conv_input: Tensor, x: Tensor, patch: Tensor, 
     when ``C_in`` is small against ``C_out`` (a bottleneck's expanding 1×1 conv: 4× fewer).
     """
     dtype = _acc_dtype(x)
-    y = conv_input.to(dtype)
-    sh, sw = stride
-    if (sh, sw) != (1, 1):
-        y = y[:, :, :(x.shape[2] - 1) * sh + 1:sh, :(x.shape[3] - 1) * sw + 1:sw]
+    y = _strided_positions(conv_input.to(dtype), x.shape[2:], stride)
     n, c_in = y.shape[:2]
     flat = y.reshape(n, c_in, -1)
     positions = n * flat.shape[2]
@@ -270,6 +296,11 @@ UNFOLD_MAX_ELEMENTS = 1 << 16
 #: weight-gradient kernel is slow when the sum over positions is short (measured with one thread,
 #: 2 × 512 → 512 3×3 at 5×5: 20 ms against 4.8 ms unfolded; at 10×10 the two are even).
 UNFOLD_MAX_POSITIONS = 64
+#: Output positions (N·H·W) up to which a CPU 1×1 conv's ∂var/∂θ product is a batched matrix
+#: product instead of the weight-gradient convolution (measured, 2 threads: 2048 → 1024 stride 2
+#: at 5×5 outputs 9.0 ms against 1.3 ms, 512 → 2048 at 5×5 2.2 against 0.8 ms; even at 800–3200
+#: positions, oneDNN faster for some shapes above).
+MATMUL_MAX_POSITIONS = 1024
 
 
 def _statistic_gradients_by_unfold(conv_input: Tensor, x: Tensor, batch_mean: Tensor,

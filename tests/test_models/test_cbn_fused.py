@@ -83,6 +83,9 @@ SCENARIOS = {
     'large_input': (dict(size=(40, 36)), {}),
     'large_input_groups_bias': (dict(size=(40, 36), groups=2, conv_bias=True), {}),
     'conv_1x1': (dict(kernel=1, channels=16, size=(12, 10)), {}),
+    # a 1×1 conv's product as a matrix product (few positions), and as the convolution (many)
+    'conv_1x1_matmul': (dict(kernel=1), {}),
+    'conv_1x1_large_input': (dict(kernel=1, size=(40, 36)), {}),
     # more values than the normalisation's loops take (torch's kernels instead)
     'large_batch': (dict(size=(100, 80)), {}),
     'subsampled': (dict(size=(40, 36), statistics_gradients='subsampled'), {}),
@@ -154,7 +157,8 @@ def test_fused_ops_equal_the_python_path(name, monkeypatch):
 
 @needs_one_call
 @pytest.mark.parametrize('name', ['compensated', 'large_input', 'large_input_groups_bias',
-                                  'large_batch', 'conv_1x1', 'naive', 'bfloat16_history'])
+                                  'large_batch', 'conv_1x1', 'conv_1x1_matmul',
+                                  'conv_1x1_large_input', 'naive', 'bfloat16_history'])
 def test_one_call_step_gives_the_bits_of_the_fused_forward(name, monkeypatch):
     """float32, no tolerance: the one-call step and the Python forward with the fused ops compute
     the same operations, so a run that switches between them (a resumed run's first step, a

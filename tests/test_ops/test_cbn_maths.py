@@ -4,6 +4,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbn_mmdet.ops.statistics import (batch_moments, compensate_history, linear_term_mean,
                                       linear_term_var, merge_gradients, merge_moments, patch_mean,
@@ -303,6 +304,44 @@ def test_expanding_1x1_conv_uses_input_covariance_exactly(stride):
                                d_second - 2 * mean.view(-1, 1, 1, 1) * d_mean, rtol=1e-10,
                                atol=1e-10)
     assert not _input_covariance_is_cheaper(x, y, w.transpose(0, 1), (0, 0), 1)  # a reducing 1×1
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_reducing_1x1_conv_with_few_positions_takes_a_matrix_product_exactly(stride, channels_last,
+                                                                             monkeypatch):
+    """A CPU 1×1 conv with few output positions forms its ∂var/∂θ product as one batched matrix
+    product instead of the weight-gradient convolution: equal to autograd, float64; with the
+    threshold at 0 the convolution is taken again."""
+    from cbn_mmdet.ops import statistics as S
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 12, 9, 8, dtype=torch.float64, generator=gen).relu()
+    w = torch.randn(5, 12, 1, 1, dtype=torch.float64, generator=gen)
+    b = torch.randn(5, dtype=torch.float64, generator=gen)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    x = F.conv2d(y, w, b, stride)
+    mean, _ = batch_moments(x)
+    d_mean, d_second = statistic_gradients_autograd(y, w, b, (stride, ) * 2, (0, 0), (1, 1), 1)
+    expected = d_second - 2 * mean.view(-1, 1, 1, 1) * d_mean
+    for threshold, taken in ((S.MATMUL_MAX_POSITIONS, 'aten.addbmm'),
+                             (0, 'aten.convolution_backward')):
+        monkeypatch.setattr(S, 'MATMUL_MAX_POSITIONS', threshold)
+        with _OpNames() as ops:
+            got = _var_grad(y, x, mean, w, (stride, ) * 2, (0, 0), (1, 1), 1)
+        assert taken in ops.names and not {'aten.addbmm', 'aten.convolution_backward'} - {taken} \
+            & ops.names, ops.names
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_expanding_1x1_conv_float32_with_offset_inputs():

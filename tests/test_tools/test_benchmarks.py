@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TOOLS
 
@@ -68,6 +69,33 @@ def test_compiled_benchmark_reports_bn_and_cbn_with_flops(capsys, tmp_path):
     for name, ran_in_ops in (('train_step.past_and_record', False), ('past_window', True)):
         at = columns.index(name)
         assert (float(ops_row[at]) > 0) == ran_in_ops and (float(one_call_row[at]) > 0) != ran_in_ops
+
+
+def test_compiled_benchmark_conv_products_variant_takes_the_convolution_for_1x1_convs():
+    """``cbn-conv-products`` (the comparison for the 1×1 convs' matrix products) runs its steps
+    with every product as the weight-gradient convolution, and the other variants do not."""
+    import benchmark_compiled
+    from cbn_mmdet.ops import statistics
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    threshold = statistics.MATMUL_MAX_POSITIONS
+    conv = nn.Conv2d(8, 4, 1)
+    norm = CrossIterationBatchNorm2d(4, window=2)
+    for variant, matmul in (('cbn', True), ('cbn-conv-products', False)):
+        with benchmark_compiled._variant_context(variant), Products() as ops:
+            for _ in range(3):
+                norm(conv(torch.randn(2, 8, 4, 4))).sum().backward()
+                torch.optim.SGD(conv.parameters(), lr=0.1).step()
+        assert ('aten.addbmm' in ops.names) == matmul, variant
+    assert statistics.MATMUL_MAX_POSITIONS == threshold
 
 
 def test_fixed_cost_benchmark_times_the_parts_of_each_layer():

@@ -9,7 +9,8 @@ also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
         [--images 2] [--steps 20] [--backend inductor] [--threads 2]
-        [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8 cbn-ops]
+        [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8 cbn-ops
+                    cbn-conv-products]
         [--modes eager compiled] [--profile-parts STEPS] [--out FILE.json]
 """
 import argparse
@@ -35,9 +36,31 @@ NORMS = {'bn': dict(type='BN', requires_grad=True),
          'cbn-window2': dict(type='CBN', window=2, requires_grad=True),
          'cbn-window8': dict(type='CBN', window=8, requires_grad=True),
          # the design before the one-call step: the fused ops called one by one from Python
-         'cbn-ops': dict(type='CBN', window=4, requires_grad=True)}
-#: variants that run without the one-call training step
-WITHOUT_ONE_CALL = ('cbn-ops', )
+         'cbn-ops': dict(type='CBN', window=4, requires_grad=True),
+         # every ∂var/∂θ product as the weight-gradient convolution (before 1×1 convs with few
+         # positions took a matrix product)
+         'cbn-conv-products': dict(type='CBN', window=4, requires_grad=True)}
+
+
+def _variant_context(variant: str):
+    """What a variant changes around its steps (CBN's code paths, not its configuration)."""
+    from cbn_mmdet.ops import fused
+    from cbn_mmdet.ops import statistics
+    if variant == 'cbn-ops':  # the fused ops one by one, without the one-call training step
+        return fused.without_one_call()
+    if variant == 'cbn-conv-products':
+        return _patched(statistics, 'MATMUL_MAX_POSITIONS', 0)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def build(model: str, norm: str) -> torch.nn.Module:
@@ -87,7 +110,6 @@ def main(argv=None):
     record.add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from cbn_mmdet.ops import fused
     x = torch.randn(args.images, 3, *args.size)
     runs = {}
     for variant in args.variants:
@@ -99,8 +121,7 @@ def main(argv=None):
             forward = torch.compile(model, backend=args.backend) if mode == 'compiled' else model
 
             def step(model=model, opt=opt, forward=forward, variant=variant):
-                with (fused.without_one_call() if variant in WITHOUT_ONE_CALL
-                      else contextlib.nullcontext()):
+                with _variant_context(variant):
                     _loss(forward(x)).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

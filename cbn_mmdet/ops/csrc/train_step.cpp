@@ -148,10 +148,11 @@ struct Gradients {
 };
 
 // How conv_statistic_gradients (closed form, float32 product) takes the gradients of this conv
-enum class GradientPath { kUnfold, kCovariance, kWeightGradient };
+enum class GradientPath { kUnfold, kCovariance, kMatmul, kWeightGradient };
 
 GradientPath gradient_path(const Tensor& x, const Binding& b, int64_t kh, int64_t kw,
-                           int64_t max_elements, int64_t max_positions) {
+                           int64_t max_elements, int64_t max_positions,
+                           int64_t matmul_max_positions) {
   const int64_t n = x.size(0), positions = n * x.size(2) * x.size(3);
   const int64_t c_in = b.input.size(1), c_out = b.weight.size(0);
   if (kh * kw > 1 && (n * c_in * kh * kw * x.size(2) * x.size(3) <= max_elements ||
@@ -164,7 +165,17 @@ GradientPath gradient_path(const Tensor& x, const Binding& b, int64_t kh, int64_
           0.7 * static_cast<double>(c_out) * static_cast<double>(positions)) {
     return GradientPath::kCovariance;
   }
+  if (kh == 1 && kw == 1 && !padded && b.groups == 1 && positions <= matmul_max_positions) {
+    return GradientPath::kMatmul;
+  }
   return GradientPath::kWeightGradient;
+}
+
+// statistics._strided_positions: the input values of an unpadded 1×1 conv's output x
+Tensor strided_positions(const Tensor& input, const Tensor& x, const Binding& b) {
+  if (b.stride[0] == 1 && b.stride[1] == 1) return input;
+  return input.slice(2, 0, (x.size(2) - 1) * b.stride[0] + 1, b.stride[0])
+      .slice(3, 0, (x.size(3) - 1) * b.stride[1] + 1, b.stride[1]);
 }
 
 Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const Binding& b,
@@ -178,12 +189,9 @@ Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const B
     return g;
   }
   g.patch = patch_mean(b.input, kh, kw, x.size(2), x.size(3), b);
+  const double count = static_cast<double>(n * x.size(2) * x.size(3));
   if (path == GradientPath::kCovariance) {  // statistics._variance_weight_gradient_1x1
-    Tensor y = b.input;
-    if (b.stride[0] != 1 || b.stride[1] != 1) {
-      y = y.slice(2, 0, (x.size(2) - 1) * b.stride[0] + 1, b.stride[0])
-              .slice(3, 0, (x.size(3) - 1) * b.stride[1] + 1, b.stride[1]);
-    }
+    const Tensor y = strided_positions(b.input, x, b);
     const int64_t c_in = y.size(1);
     Tensor flat = y.reshape({n, c_in, -1});
     const int64_t positions = n * flat.size(2);
@@ -192,12 +200,20 @@ Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const B
     g.product = at::mm(b.weight.reshape({c_out, c_in}), cov).mul_(2.0);
     return g;
   }
-  // statistics.variance_weight_gradient: the weight-gradient convolution of the output itself,
+  // statistics.variance_weight_gradient: the weight-gradient product of the output itself,
   // centred by the record as it writes it
-  const double count = static_cast<double>(n * x.size(2) * x.size(3));
-  g.product = std::get<1>(at::convolution_backward(
-      x, b.input, b.weight, c10::nullopt, b.stride, b.padding, b.dilation, false, {0, 0}, b.groups,
-      {false, true, false}));
+  if (path == GradientPath::kMatmul) {  // statistics.weight_gradient_1x1
+    const Tensor y = strided_positions(b.input, x, b);
+    const int64_t c_in = y.size(1);
+    Tensor product = at::empty({c_out, c_in}, x.options());
+    at::addbmm_out(product, product, x.reshape({n, c_out, -1}),
+                   y.reshape({n, c_in, -1}).transpose(1, 2), 0, 1);
+    g.product = product.view({c_out, c_in, 1, 1});
+  } else {
+    g.product = std::get<1>(at::convolution_backward(
+        x, b.input, b.weight, c10::nullopt, b.stride, b.padding, b.dilation, false, {0, 0},
+        b.groups, {false, true, false}));
+  }
   g.scale = 2.0 / count;
   g.centre_patch = g.patch;
   return g;
@@ -320,7 +336,7 @@ c10::optional<Step> train_step(
     const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches,
     int64_t active_window, int64_t status, bool compensate, at::IntArrayRef geometry,
     double momentum, bool window_running, double eps, int64_t unfold_max_elements,
-    int64_t unfold_max_positions) {
+    int64_t unfold_max_positions, int64_t matmul_max_positions) {
   const c10::optional<Step> declined;
   // -- the case handled: everything the Python forward would check or convert, checked first
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
@@ -353,7 +369,8 @@ c10::optional<Step> train_step(
         (b.bias.defined() && b.bias.scalar_type() != x.scalar_type())) {
       return declined;
     }
-    path = gradient_path(x, b, kh, kw, unfold_max_elements, unfold_max_positions);
+    path = gradient_path(x, b, kh, kw, unfold_max_elements, unfold_max_positions,
+                         matmul_max_positions);
   }
   at::NoGradGuard no_grad;
   Tensor xd = x.detach();
@@ -430,11 +447,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          const c10::optional<Tensor>& num_batches, int64_t active_window,
                          int64_t status, bool compensate, std::vector<int64_t> geometry,
                          double momentum, bool window_running, double eps,
-                         int64_t unfold_max_elements, int64_t unfold_max_positions) {
+                         int64_t unfold_max_elements, int64_t unfold_max_positions,
+                         int64_t matmul_max_positions) {
     RECORD_FUNCTION("cbn_mmdet::train_step", c10::ArrayRef<const c10::IValue>{});
     return train_step(x, gamma, beta, stats, patches, grads, cursor, running_mean, running_var,
                       num_batches, active_window, status, compensate, geometry, momentum,
-                      window_running, eps, unfold_max_elements, unfold_max_positions);
+                      window_running, eps, unfold_max_elements, unfold_max_positions,
+                      matmul_max_positions);
   });
   m.def("normalise", &normalise);
 }
