@@ -353,7 +353,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         status = _ONE_CALL_STATUS.get(self.last_bind_status)
         if (status is None or history.open and not history._stepped or history._stats is None
                 or self.per_call > 1 or self.monitor or self.statistics_gradients != 'closed_form'
-                or self.var_grad_dtype != 'float32' or status == 2 and self.fallback == 'bn'
+                # (a slow bfloat16 product is the Python forward's to warn of)
+                or self.var_grad_dtype != 'float32' and not cpu_has_fast_bfloat16()
+                or status == 2 and self.fallback == 'bn'
                 # (a concatenation that was not compensable may become so: the Python forward
                 # decides each time)
                 or status == 2 and self.concat == 'compensate' or not _PASS_READABLE):
@@ -379,7 +381,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             () if geometry is None or geometry[5] is None else geometry[:5] + (int(geometry[5]), ),
             -1.0 if self.momentum is None else self.momentum, self.running_stats == 'window',
             self.eps, statistics.UNFOLD_MAX_ELEMENTS, statistics.UNFOLD_MAX_POSITIONS,
-            statistics.MATMUL_MAX_POSITIONS)
+            statistics.MATMUL_MAX_POSITIONS, self.var_grad_dtype == 'bfloat16')
         if step is None:
             return None
         mean, var, invstd, inv_k, valid, recorded, past_mean, past_var, weight_state = step

@@ -123,7 +123,8 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
 
     ``operand_dtype=torch.bfloat16`` runs the weight-gradient convolution on bfloat16 operands (the
     kernels accumulate in float32), always centred: the rounding then applies to ``x − μ`` and ``y``,
-    relative 2⁻⁹, not to a large uncentred sum that the centring would cancel.
+    relative 2⁻⁹, not to a large uncentred sum that the centring would cancel. (The input covariance
+    of an expanding 1×1 conv stays float32: few multiply-adds there.)
 
     ``defer_centring``: return the uncentred product and the centring as a :class:`DeferredCentring`
     (the fused record forms ``∂var/∂θ`` while it copies it, saving three weight-sized passes).
@@ -140,13 +141,13 @@ def variance_weight_gradient(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
     centred = centred or operand_dtype is not None
     if centred:
         grad_out = grad_out - batch_mean.to(dtype).view(1, -1, 1, 1)
-    if operand_dtype is None and _matmul_is_faster(x, weight, padding, groups):
-        second = weight_gradient_1x1(grad_out, conv_input.to(dtype), stride)
-    elif operand_dtype is None:
-        second = weight_gradient(grad_out, conv_input.to(dtype), w, stride, padding, dilation, groups)
+    operands = dtype if operand_dtype is None else operand_dtype
+    if _matmul_is_faster(x, weight, padding, groups):
+        second = weight_gradient_1x1(grad_out.to(operands), conv_input, stride)
     else:
-        second = weight_gradient(grad_out.to(operand_dtype), conv_input.to(operand_dtype),
-                                 w.to(operand_dtype), stride, padding, dilation, groups).to(dtype)
+        second = weight_gradient(grad_out.to(operands), conv_input.to(operands), w.to(operands),
+                                 stride, padding, dilation, groups)
+    second = second.to(dtype)
     if centred:
         return second.mul_(2.0 / count)
     deferred = DeferredCentring(second, 2.0 / count, batch_mean, patch)
@@ -163,8 +164,8 @@ def weight_gradient(grad_out: Tensor, conv_input: Tensor, weight: Tensor, stride
 
 def weight_gradient_1x1(grad_out: Tensor, conv_input: Tensor, stride: Sequence[int]) -> Tensor:
     """:func:`weight_gradient` of an unpadded, ungrouped 1×1 conv as one batched matrix product
-    (the sum over the batch inside it)."""
-    y = _strided_positions(conv_input, grad_out.shape[2:], stride)
+    (the sum over the batch inside it), on operands of ``grad_out``'s dtype."""
+    y = _strided_positions(conv_input, grad_out.shape[2:], stride).to(grad_out.dtype)
     n, c_out, c_in = grad_out.shape[0], grad_out.shape[1], y.shape[1]
     product = grad_out.new_empty((c_out, c_in))
     torch.addbmm(product, grad_out.reshape(n, c_out, -1), y.reshape(n, c_in, -1).transpose(1, 2),
@@ -270,7 +271,8 @@ def conv_statistic_gradients(conv_input: Tensor, x: Tensor, batch_mean: Tensor, 
         patch = d_mean.reshape(groups, c_out // groups, c_in_g, kh, kw)[:, 0].reshape(-1, kh, kw)
         return patch, d_second - 2.0 * batch_mean.to(d_mean.dtype).view(-1, 1, 1, 1) * d_mean
     kh, kw = weight.shape[2:]
-    if (method == 'closed_form' and operand_dtype is None and not x.is_cuda and kh * kw > 1
+    # (in float32 whatever operand_dtype: faster than the weight-gradient kernels at these sizes)
+    if (method == 'closed_form' and not x.is_cuda and kh * kw > 1
             and (conv_input.shape[0] * conv_input.shape[1] * kh * kw * x.shape[2] * x.shape[3]
                  <= UNFOLD_MAX_ELEMENTS or x.shape[0] * x.shape[2] * x.shape[3]
                  <= UNFOLD_MAX_POSITIONS)):

@@ -9,8 +9,8 @@ also writes it as JSON.
 
     .venv/bin/python tools/benchmarks/benchmark_compiled.py [--model r18|r50-fpn] [--size 160 160]
         [--images 2] [--steps 20] [--backend inductor] [--threads 2]
-        [--variants bn cbn naive cbn-bf16-history cbn-window2 cbn-window8 cbn-ops
-                    cbn-conv-products]
+        [--variants bn cbn naive cbn-bf16-history cbn-bf16-product cbn-bf16 cbn-window2
+                    cbn-window8 cbn-ops cbn-conv-products]
         [--modes eager compiled] [--profile-parts STEPS] [--out FILE.json]
 """
 import argparse
@@ -32,6 +32,12 @@ NORMS = {'bn': dict(type='BN', requires_grad=True),
          # the history's weight-sized ∂var/∂θ kept in bfloat16: half its memory traffic
          'cbn-bf16-history': dict(type='CBN', window=4, history_dtype='bfloat16',
                                   requires_grad=True),
+         # the ∂var/∂θ product on bfloat16 operands (fast where the CPU has bfloat16 units), and
+         # that with the bfloat16 history
+         'cbn-bf16-product': dict(type='CBN', window=4, var_grad_dtype='bfloat16',
+                                  requires_grad=True),
+         'cbn-bf16': dict(type='CBN', window=4, var_grad_dtype='bfloat16',
+                          history_dtype='bfloat16', requires_grad=True),
          # other windows: the same FLOPs (one product per step), k − 1 past entries read per step
          'cbn-window2': dict(type='CBN', window=2, requires_grad=True),
          'cbn-window8': dict(type='CBN', window=8, requires_grad=True),

@@ -179,7 +179,7 @@ Tensor strided_positions(const Tensor& input, const Tensor& x, const Binding& b)
 }
 
 Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const Binding& b,
-                              GradientPath path) {
+                              GradientPath path, bool bfloat16_product) {
   const int64_t kh = b.weight.size(2), kw = b.weight.size(3);
   const int64_t n = x.size(0), c_out = x.size(1);
   Gradients g;
@@ -201,18 +201,27 @@ Gradients statistic_gradients(const Tensor& x, const Tensor& batch_mean, const B
     return g;
   }
   // statistics.variance_weight_gradient: the weight-gradient product of the output itself,
-  // centred by the record as it writes it
+  // centred by the record as it writes it; on bfloat16 operands (var_grad_dtype) centred first
+  // and formed here
+  const at::ScalarType operands = bfloat16_product ? at::kBFloat16 : x.scalar_type();
+  const Tensor grad_out =
+      (bfloat16_product ? at::sub(x, batch_mean.view({1, -1, 1, 1})) : x).to(operands);
   if (path == GradientPath::kMatmul) {  // statistics.weight_gradient_1x1
-    const Tensor y = strided_positions(b.input, x, b);
+    const Tensor y = strided_positions(b.input, x, b).to(operands);
     const int64_t c_in = y.size(1);
-    Tensor product = at::empty({c_out, c_in}, x.options());
-    at::addbmm_out(product, product, x.reshape({n, c_out, -1}),
+    Tensor product = at::empty({c_out, c_in}, grad_out.options());
+    at::addbmm_out(product, product, grad_out.reshape({n, c_out, -1}),
                    y.reshape({n, c_in, -1}).transpose(1, 2), 0, 1);
     g.product = product.view({c_out, c_in, 1, 1});
   } else {
     g.product = std::get<1>(at::convolution_backward(
-        x, b.input, b.weight, c10::nullopt, b.stride, b.padding, b.dilation, false, {0, 0},
-        b.groups, {false, true, false}));
+        grad_out, b.input.to(operands), b.weight.to(operands), c10::nullopt, b.stride, b.padding,
+        b.dilation, false, {0, 0}, b.groups, {false, true, false}));
+  }
+  g.product = g.product.to(x.scalar_type());
+  if (bfloat16_product) {
+    g.product.mul_(2.0 / count);
+    return g;
   }
   g.scale = 2.0 / count;
   g.centre_patch = g.patch;
@@ -336,7 +345,7 @@ c10::optional<Step> train_step(
     const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches,
     int64_t active_window, int64_t status, bool compensate, at::IntArrayRef geometry,
     double momentum, bool window_running, double eps, int64_t unfold_max_elements,
-    int64_t unfold_max_positions, int64_t matmul_max_positions) {
+    int64_t unfold_max_positions, int64_t matmul_max_positions, bool bfloat16_product) {
   const c10::optional<Step> declined;
   // -- the case handled: everything the Python forward would check or convert, checked first
   const int64_t rows = stats.size(0), slots = stats.size(1), c = (rows - 3) / 4;
@@ -391,7 +400,7 @@ c10::optional<Step> train_step(
   Gradients g;
   if (compensating) {
     PART("statistic_gradients");
-    g = statistic_gradients(xd, batch_mean, b, path);
+    g = statistic_gradients(xd, batch_mean, b, path, bfloat16_product);
   }
   // -- the past window (WindowHistory.past) compensated to θ now, and in the same pass the
   // record (WindowHistory._record_fused) over the oldest slot
@@ -448,12 +457,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          int64_t status, bool compensate, std::vector<int64_t> geometry,
                          double momentum, bool window_running, double eps,
                          int64_t unfold_max_elements, int64_t unfold_max_positions,
-                         int64_t matmul_max_positions) {
+                         int64_t matmul_max_positions, bool bfloat16_product) {
     RECORD_FUNCTION("cbn_mmdet::train_step", c10::ArrayRef<const c10::IValue>{});
     return train_step(x, gamma, beta, stats, patches, grads, cursor, running_mean, running_var,
                       num_batches, active_window, status, compensate, geometry, momentum,
                       window_running, eps, unfold_max_elements, unfold_max_positions,
-                      matmul_max_positions);
+                      matmul_max_positions, bfloat16_product);
   });
   m.def("normalise", &normalise);
 }
