@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
 from cbn_mmdet.models import iteration_clock
@@ -18,22 +17,13 @@ from cbn_mmdet.models.cbn import cpu_has_fast_bfloat16
 from cbn_mmdet.models.conv_binding import saved_tensor_hooks_accessor
 from cbn_mmdet.models.window_history import WindowHistory
 from cbn_mmdet.ops import fused
+from op_names import OpNames
 
 pytestmark = pytest.mark.skipif(fused.ops() is None, reason='the fused CPU ops did not build')
 # the one-call step tells a checkpoint's first pass by torch >= 2.8's reader of the saved-tensor
 # hooks; on older torch the Python forward calls the fused ops one by one
 ONE_CALL = saved_tensor_hooks_accessor() is not None
 needs_one_call = pytest.mark.skipif(not ONE_CALL, reason='the one-call step needs torch >= 2.8')
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def _model(conv_bias=False, groups=1, channels=4, kernel=3, size=None, **cbn):
@@ -317,7 +307,7 @@ def test_fused_ops_run_on_cpu_and_not_when_disabled():
     assert not {'cbn_mmdet::past_window', 'cbn_mmdet::window_step'} & one_call
     for disabled in (False, True):
         iteration_clock.next_iteration()  # (each forward the first of its iteration)
-        counter = _Ops()
+        counter = OpNames()
         with (fused.disabled() if disabled else fused.without_one_call()), counter:
             model(xs[3]).sum().backward()
         used = {n for n in counter.names if n.startswith('cbn_mmdet.')}

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import TOOLS
 
@@ -17,6 +16,7 @@ import benchmark_fixed_cost  # noqa: E402
 import benchmark_layer  # noqa: E402
 import benchmark_sync_cbn  # noqa: E402
 from cbn_mmdet.models import CrossIterationBatchNorm2d  # noqa: E402
+from op_names import OpNames  # noqa: E402
 
 
 def test_fixed_cost_benchmark_reports_every_variant():
@@ -77,20 +77,11 @@ def test_compiled_benchmark_conv_products_variant_takes_the_convolution_for_1x1_
     import benchmark_compiled
     from cbn_mmdet.ops import statistics
 
-    class Products(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     threshold = statistics.MATMUL_MAX_POSITIONS
     conv = nn.Conv2d(8, 4, 1)
     norm = CrossIterationBatchNorm2d(4, window=2)
     for variant, matmul in (('cbn', True), ('cbn-conv-products', False)):
-        with benchmark_compiled._variant_context(variant), Products() as ops:
+        with benchmark_compiled._variant_context(variant), OpNames() as ops:
             for _ in range(3):
                 norm(conv(torch.randn(2, 8, 4, 4))).sum().backward()
                 torch.optim.SGD(conv.parameters(), lr=0.1).step()
