@@ -248,8 +248,14 @@ def _train_steps_no_readback(model, data, device):
 
 
 # ---------------------------------------------------------------------------- cost
+#: the CBN variants of the model rows: their options beside ``window=4``
+CBN_VARIANTS = {'naive': dict(compensate=False), 'cbn': {},
+                'cbn-bf16-product': dict(var_grad_dtype='bfloat16')}
+
+
 def resnet50_fpn(norm):
-    """torchvision's ResNet-50 backbone with an FPN (BN in both), ``norm`` 'bn', 'cbn' or 'naive'."""
+    """torchvision's ResNet-50 backbone with an FPN (BN in both), ``norm`` 'bn' or one of
+    :data:`CBN_VARIANTS`."""
     from torchvision.models import resnet50
     from torchvision.ops import FeaturePyramidNetwork
 
@@ -271,8 +277,24 @@ def resnet50_fpn(norm):
     torch.manual_seed(0)
     model = Detector()
     if norm != 'bn':
-        convert_to_cbn(model, window=4, compensate=norm == 'cbn')
+        convert_to_cbn(model, window=4, **CBN_VARIANTS[norm])
     return model
+
+
+def training_flops(build, norm, device, images, size):
+    """FLOPs of one float32 training step after a first one (torch's counter with CBN's products:
+    ``tools/benchmarks/flops.py``)."""
+    sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), 'benchmarks'))
+    from flops import counter
+    model = build(norm).to(device).train()
+    x = torch.randn(images, 3, *size, device=device)
+    for count in (False, True):
+        flops = counter()
+        with flops if count else contextlib.nullcontext():
+            sum(f.float().square().mean() for f in model(x).values()).backward()
+        model.zero_grad(set_to_none=True)
+        iteration_clock.next_iteration()
+    return flops.get_total_flops()
 
 
 def _unique_graphs():
@@ -350,6 +372,9 @@ def benchmark(build, device, images, size, steps, warmup, amp_modes, compile_bac
     compiled with ``compile_backend``), with time and memory as ratios to the first norm's (BN's).
     ``on_row(rows)`` after each row, with ``rows_so_far`` before this call's rows."""
     rows = []
+    # the FLOP ratios of the eager float32 rows (the same arithmetic in the other modes)
+    flops = ({norm: training_flops(build, norm, device, images, size) for norm in norms}
+             if not compile_backend and False in amp_modes else {})
     for amp in amp_modes:
         base = None
         for norm in norms:
@@ -363,7 +388,9 @@ def benchmark(build, device, images, size, steps, warmup, amp_modes, compile_bac
                              memory_ratio=m['peak_mb'] / base['peak_mb'],
                              first_steps_s=m['first_steps_s'], warmup_steps=m['warmup_steps'],
                              graphs=m['graphs'], graphs_timed=m['graphs_timed'],
-                             cbn_layers=m['cbn_layers']))
+                             cbn_layers=m['cbn_layers'],
+                             flop_ratio=flops[norm] / flops[norms[0]] if flops and not amp
+                             else None))
             if on_row is not None:
                 on_row(list(rows_so_far) + rows)
     return rows
@@ -473,9 +500,10 @@ def write_report(out, env, checks, cost, notes, fixed=()):
             'ResNet-50 + FPN (torchvision), CBN k = 4 in every norm layer; ratios against BN of the '
             'same precision and mode in the same run; host = the host\'s CPU time per step:',
             ('precision', 'mode', 'norm', 'step (ms)', 'host (ms)', 'host / step', 'peak (MiB)',
-             'step / BN', 'memory / BN', 'first steps', 'first steps (s)', 'graphs'),
+             'step / BN', 'FLOPs / BN', 'memory / BN', 'first steps', 'first steps (s)', 'graphs'),
             [(r['precision'], r['mode'], r['norm'], f"{r['step_ms']:.1f}", f"{r['host_ms']:.1f}",
               f"{r['host_ratio']:.2f}", f"{r['peak_mb']:.0f}", f"{r['time_ratio']:.2f}",
+              '-' if r.get('flop_ratio') is None else f"{r['flop_ratio']:.2f}",
               f"{r['memory_ratio']:.2f}", str(r['warmup_steps']), f"{r['first_steps_s']:.1f}",
               _graphs_cell(r)) for r in cost])
     if fixed:
@@ -595,12 +623,18 @@ def _run(args):
     amp_modes = (False, True) if torch.device(device).type == 'cuda' else (False, )
     if build is not None and report.may_start('eager model rows'):
         report.save(running='the eager model rows')
+        # the bfloat16 product where GPUs have bfloat16 units (a CPU's are tested elsewhere)
+        cuda = torch.device(device).type == 'cuda'
+        norms = ('bn', 'naive', 'cbn') + (('cbn-bf16-product', ) if cuda else ())
         report.cost += benchmark(build, device, args.images, size, args.steps, args.warmup,
-                                 amp_modes, rows_so_far=report.cost,
+                                 amp_modes, norms=norms, rows_so_far=report.cost,
                                  on_row=lambda rows: report.save('the eager model rows', rows))
         report.notes.append(f'{args.images} images of {size[0]}×{size[1]}, median of {args.steps} '
                             f'steps after {args.warmup} warm-up steps; loss = mean square of the '
-                            'FPN outputs; naive = CBN without compensation')
+                            'FPN outputs; naive = CBN without compensation; cbn-bf16-product = '
+                            "var_grad_dtype='bfloat16'; FLOPs / BN of one float32 step, CBN's "
+                            'products included (their FLOP ratio is the floor of an exact float32 '
+                            'product)')
     # the per-layer fixed cost before the compiled rows: compiling takes the longest
     if not args.skip_fixed_cost and report.may_start('fixed-cost rows'):
         report.save(running='the fixed-cost rows')

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import gpu_check  # noqa: E402
 
-from cbn_mmdet.models import convert_to_cbn  # noqa: E402
+from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN, convert_to_cbn  # noqa: E402
 
 
 def test_cpu_checks_pass(tmp_path):
@@ -78,6 +78,9 @@ def test_cost_rows_with_a_small_model():
                                amp_modes=(False, ))
     assert [r['norm'] for r in rows] == ['bn', 'naive', 'cbn']
     assert rows[0]['time_ratio'] == 1.0 and all(r['step_ms'] > 0 for r in rows)
+    # the FLOP ratios of one float32 step: the products counted for CBN, none for Naive CBN
+    assert rows[0]['flop_ratio'] == 1.0 and rows[1]['flop_ratio'] == pytest.approx(1.0, abs=1e-3)
+    assert rows[2]['flop_ratio'] > 1.1
     for r in rows:
         assert r['mode'] == 'eager' and r['graphs'] is None
         assert _sane(r['host_ms']) and _sane(r['host_ratio']) and r['first_steps_s'] > 0, r
@@ -91,6 +94,7 @@ def test_compiled_rows_with_a_small_model(tmp_path):
     assert bn['warmup_steps'] == cbn['warmup_steps'] == 3  # CBN's graphs all compiled before timing
     assert bn['graphs'] == 1 and cbn['graphs'] == 2  # CBN: the first iteration, the steady state
     assert bn['graphs_timed'] == cbn['graphs_timed'] == 0
+    assert bn['flop_ratio'] is None and cbn['flop_ratio'] is None  # (counted in the eager rows)
     for r in rows:
         assert _sane(r['host_ms']) and _sane(r['host_ratio']) and r['first_steps_s'] > 0, r
     text = gpu_check.write_report(str(tmp_path), {}, [], rows, [])
@@ -194,3 +198,13 @@ def test_a_negative_time_limit_is_refused(value, capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(['--out', 'unused', '--time-limit', value])
     assert '--time-limit must be a number of seconds, 0 or more' in capsys.readouterr().err
+
+
+def test_model_variants_are_built_with_their_options():
+    pytest.importorskip('torchvision')
+    for norm, options in gpu_check.CBN_VARIANTS.items():
+        layers = [m for m in gpu_check.resnet50_fpn(norm).modules() if isinstance(m, CBN)]
+        assert len(layers) > 50 and all(m.window == 4 for m in layers)
+        assert all(m.compensate == options.get('compensate', True) for m in layers), norm
+        assert all(m.var_grad_dtype == options.get('var_grad_dtype', 'float32') for m in layers)
+    assert not any(isinstance(m, CBN) for m in gpu_check.resnet50_fpn('bn').modules())
