@@ -147,7 +147,7 @@ struct Gradients {
   double scale = 1.0;
 };
 
-// How conv_statistic_gradients (closed form, float32 product) takes the gradients of this conv
+// How conv_statistic_gradients (closed form) takes the gradients of this conv
 enum class GradientPath { kUnfold, kCovariance, kMatmul, kWeightGradient };
 
 GradientPath gradient_path(const Tensor& x, const Binding& b, int64_t kh, int64_t kw,
