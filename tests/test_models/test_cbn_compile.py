@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
 from cbn_mmdet.models import iteration_clock
+from op_names import OpNames
 
 pytest.importorskip('torch._dynamo')
 pytestmark = pytest.mark.skipif(
@@ -88,6 +89,28 @@ def test_compiled_training_equals_eager_and_recompiles_only_on_mode_changes():
     # burn-in (BN), the first window iteration (the ring is allocated), the window in steady state,
     # the window of 3: one graph each, not one per step or per ring position
     assert _graphs() - before == 4
+
+
+def test_compiled_1x1_convs_with_matrix_products_equal_eager():
+    """CPU 1×1 convs with few output positions take their ∂var/∂θ product as a matrix product
+    (stride 2 and 1): traced into one graph, equal to eager over burn-in and a window change."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 1, stride=2), CBN(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                             CBN(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double()
+    probe = model()
+    with OpNames() as ops:
+        _train(probe, probe, steps=3)
+    assert 'aten.addbmm' in ops.names  # (the product's path)
+    torch._dynamo.reset()
+    eager, compiled = model(), model()
+    ref_outs, ref_grads = _train(eager, eager)
+    outs, grads = _train(compiled, torch.compile(compiled, backend='aot_eager', fullgraph=True))
+    for a, b in zip(outs + sum(grads, []), ref_outs + sum(ref_grads, [])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    state = compiled.state_dict()
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-12, atol=1e-12, msg=key)
 
 
 def test_compiled_model_has_no_graph_break():
