@@ -176,6 +176,29 @@ def test_one_call_step_gives_the_bits_of_the_fused_forward(name, monkeypatch):
 
 
 @needs_one_call
+@pytest.mark.parametrize('name', ['large_input', 'conv_1x1_matmul', 'bfloat16_product_large_input',
+                                  'bfloat16_product_1x1'])
+def test_one_call_step_gives_the_bits_of_the_fused_forward_channels_last(name, monkeypatch):
+    """The products' paths on channels-last convs: the one-call step and the fused forward take
+    the same operands (no layout-dependent copy in one of them), so the same bits."""
+    if name in _NOT_ONE_CALL:
+        pytest.skip('no fast bfloat16 kernels on this CPU: the one-call step declines')
+    options, events = SCENARIOS[name]
+    xs = [x.float().contiguous(memory_format=torch.channels_last)
+          for x in _batches(6, size=options.get('size') or (6, 5))]
+
+    def model():
+        return _model(**options).float().to(memory_format=torch.channels_last)
+    steps = _OneCallSteps(monkeypatch)
+    one_call = _train(model(), xs, events=events)
+    assert steps.count == 5
+    with fused.without_one_call():
+        fused_forward = _train(model(), xs, events=events)
+    assert steps.count == 5
+    _compare(one_call, fused_forward, tol=0)
+
+
+@needs_one_call
 @pytest.mark.filterwarnings('ignore:CBN.4.. its conv has frozen weights')
 def test_one_call_step_with_nothing_trainable_before_the_layer(monkeypatch):
     """Only γ and β get gradients (the input has no autograd graph): the same bits as the fused
