@@ -288,9 +288,9 @@ def training_flops(build, norm, device, images, size):
     from flops import counter
     model = build(norm).to(device).train()
     x = torch.randn(images, 3, *size, device=device)
-    for count in (False, True):
-        flops = counter()
-        with flops if count else contextlib.nullcontext():
+    flops = counter()
+    for step in (contextlib.nullcontext(), flops):
+        with step:
             sum(f.float().square().mean() for f in model(x).values()).backward()
         model.zero_grad(set_to_none=True)
         iteration_clock.next_iteration()
