@@ -51,11 +51,11 @@ NORMS = {'bn': dict(type='BN', requires_grad=True),
 def _variant_context(variant: str):
     """What a variant changes around its steps (CBN's code paths, not its configuration)."""
     from cbn_mmdet.ops import fused
-    from cbn_mmdet.ops import statistics
+    from cbn_mmdet.ops import statistics as cbn_statistics  # (this module uses the stdlib's)
     if variant == 'cbn-ops':  # the fused ops one by one, without the one-call training step
         return fused.without_one_call()
     if variant == 'cbn-conv-products':
-        return _patched(statistics, 'MATMUL_MAX_POSITIONS', 0)
+        return _patched(cbn_statistics, 'MATMUL_MAX_POSITIONS', 0)
     return contextlib.nullcontext()
 
 
